@@ -1,0 +1,46 @@
+"""The domain exceptions of mnist-service.
+
+Nothing here knows about gRPC: the service maps these to status codes in one table
+(`mnist_service.service.STATUS_FOR_ERROR`). The tree::
+
+    MnistServiceError
+    ├── InvalidImageError            the request's image cannot be classified
+    │   ├── EmptyImageError          no bytes at all
+    │   ├── UndecodableImageError    not an image we can decode (or truncated), nor 784 raw pixels
+    │   ├── ImageTooLargeError       more pixels than the configured limit (checked before decoding)
+    │   └── BlankImageError          decoded fine, but there is no ink to classify
+    ├── ModelError                   a model file is missing, unreadable or has the wrong contract
+    └── ConfigError                  a setting is invalid (raised while building the config)
+"""
+
+
+class MnistServiceError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidImageError(MnistServiceError, ValueError):
+    """The request's image cannot be classified; the message says why, for the client."""
+
+
+class EmptyImageError(InvalidImageError):
+    """Raised when the request carries no image bytes."""
+
+
+class UndecodableImageError(InvalidImageError):
+    """Raised when the bytes are neither a decodable image file nor 784 raw pixels."""
+
+
+class ImageTooLargeError(InvalidImageError):
+    """Raised when an image has more pixels than allowed, before its pixels are decoded."""
+
+
+class BlankImageError(InvalidImageError):
+    """Raised when an image decodes but holds no ink (a uniform image)."""
+
+
+class ModelError(MnistServiceError):
+    """Raised at startup when a model file is missing, unreadable or breaks the contract."""
+
+
+class ConfigError(MnistServiceError, ValueError):
+    """Raised when a setting is invalid."""
