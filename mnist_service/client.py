@@ -1,0 +1,138 @@
+"""An async Python client for mnist-service.
+
+    async with MnistClient("[::1]:50051") as client:
+        prediction = await client.predict("four.png")
+        print(prediction.label, prediction.confidence)
+
+Images may be encoded bytes, a path, a PIL image or a numpy array (a 28x28 uint8 array, or
+floats in [0, 1], travels as 784 raw MNIST-format bytes; any other array as a PNG file). Call
+failures raise `grpclib.exceptions.GRPCError`; `predict_many` reports per-image failures as
+`ItemFailure` values instead, in request order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import numpy.typing as npt
+from grpclib.client import Channel
+from grpclib.const import Status
+from PIL import Image
+
+from ._proto.mnist import MnistImage, MnistPrediction, MnistStub, ModelInfo
+from .config import DEFAULT_HOST, DEFAULT_PORT, format_address, parse_address
+from .constants import IMAGE_SIZE
+
+ImageLike = bytes | str | os.PathLike[str] | Image.Image | npt.NDArray[Any]
+DEFAULT_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """A classified digit: the label and the probabilities of 0-9."""
+
+    label: int
+    probabilities: tuple[float, ...]
+
+    @property
+    def confidence(self) -> float:
+        """The probability of the predicted label."""
+        return self.probabilities[self.label]
+
+
+@dataclass(frozen=True, slots=True)
+class ItemFailure:
+    """Why one image of a `predict_many` call could not be classified."""
+
+    status: Status
+    message: str
+
+
+class MnistClient:
+    """An async client for the `mnist.Mnist` service; use it as an async context manager."""
+
+    def __init__(
+        self,
+        address: str = format_address(DEFAULT_HOST, DEFAULT_PORT),
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        host, port = parse_address(address)
+        self._channel = Channel(host, port)
+        self._stub = MnistStub(self._channel)
+        self._timeout = timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the underlying connection."""
+        self._channel.close()
+
+    async def predict(self, image: ImageLike, *, timeout: float | None = None) -> Prediction:
+        """Classify one image."""
+        reply = await self._stub.predict(
+            MnistImage(data=encode_image(image)), timeout=timeout or self._timeout
+        )
+        return _prediction(reply)
+
+    async def predict_many(
+        self, images: Iterable[ImageLike], *, timeout: float | None = None
+    ) -> AsyncIterator[Prediction | ItemFailure]:
+        """Classify many images over one streaming call; results come in request order."""
+        requests = (MnistImage(data=encode_image(image)) for image in images)
+        async for item in self._stub.predict_stream(requests, timeout=timeout or self._timeout):
+            if item.prediction is not None:
+                yield _prediction(item.prediction)
+            elif item.error is not None:
+                yield ItemFailure(Status(item.error.code), item.error.message)
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describe the served model."""
+        return await self._stub.get_model_info(timeout=timeout or self._timeout)
+
+
+def encode_image(image: ImageLike) -> bytes:
+    """The request bytes for an image given in any of the accepted forms."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    if isinstance(image, np.ndarray):
+        return _encode_array(image)
+    raise TypeError(f"cannot send an image of type {type(image).__name__}")
+
+
+def _encode_array(array: npt.NDArray[Any]) -> bytes:
+    if np.issubdtype(array.dtype, np.floating):
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if array.dtype != np.uint8:
+        raise TypeError(f"arrays must be uint8, or floats in [0, 1]; got {array.dtype}")
+    if array.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return array.tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _prediction(reply: MnistPrediction) -> Prediction:
+    return Prediction(label=reply.label, probabilities=tuple(reply.probabilities))

@@ -1,0 +1,127 @@
+"""The server's settings: one frozen, validated object built once by the CLI.
+
+Nothing deeper in the package reads the environment; everything it needs is passed down from
+here. Defaults live on the dataclasses so the CLI, tests and the library agree on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .constants import ARCHITECTURES, WEIGHT_FILES, Architecture
+from .errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
+LogFormat = Literal["pretty", "json"]
+LOG_FORMATS: tuple[LogFormat, ...] = ("pretty", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+DEFAULT_HOST = "::1"
+DEFAULT_PORT = 50051
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Limits:
+    """What one request may cost the server; requests beyond these are refused."""
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    """Largest request message accepted (gRPC's customary default, 4 MiB)."""
+
+    max_image_pixels: int = 4096 * 4096
+    """Largest image (width × height) decoded; checked from the header, before decoding."""
+
+    max_stream_in_flight: int = 64
+    """Images of one PredictStream call being worked on at once (back-pressure beyond it)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ConfigError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Everything `serve` needs, validated on construction."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model_architecture: Architecture = "conv"
+    model_weights: Path | None = None
+    """An ONNX file; None serves the shipped weights of `model_architecture`."""
+    device: Device = "auto"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Threads for preprocessing and inference (onnxruntime releases the GIL)."""
+    grace_period: float = 10.0
+    """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "info"
+    log_format: LogFormat = "pretty"
+
+    def __post_init__(self) -> None:
+        if self.model_architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"model architecture must be one of {', '.join(ARCHITECTURES)}, "
+                f"got {self.model_architecture!r}"
+            )
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0-65535, got {self.port}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.grace_period < 0:
+            raise ConfigError(f"grace period must not be negative, got {self.grace_period}")
+
+    @property
+    def weights_path(self) -> Path:
+        """The ONNX file to serve: the given one, or the shipped one for the architecture."""
+        return self.model_weights or shipped_weights(self.model_architecture)
+
+    @property
+    def address(self) -> str:
+        """The configured address in `HOST:PORT` form, IPv6 hosts in brackets."""
+        return format_address(self.host, self.port)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split `HOST:PORT` (IPv6 hosts in brackets, e.g. `[::1]:50051`) into its parts."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"address must look like HOST:PORT or [IPv6]:PORT, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{host!r} in {address!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ConfigError(f"IPv6 hosts go in brackets, e.g. [{host}]:{port_text}")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"port must be in 0-65535, got {port}")
+    return host, port
+
+
+def format_address(host: str, port: int) -> str:
+    """The inverse of `parse_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def shipped_weights(architecture: Architecture) -> Path:
+    """The ONNX file shipped for `architecture`: inside the wheel, or in a source checkout."""
+    name = WEIGHT_FILES[architecture]
+    packaged = importlib.resources.files("mnist_service") / "weights" / name
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "weights" / name

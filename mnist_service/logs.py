@@ -1,0 +1,59 @@
+"""Logging setup for the application (the library itself never configures logging).
+
+Two formats: `pretty` for people (time, level, message, then key=value fields) and `json`
+for machines (one object per line). Structured fields travel in `extra={"fields": {...}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = getattr(record, "fields", None)
+    return dict(fields) if isinstance(fields, dict) else {}
+
+
+class PrettyFormatter(logging.Formatter):
+    """`HH:MM:SS.mmm LEVEL message key=value ...`, readable in a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render one record on one line (plus a traceback, if any)."""
+        stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S.%f")[:-3]
+        extras = " ".join(f"{key}={value}" for key, value in _fields(record).items())
+        line = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        if extras:
+            line = f"{line}  {extras}"
+        if record.exc_info:
+            line = f"{line}\n{self.formatException(record.exc_info)}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, then the structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """Render one record as a JSON line."""
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            **_fields(record),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Send this package's logs (and grpclib's) to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else PrettyFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,203 @@
+"""The server's lifecycle: bind, serve `Mnist` + health + reflection, drain, stop.
+
+Startup order keeps health truthful: the model is loaded and warmed up before `serve` is
+called, health turns SERVING only once the socket listens. On SIGTERM/SIGINT health turns
+NOT_SERVING, new `Mnist` calls get UNAVAILABLE, in-flight calls get `grace_period` seconds to
+finish, then the server closes. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from grpclib.events import RecvRequest, listen
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.server import Server
+
+from ._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from .config import ServerConfig, format_address
+from .errors import ConfigError, ServerDrainingError
+from .inference import Classifier, ThreadedPredictor
+from .service import MnistService, SizeLimitedCodec, as_grpc_errors
+from .telemetry import install_request_log
+
+log = logging.getLogger(__name__)
+
+_DRAINED_METHODS_PREFIX = "/mnist.Mnist/"
+"""Calls that drain tracks and refuses; health and reflection keep answering while draining."""
+
+
+class Drain:
+    """Counts in-flight `Mnist` calls, and refuses new ones once draining starts."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def on_recv_request(self, event: RecvRequest) -> None:
+        """grpclib listener: track the call's task, or refuse the call while draining."""
+        if not event.method_name.startswith(_DRAINED_METHODS_PREFIX):
+            return
+        if self.draining:
+            with as_grpc_errors():
+                raise ServerDrainingError("the server is shutting down; retry on another")
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+            self._idle.clear()
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[object]) -> None:
+        self._in_flight.discard(task)
+        if not self._in_flight:
+            self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """How many tracked calls are running."""
+        return len(self._in_flight)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no tracked call runs; False if `timeout` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Open the listening socket, turning OS errors into one clear ConfigError."""
+    address = format_address(host, port)
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+        )
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
+    return sock
+
+
+def _descriptor_pool() -> object:
+    """Our generated descriptors plus health's, so reflection can describe both."""
+    pool = default_google_proto_descriptor_pool
+    try:
+        pool.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        pool.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+    return pool
+
+
+class MnistServer:
+    """The grpclib server with its service, health, reflection, drain and request log."""
+
+    def __init__(self, config: ServerConfig, classifier: Classifier, executor: Executor) -> None:
+        self.config = config
+        self.classifier = classifier
+        predictor = ThreadedPredictor(classifier, executor)
+        service = MnistService(predictor, executor=executor, limits=config.limits)
+        self.health_status = ServiceStatus()
+        health = Health({service: [self.health_status]})
+        handlers = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        self.server = Server(
+            [service, health, *handlers],
+            codec=SizeLimitedCodec(config.limits.max_message_bytes),
+        )
+        self.drain = Drain()
+        listen(self.server, RecvRequest, self.drain.on_recv_request)
+        install_request_log(self.server)
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        """Listen on the configured address and report SERVING."""
+        sock = bind_socket(self.config.host, self.config.port)
+        self.port = sock.getsockname()[1]
+        await self.server.start(sock=sock)
+        self.health_status.set(True)
+        info = self.classifier.info
+        log.info(
+            "serving %s model on %s",
+            info.architecture,
+            format_address(self.config.host, self.port),
+            extra={
+                "fields": {
+                    "address": format_address(self.config.host, self.port),
+                    "port": self.port,
+                    "architecture": info.architecture,
+                    "weights": str(info.weights_path),
+                    "sha256": info.weights_sha256[:12],
+                    "provider": info.execution_provider,
+                    "workers": self.config.workers,
+                }
+            },
+        )
+
+    async def stop(self, *, grace_period: float) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish, then close."""
+        self.health_status.set(False)
+        self.drain.draining = True
+        log.info(
+            "draining",
+            extra={"fields": {"in_flight": self.drain.in_flight, "grace_s": grace_period}},
+        )
+        if not await self.drain.wait_idle(grace_period):
+            log.warning(
+                "grace period over; cancelling calls",
+                extra={"fields": {"in_flight": self.drain.in_flight}},
+            )
+        self.server.close()
+        await self.server.wait_closed()
+        log.info("stopped")
+
+
+async def serve(
+    config: ServerConfig,
+    classifier: Classifier,
+    executor: Executor,
+    *,
+    on_started: Callable[[MnistServer], None] | None = None,
+) -> None:
+    """Serve until SIGINT or SIGTERM, then drain and return."""
+    app = MnistServer(config, classifier, executor)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await app.start()
+        if on_started is not None:
+            on_started(app)
+        await stop.wait()
+        log.info("shutdown requested")
+        stop.clear()
+        drained = asyncio.create_task(app.stop(grace_period=config.grace_period))
+        second_signal = asyncio.create_task(stop.wait())
+        await asyncio.wait({drained, second_signal}, return_when=asyncio.FIRST_COMPLETED)
+        if not drained.done():
+            log.warning("second signal: stopping now")
+            drained.cancel()
+            app.server.close()
+            await app.server.wait_closed()
+        second_signal.cancel()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,60 @@
+"""Developer tasks; each session does one thing. `nox -l` lists them."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["lint", "mypy", "proto_check", "tests"]
+
+PYTHON = ["3.11", "3.12", "3.13"]
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (real servers, real clients, real MNIST)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff: lint and formatting."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def mypy(session: nox.Session) -> None:
+    """Strict type checks of the package."""
+    session.install("-e", ".", "mypy>=1.11")
+    session.run("mypy")
+
+
+@nox.session
+def proto(session: nox.Session) -> None:
+    """Regenerate mnist_service/_proto from mnist.proto."""
+    session.install("grpcio-tools>=1.66", "betterproto2-compiler==0.10.*")
+    session.run("python", "scripts/generate_proto.py")
+
+
+@nox.session
+def proto_check(session: nox.Session) -> None:
+    """Fail when the committed generated code is stale."""
+    session.install("grpcio-tools>=1.66", "betterproto2-compiler==0.10.*")
+    session.run("python", "scripts/generate_proto.py", "--check")
+
+
+@nox.session
+def train(session: nox.Session) -> None:
+    """Train both models with the defaults and export them into weights/."""
+    session.install("-e", ".[train]")
+    session.run("python", "-m", "training", *session.posargs)
+
+
+@nox.session
+def export(session: nox.Session) -> None:
+    """Export a checkpoint to ONNX, e.g. `nox -s export -- onnx ckpt.pt --arch conv ...`."""
+    session.install("-e", ".[train]")
+    session.run("python", "-m", "export", *session.posargs)
