@@ -1,4 +1,7 @@
-"""mnist-service: MNIST digit classification over gRPC (grpclib + onnxruntime)."""
+"""mnist-service: MNIST digit classification over gRPC (grpclib + onnxruntime).
+
+The public API is the async client; the server is run with `python -m mnist_service serve`.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -7,4 +10,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+from .client import ItemFailure, MnistClient, Prediction
+
+__all__ = ["ItemFailure", "MnistClient", "Prediction", "__version__"]

@@ -51,9 +51,15 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, log_format: str) -> None:
-    """Send this package's logs (and grpclib's) to stderr in the chosen format."""
+    """Send logs to stderr in the chosen format: this package's at `level`, others' from INFO.
+
+    Debug logs of the libraries (h2 and hpack frame dumps, Pillow's chunk reader) would drown
+    the one-line-per-call request log, so only this package goes below INFO.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else PrettyFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    numeric = logging.getLevelName(level.upper())
+    root.setLevel(max(numeric, logging.INFO))
+    logging.getLogger("mnist_service").setLevel(numeric)

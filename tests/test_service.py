@@ -104,9 +104,9 @@ async def test_predict_returns_label_and_probabilities(stub: MnistStub) -> None:
     ("data", "fragment"),
     [
         pytest.param(b"", "empty", id="empty"),
-        pytest.param(b"definitely not an image", "decod", id="garbage"),
-        pytest.param(raw_image(0), "blank", id="blank-raw-pixels"),
-        pytest.param(raw_image(5)[:-1], "decod", id="783-bytes"),
+        pytest.param(b"definitely not an image", "784 raw pixels", id="garbage"),
+        pytest.param(raw_image(0), "no ink", id="blank-raw-pixels"),
+        pytest.param(raw_image(5)[:-1], "got 783 bytes", id="783-bytes"),
     ],
 )
 async def test_bad_images_are_invalid_argument_and_service_keeps_serving(
