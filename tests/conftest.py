@@ -44,8 +44,7 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._read_logs, daemon=True)
         self._reader.start()
         if not self._started.wait(STARTUP_TIMEOUT) or self.port is None:
-            self.process.kill()
-            self._reader.join(5)
+            self.stop(signal.SIGKILL)
             raise RuntimeError(f"server did not start: {self.logs}")
 
     port: int | None = None
@@ -73,6 +72,8 @@ class ServerProcess:
             self.process.send_signal(sig)
         code = self.process.wait(timeout)
         self._reader.join(5)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
         return code
 
 
