@@ -1,0 +1,219 @@
+"""Turn a request's image bytes into the model input, the way MNIST itself was made.
+
+The model was trained on MNIST, whose digits are white ink on black, scaled (with
+anti-aliasing) so the longer side of the ink is 20 px, then placed in a 28x28 field with the
+centre of mass at the centre. A user's drawing or photo classifies well only if it is brought
+into that same form, so the pipeline is::
+
+    decode       bytes -> upright PIL image in mode L, LA or F (F scaled to [0, 1]).
+                 Only PNG, JPEG, BMP, GIF, WebP and TIFF are opened (first frame only); the
+                 pixel count is checked against ``max_pixels`` from the header, before any
+                 pixel is decoded; big images are shrunk early (JPEG draft, integer reduce).
+                 Exactly 784 bytes that are no image are taken as raw 28x28 MNIST pixels.
+    ink_map      -> float32 HxW, 0 = paper, 1 = strongest ink. The paper is the most common
+                 level (robust to any amount of ink, unlike the mean); the ink is on whichever
+                 side of it holds more contrast, so dark-on-light and light-on-dark both work.
+                 A transparent background (canvas exports) makes the alpha the ink channel.
+                 A soft noise floor keeps JPEG artefacts from growing the bounding box.
+    centre_like_mnist
+                 -> float32 28x28: crop to the ink, anti-aliased resize of the longer side to
+                 20 px, shift by the rounded centre of mass to (14, 14) without clipping ink.
+
+An image that is already in MNIST format (28x28 8-bit grey on a black background, as are raw
+784-byte requests) passes through untouched, so MNIST's own test images score exactly the
+offline accuracy. Everything here is a pure function of its arguments: no PIL globals
+(``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``) or warning filters are touched, so it is
+safe to call from worker threads.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
+from mnist_service.errors import (
+    BlankImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    UndecodableImageError,
+)
+
+__all__ = ["centre_like_mnist", "decode", "ink_map", "is_mnist_format", "preprocess"]
+
+FloatImage = npt.NDArray[np.float32]
+
+FORMATS: Final = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+"""The only formats we open (phone JPEGs that Pillow reads as MPO come in through JPEG)."""
+
+WORKING_SIDE: Final = 512
+"""Big images are shrunk by an integer factor until the longer side is near this: still 25x
+the 20 px digit box, so even a digit filling a fifth of a photo keeps detail to spare."""
+
+MIN_INK_CONTRAST: Final = 0.1
+"""Ink must differ from the paper by this fraction of full scale, or the image is blank."""
+
+NOISE_FLOOR: Final = 0.15
+"""Ink below this fraction of the strongest ink is background noise (JPEG ringing, paper
+texture): it is mapped to 0, and the rest rescaled so the ramp stays continuous."""
+
+TRANSPARENT_PAPER: Final = 0.5
+"""If the most common alpha is below this, the background is transparent: alpha is the ink."""
+
+RESAMPLE: Final = Image.Resampling.BILINEAR
+"""Scaling filter for the digit; Pillow widens it with the scale factor (anti-aliasing)."""
+
+CENTRE: Final = IMAGE_SIZE / 2
+"""MNIST's centre of mass sits at (14, 14) in pixel-index coordinates (measured: 13.99, 14.01)."""
+
+_SIXTEEN_BIT: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
+    """Turn one request's bytes into the model input: float32 [1, 28, 28], values in [0, 1], white ink on black."""  # noqa: E501
+    image = decode(data, max_pixels)
+    if is_mnist_format(image):
+        pixels = np.asarray(image).astype(np.float32) / np.float32(255)
+        if pixels.max() < MIN_INK_CONTRAST:
+            raise BlankImageError("image has no ink: every pixel is (nearly) black")
+        return pixels[np.newaxis]
+    return centre_like_mnist(ink_map(image))[np.newaxis]
+
+
+def decode(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes into an upright, working-size image in mode L, LA or F (F in [0, 1])."""
+    if not data:
+        raise EmptyImageError("image is empty: the request carried no bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        if len(data) == PIXELS:  # not an image file: raw 28x28 uint8 pixels, row-major
+            return Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), data)
+        raise UndecodableImageError(
+            f"image is not a readable {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file, "
+            f"nor {PIXELS} raw pixels (got {len(data)} bytes)"
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own, much higher limit (the warning only arrives here when warnings are
+        # errors, as under pytest). Our check below is the one that normally fires.
+        raise ImageTooLargeError(f"image is too large ({exc}); the limit is {max_pixels}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a corrupt header: Pillow raises a zoo of types
+        raise UndecodableImageError(f"image header is corrupt: {exc}") from None
+
+    width, height = image.size  # from the header: nothing is decoded yet
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    try:
+        if image.format in ("JPEG", "MPO"):
+            # Let libjpeg decode grey at 1/2..1/8 scale: a 4000x3000 photo costs ~1/64th.
+            image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+        image.load()  # first frame only; truncated data raises here (and must)
+        return _shrink(_canonical(ImageOps.exif_transpose(image)))
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise UndecodableImageError(f"image data is truncated or corrupt: {exc}") from None
+
+
+def _canonical(image: Image.Image) -> Image.Image:
+    """Reduce Pillow's many modes to L (grey), LA (grey + alpha) or F (grey in [0, 1])."""
+    if image.mode in _SIXTEEN_BIT:
+        return Image.fromarray(np.asarray(image).astype(np.float32) / 65535)
+    if image.mode in ("I", "F"):
+        # No fixed full scale for 32-bit data: use the image's own range.
+        # NaN/inf become 0/+-3.4e38 in float32, and the float64 math cannot overflow on those.
+        values = np.nan_to_num(np.asarray(image).astype(np.float32)).astype(np.float64)
+        span = float(values.max() - values.min())
+        unit = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+        return Image.fromarray(unit.astype(np.float32))
+    if image.mode in ("LA", "PA", "RGBA", "RGBa", "La") or "transparency" in image.info:
+        return image.convert("RGBA").convert("LA") if image.mode == "La" else image.convert("LA")
+    if image.mode == "L":
+        return image
+    return image.convert("RGB").convert("L")  # via RGB: not every mode converts to L directly
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    """Box-average a big image down by an integer factor, before the float pipeline."""
+    factor = max(image.size) // WORKING_SIDE
+    return image.reduce(factor) if factor >= 2 else image
+
+
+def is_mnist_format(image: Image.Image) -> bool:
+    """Whether a decoded image is already MNIST input: 28x28, 8-bit grey, black background."""
+    if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        return False
+    return int(np.bincount(np.asarray(image).ravel(), minlength=256).argmax()) == 0
+
+
+def ink_map(image: Image.Image) -> FloatImage:
+    """Ink intensity of a decoded image, float32 HxW: 0 is paper, 1 the strongest ink."""
+    if image.mode == "F":
+        levels = np.asarray(image, dtype=np.float32)
+    else:
+        levels = np.asarray(image).astype(np.float32) / np.float32(255)
+    if image.mode == "LA":
+        grey, alpha = levels[..., 0], levels[..., 1]
+        # A transparent background (canvas export): whatever the stroke colour, alpha is ink.
+        levels = alpha if _paper_level(alpha) < TRANSPARENT_PAPER else grey
+    return _ink_from_levels(levels)
+
+
+def _paper_level(levels: FloatImage) -> float:
+    """The most common level, to the nearest 1/255: the paper, however much ink there is."""
+    histogram = np.bincount(np.rint(levels * 255).astype(np.intp).ravel(), minlength=256)
+    return float(histogram.argmax()) / 255
+
+
+def _ink_from_levels(levels: FloatImage) -> FloatImage:
+    """Map the paper to 0 and the strongest ink to 1, whichever side of the paper the ink is."""
+    paper = _paper_level(levels)
+    darker = np.clip(paper - levels, 0, None)
+    lighter = np.clip(levels - paper, 0, None)
+    # The ink is the side carrying more contrast; the other side is noise or shading.
+    ink = darker if darker.sum() > lighter.sum() else lighter
+    strongest = float(ink.max())
+    if strongest < MIN_INK_CONTRAST:
+        raise BlankImageError(
+            f"image has no ink: every pixel is within {strongest:.0%} of the background level"
+            f" (at least {MIN_INK_CONTRAST:.0%} contrast is needed)"
+        )
+    ink = (ink / np.float32(strongest) - np.float32(NOISE_FLOOR)) / np.float32(1 - NOISE_FLOOR)
+    result: FloatImage = np.clip(ink, 0, 1).astype(np.float32)
+    return result
+
+
+def centre_like_mnist(ink: FloatImage) -> FloatImage:
+    """Crop to the ink, fit its longer side to 20 px, centre the mass in a 28x28 field."""
+    rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    if rows.size == 0:
+        raise BlankImageError("image has no ink")
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    height, width = crop.shape
+    scale = DIGIT_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    patch = np.asarray(
+        Image.fromarray(np.ascontiguousarray(crop)).resize(size, RESAMPLE),
+        dtype=np.float32,
+    )
+    # MNIST strokes are saturated; a thin line drawn at high resolution averages down to a
+    # faint ghost, so bring the strongest ink back to 1.
+    patch = np.clip(patch / max(float(patch.max()), 1e-6), 0, 1)
+
+    total = float(patch.sum())
+    centre_y = float(patch.sum(axis=1) @ np.arange(patch.shape[0])) / total
+    centre_x = float(patch.sum(axis=0) @ np.arange(patch.shape[1])) / total
+    # Shift by the rounded centre of mass, as MNIST did, clamped so no ink leaves the field.
+    top = min(max(round(CENTRE - centre_y), 0), IMAGE_SIZE - patch.shape[0])
+    left = min(max(round(CENTRE - centre_x), 0), IMAGE_SIZE - patch.shape[1])
+    field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    field[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
+    return field

@@ -1,0 +1,522 @@
+"""Tests of mnist_service.preprocess, on real MNIST digits redrawn as real image files."""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image, ImageDraw, ImageFile
+
+from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
+from mnist_service.errors import (
+    BlankImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    InvalidImageError,
+    UndecodableImageError,
+)
+from mnist_service.preprocess import preprocess
+
+MAX_PIXELS = 16_777_216
+CANVAS = (400, 320)  # width, height of the "user's drawing"
+DIGIT_SIDE = 200  # the MNIST digit is upscaled to this, then pasted off-centre
+Floats = npt.NDArray[np.float32]
+Bytes = npt.NDArray[np.uint8]
+SEVEN, TWO, ONE = 0, 1, 2  # indices of the first 7, 2 and 1 in the MNIST test split
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_test_set: tuple[Bytes, Bytes]) -> Bytes:
+    """The first 50 real MNIST test digits (uint8 [50, 28, 28], white on black)."""
+    return mnist_test_set[0][:50]
+
+
+def run(data: bytes, max_pixels: int = MAX_PIXELS) -> Floats:
+    """preprocess, with the contract every successful call must honour checked."""
+    out = preprocess(data, max_pixels=max_pixels)
+    assert out.shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert out.dtype == np.float32
+    assert out.min() >= 0.0
+    assert out.max() <= 1.0
+    digit: Floats = out[0]
+    return digit
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def canvas_ink(
+    digit: Bytes, at: tuple[int, int] = (170, 20), size: tuple[int, int] = CANVAS
+) -> Floats:
+    """Ink in [0, 1] of a big drawing: the digit upscaled to 200x200, placed at `at`."""
+    big = Image.fromarray(digit).resize((DIGIT_SIDE, DIGIT_SIDE), Image.Resampling.BILINEAR)
+    canvas = Image.new("L", size)
+    canvas.paste(big, at)
+    return np.asarray(canvas).astype(np.float32) / np.float32(255)
+
+
+def grey(values: Floats) -> Image.Image:
+    return Image.fromarray(np.rint(values * 255).astype(np.uint8))
+
+
+def centre_of_mass(image: Floats) -> tuple[float, float]:
+    ys, xs = np.mgrid[: image.shape[0], : image.shape[1]]
+    return float((image * ys).sum() / image.sum()), float((image * xs).sum() / image.sum())
+
+
+def bbox_size(image: Floats) -> tuple[int, int]:
+    """(height, width) of the non-zero pixels."""
+    rows, cols = np.nonzero(image.any(axis=1))[0], np.nonzero(image.any(axis=0))[0]
+    return int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+
+
+def similarity(a: Floats, b: npt.NDArray[Any]) -> float:
+    """Correlation, allowing the 1 px jitter that MNIST's rounded centre-of-mass shift has."""
+    shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    flat = b.astype(np.float64).ravel()
+    return max(float(np.corrcoef(np.roll(a, s, (0, 1)).ravel(), flat)[0, 1]) for s in shifts)
+
+
+def assert_mnist_like(out: Floats, digit: Bytes, min_similarity: float = 0.85) -> None:
+    cy, cx = centre_of_mass(out)
+    assert abs(cy - 14) <= 0.6, cy
+    assert abs(cx - 14) <= 0.6, cx
+    assert max(bbox_size(out)) in (DIGIT_BOX - 1, DIGIT_BOX)
+    assert out.max() == 1.0
+    assert similarity(out, digit) >= min_similarity
+
+
+# --- every format and mode ----------------------------------------------------------------
+
+# Each style turns a canvas's ink (1 = ink) into an image of one Pillow mode.
+STYLES: dict[str, Callable[[Floats], Image.Image]] = {
+    "L-light-on-dark": grey,
+    "L-dark-on-light": lambda ink: grey(1 - ink),
+    "1-dark-on-light": lambda ink: Image.fromarray(ink < 0.5),
+    "LA-black-on-transparent": lambda ink: Image.merge("LA", [grey(ink * 0), grey(ink)]),
+    "LA-white-on-transparent": lambda ink: Image.merge("LA", [grey(ink * 0 + 1), grey(ink)]),
+    "RGB-blue-on-white": lambda ink: Image.merge(
+        "RGB", [grey(1 - ink), grey(1 - ink * 0.8), grey(1 - ink * 0.2)]
+    ),
+    "RGBA-black-on-transparent": lambda ink: Image.merge("RGBA", [grey(ink * 0)] * 3 + [grey(ink)]),
+    "RGBA-white-on-transparent": lambda ink: Image.merge(
+        "RGBA", [grey(ink * 0 + 1)] * 3 + [grey(ink)]
+    ),
+    "RGBA-opaque": lambda ink: Image.merge("RGBA", [grey(1 - ink)] * 3 + [grey(ink * 0 + 1)]),
+    "P": lambda ink: Image.merge(
+        "RGB", [grey(1 - ink), grey(1 - ink), grey(1 - ink * 0.5)]
+    ).quantize(32),
+    "P-transparent": lambda ink: paletted_on_transparent(ink),
+    "I;16": lambda ink: Image.fromarray(np.rint(ink * 65535).astype(np.uint16)),
+    "I": lambda ink: Image.fromarray(np.rint(ink * 4000).astype(np.int32)),
+    "F": lambda ink: Image.fromarray((1 - ink).astype(np.float32)),
+    "CMYK": lambda ink: grey(1 - ink).convert("RGB").convert("CMYK"),
+}
+
+
+def paletted_on_transparent(ink: Floats) -> Image.Image:
+    """Mode P, 16 levels: index 0 is the transparent background, the rest are black ink."""
+    indices = np.rint(ink * 15).astype(np.uint8)
+    image = Image.frombytes("P", (ink.shape[1], ink.shape[0]), indices.tobytes())
+    image.putpalette([0, 0, 0] * 256)
+    image.info["transparency"] = 0
+    return image
+
+
+# (format, style, the mode Pillow reads back, save parameters)
+CASES: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("PNG", "L-light-on-dark", "L", {}),
+    ("PNG", "L-dark-on-light", "L", {}),
+    ("PNG", "1-dark-on-light", "1", {}),
+    ("PNG", "LA-black-on-transparent", "LA", {}),
+    ("PNG", "LA-white-on-transparent", "LA", {}),
+    ("PNG", "RGB-blue-on-white", "RGB", {}),
+    ("PNG", "RGBA-black-on-transparent", "RGBA", {}),
+    ("PNG", "RGBA-white-on-transparent", "RGBA", {}),
+    ("PNG", "RGBA-opaque", "RGBA", {}),
+    ("PNG", "P", "P", {}),
+    ("PNG", "P-transparent", "P", {"transparency": bytes([0] + [255] * 15)}),
+    ("PNG", "I;16", "I;16", {}),
+    ("JPEG", "L-light-on-dark", "L", {}),
+    ("JPEG", "L-dark-on-light", "L", {"quality": 70}),
+    ("JPEG", "RGB-blue-on-white", "RGB", {}),
+    ("JPEG", "CMYK", "CMYK", {}),
+    ("BMP", "1-dark-on-light", "1", {}),
+    ("BMP", "L-dark-on-light", "L", {}),
+    ("BMP", "P", "P", {}),
+    ("BMP", "RGB-blue-on-white", "RGB", {}),
+    ("GIF", "L-light-on-dark", "L or P", {}),  # Pillow reads grey GIFs as either
+    ("GIF", "P", "P", {}),
+    ("GIF", "P-transparent", "P", {"transparency": 0}),
+    ("WEBP", "RGB-blue-on-white", "RGB", {"quality": 80}),
+    ("WEBP", "RGBA-black-on-transparent", "RGBA", {"lossless": True}),
+    ("WEBP", "RGBA-white-on-transparent", "RGBA", {"quality": 80}),
+    ("TIFF", "1-dark-on-light", "1", {}),
+    ("TIFF", "L-dark-on-light", "L", {"compression": "tiff_deflate"}),
+    ("TIFF", "LA-black-on-transparent", "LA", {}),
+    ("TIFF", "RGB-blue-on-white", "RGB", {}),
+    ("TIFF", "RGBA-white-on-transparent", "RGBA", {}),
+    ("TIFF", "P", "P", {}),
+    ("TIFF", "I;16", "I;16", {}),
+    ("TIFF", "I", "I", {}),
+    ("TIFF", "F", "F", {}),
+    ("TIFF", "CMYK", "CMYK", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "style", "mode", "params"),
+    CASES,
+    ids=[f"{fmt.lower()}-{style}" for fmt, style, _, _ in CASES],
+)
+@pytest.mark.parametrize("which", [SEVEN, TWO], ids=["seven", "two"])
+def test_every_format_and_mode_gives_an_mnist_like_digit(
+    digits: Bytes, fmt: str, style: str, mode: str, params: dict[str, Any], which: int
+) -> None:
+    data = encode(STYLES[style](canvas_ink(digits[which])), fmt, **params)
+    with Image.open(io.BytesIO(data)) as reread:  # the test really exercises this mode
+        assert reread.format == fmt
+        assert reread.mode in mode.split(" or ")
+
+    # Binary pixels or alpha lose the anti-aliasing, so they resemble the original less.
+    binary = style.startswith("1-") or style == "P-transparent"
+    assert_mnist_like(run(data), digits[which], 0.8 if binary else 0.88)
+
+
+def test_many_real_digits_come_out_like_the_originals(digits: Bytes) -> None:
+    for digit in digits:
+        assert_mnist_like(run(encode(grey(1 - canvas_ink(digit)), "PNG")), digit, 0.85)
+
+
+# --- polarity, transparency, orientation, centring, scale --------------------------------
+
+
+def test_dark_on_light_equals_light_on_dark(digits: Bytes) -> None:
+    ink = canvas_ink(digits[TWO])
+    dark_on_light, light_on_dark = run(encode(grey(1 - ink), "PNG")), run(encode(grey(ink), "PNG"))
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=1e-6)  # float rounding only
+
+
+def test_paper_colour_comes_from_the_most_common_level_not_the_mean(digits: Bytes) -> None:
+    """Light grey paper with so much dark ink that the mean is on the dark side."""
+    ink = canvas_ink(digits[TWO], at=(5, 5), size=(210, 210))
+    strokes = np.rint(ink * 150).astype(np.uint8)
+    card = Image.fromarray(135 - np.minimum(strokes, 135))  # light grey paper, dark ink
+    dark_card = Image.fromarray(120 + np.minimum(strokes, 135))  # dark grey paper, light ink
+    assert np.asarray(card).mean() < 127.5 < np.asarray(dark_card).mean()
+    out = run(encode(card, "PNG"))
+    np.testing.assert_allclose(out, run(encode(dark_card, "PNG")), atol=1e-6)
+    assert_mnist_like(out, digits[TWO])
+
+
+@pytest.mark.parametrize(
+    "style",
+    [
+        "LA-black-on-transparent",
+        "LA-white-on-transparent",
+        "RGBA-black-on-transparent",
+        "RGBA-white-on-transparent",
+    ],
+)
+def test_transparent_canvas_uses_alpha_as_ink(digits: Bytes, style: str) -> None:
+    ink = canvas_ink(digits[SEVEN])
+    expected = run(encode(grey(ink), "PNG"))
+    np.testing.assert_array_equal(run(encode(STYLES[style](ink), "PNG")), expected)
+
+
+def test_fully_opaque_alpha_is_ignored(digits: Bytes) -> None:
+    ink = canvas_ink(digits[SEVEN])
+    rgba = STYLES["RGBA-opaque"](ink)
+    np.testing.assert_array_equal(run(encode(rgba, "PNG")), run(encode(rgba.convert("RGB"), "PNG")))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize(
+    ("orientation", "stored_as"),
+    [
+        (3, Image.Transpose.ROTATE_180),
+        (6, Image.Transpose.ROTATE_90),
+        (8, Image.Transpose.ROTATE_270),
+    ],
+    ids=["orientation-3", "orientation-6", "orientation-8"],
+)
+def test_exif_orientation_is_respected(
+    digits: Bytes, fmt: str, orientation: int, stored_as: Image.Transpose
+) -> None:
+    upright = grey(1 - canvas_ink(digits[SEVEN]))
+    stored = upright.transpose(stored_as)  # what a sideways camera writes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+
+    expected = run(encode(upright, fmt))
+    rotated = run(encode(stored, fmt, exif=exif))
+    ignored = run(encode(stored, fmt))  # the same pixels without the tag
+    if fmt == "PNG":
+        np.testing.assert_array_equal(rotated, expected)
+    else:  # JPEG compresses the two orientations differently
+        assert np.abs(rotated - expected).max() < 0.1
+    assert similarity(ignored, expected) < 0.6
+
+
+@pytest.mark.parametrize("at", [(0, 0), (200, 120), (100, 60), (195, 0)], ids=str)
+def test_position_on_the_canvas_does_not_matter(digits: Bytes, at: tuple[int, int]) -> None:
+    out = run(encode(grey(canvas_ink(digits[TWO], at=at)), "PNG"))
+    reference = run(encode(grey(canvas_ink(digits[TWO])), "PNG"))
+    np.testing.assert_array_equal(out, reference)
+
+
+def test_aspect_ratio_is_kept_for_a_tall_one(digits: Bytes) -> None:
+    out = run(encode(grey(1 - canvas_ink(digits[ONE])), "PNG"))
+    height, width = bbox_size(out)
+    assert height == DIGIT_BOX
+    assert width < DIGIT_BOX / 2
+    assert_mnist_like(out, digits[ONE])
+
+
+@pytest.mark.parametrize(
+    ("box", "expected"),
+    [((100, 20, 120, 280), (20, 2)), ((20, 140, 380, 160), (1, 20))],
+    ids=["vertical-bar", "horizontal-bar"],
+)
+def test_bars_keep_their_shape(box: tuple[int, int, int, int], expected: tuple[int, int]) -> None:
+    image = Image.new("L", CANVAS, 255)
+    ImageDraw.Draw(image).rectangle(box, fill=0)
+    assert bbox_size(run(encode(image, "PNG"))) == expected
+
+
+def test_thin_strokes_do_not_vanish() -> None:
+    """A 1 px pen on a 1000 px canvas: averaged down 45x it would be a faint ghost."""
+    image = Image.new("L", (1000, 1000), 255)
+    ImageDraw.Draw(image).line([(100, 100), (900, 100), (400, 950)], fill=0, width=1)
+    out = run(encode(image, "PNG"))
+    assert out.max() == 1.0
+    assert max(bbox_size(out)) == DIGIT_BOX
+    # A continuous stroke, not a few specks: every row and column of the box holds ink.
+    height, width = bbox_size(out)
+    assert (out > 0.1).any(axis=1).sum() == height == DIGIT_BOX
+    assert (out > 0.1).any(axis=0).sum() == width
+
+
+def test_small_digit_is_scaled_up(digits: Bytes) -> None:
+    small = Image.fromarray(digits[SEVEN]).crop((4, 4, 24, 24)).resize((10, 10))
+    canvas = Image.new("L", (60, 50))
+    canvas.paste(small, (40, 3))
+    out = run(encode(canvas, "PNG"))
+    assert max(bbox_size(out)) == DIGIT_BOX
+    assert similarity(out, digits[SEVEN]) > 0.7
+
+
+def test_large_photo_is_handled(digits: Bytes) -> None:
+    """A 4000x3000 JPEG of a digit on grey, noisy paper (decoded at reduced scale)."""
+    ink = canvas_ink(digits[TWO], at=(1500, 900), size=(4000, 3000))  # digit is 200 px of it
+    noise = np.random.default_rng(0).normal(0, 0.02, ink.shape).astype(np.float32)
+    photo = grey(np.clip(0.85 - 0.6 * ink + noise, 0, 1))
+    assert_mnist_like(run(encode(photo, "JPEG", quality=85)), digits[TWO])
+
+
+def test_large_png_is_handled(digits: Bytes) -> None:
+    big = Image.fromarray(digits[SEVEN]).resize((2800, 2800), Image.Resampling.BILINEAR)
+    assert_mnist_like(run(encode(big, "PNG")), digits[SEVEN], 0.9)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_only_the_first_frame_is_used(digits: Bytes, fmt: str) -> None:
+    first, second = grey(canvas_ink(digits[SEVEN])), grey(canvas_ink(digits[TWO]))
+    animated = encode(first, fmt, save_all=True, append_images=[second])
+    with Image.open(io.BytesIO(animated)) as reread:
+        assert getattr(reread, "n_frames", 1) == 2
+    np.testing.assert_array_equal(run(animated), run(encode(first, fmt)))
+
+
+# --- MNIST-format input passes through untouched -----------------------------------------
+
+
+def test_mnist_png_passes_through_bit_identical(mnist_test_set: tuple[Bytes, Bytes]) -> None:
+    for image in mnist_test_set[0][:1000]:
+        out = preprocess(encode(Image.fromarray(image), "PNG"), max_pixels=MAX_PIXELS)
+        np.testing.assert_array_equal(out[0], image.astype(np.float32) / 255)
+        assert out.dtype == np.float32
+
+
+def test_mnist_raw_bytes_pass_through_bit_identical(mnist_test_set: tuple[Bytes, Bytes]) -> None:
+    for image in mnist_test_set[0]:  # all 10,000: none may be mistaken for an image file
+        out = preprocess(image.tobytes(), max_pixels=MAX_PIXELS)
+        np.testing.assert_array_equal(out[0], image.astype(np.float32) / 255)
+
+
+def test_small_dark_on_light_image_is_not_taken_as_mnist_format(digits: Bytes) -> None:
+    out = run(encode(Image.fromarray(255 - digits[TWO]), "PNG"))
+    assert similarity(out, digits[TWO]) > 0.95
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares a huge 1-bit image; its data are a few zero bytes."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(10_000), 9))
+        + chunk(b"IEND", b"")
+    )
+
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def blank(mode: str, colour: Any, fmt: str = "PNG") -> bytes:
+    return encode(Image.new(mode, (300, 200), colour), fmt)
+
+
+def faint_scribble() -> bytes:
+    image = Image.new("L", (300, 200), 200)
+    ImageDraw.Draw(image).line([(50, 50), (250, 150)], fill=210, width=8)
+    return encode(image, "PNG")
+
+
+def seven_png(fmt: str = "PNG") -> bytes:
+    image = Image.new("L", (300, 200), 255)
+    ImageDraw.Draw(image).line([(50, 30), (250, 30), (120, 180)], fill=0, width=12)
+    return encode(image, fmt)
+
+
+ERRORS: list[tuple[str, Callable[[], bytes], type[InvalidImageError], str]] = [
+    ("empty", lambda: b"", EmptyImageError, "empty"),
+    ("text", lambda: b"hello, this is not an image", UndecodableImageError, "nor 784 raw pixels"),
+    ("783-raw-bytes", lambda: bytes(range(256)) * 3 + bytes(15), UndecodableImageError, "783"),
+    ("785-raw-bytes", lambda: bytes(range(256)) * 3 + bytes(17), UndecodableImageError, "785"),
+    (
+        "png-signature-only",
+        lambda: b"\x89PNG\r\n\x1a\n" + bytes(30),
+        UndecodableImageError,
+        "not a readable PNG",
+    ),
+    (
+        "png-bad-header-checksum",
+        lambda: png_declaring(300, 200)[:29] + b"XXXX" + png_declaring(300, 200)[33:],
+        UndecodableImageError,
+        "not a readable PNG",
+    ),
+    ("truncated-png", lambda: half(seven_png()), UndecodableImageError, "truncated"),
+    ("truncated-jpeg", lambda: half(seven_png("JPEG")), UndecodableImageError, "truncated"),
+    ("bomb-100000x100000", lambda: png_declaring(100_000, 100_000), ImageTooLargeError, "limit"),
+    (
+        "bomb-5000x5000",
+        lambda: png_declaring(5000, 5000),
+        ImageTooLargeError,
+        "image is 5000×5000 = 25000000 pixels; the limit is 16777216",
+    ),
+    (
+        "eps-not-allowed",
+        lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n",
+        UndecodableImageError,
+        "PNG",
+    ),
+    ("blank-white", lambda: blank("L", 255), BlankImageError, "no ink"),
+    ("blank-black", lambda: blank("L", 0), BlankImageError, "no ink"),
+    ("blank-grey-jpeg", lambda: blank("RGB", (128, 128, 128), "JPEG"), BlankImageError, "no ink"),
+    ("blank-transparent", lambda: blank("RGBA", (0, 0, 0, 0)), BlankImageError, "no ink"),
+    ("blank-float", lambda: blank("F", 0.5, "TIFF"), BlankImageError, "no ink"),
+    ("faint-scribble", faint_scribble, BlankImageError, "contrast"),
+    ("raw-zeros", lambda: bytes(PIXELS), BlankImageError, "no ink"),
+    (
+        "mnist-format-black",
+        lambda: encode(Image.new("L", (28, 28)), "PNG"),
+        BlankImageError,
+        "no ink",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"), [c[1:] for c in ERRORS], ids=[c[0] for c in ERRORS]
+)
+def test_bad_input_raises_a_helpful_domain_error(
+    make: Callable[[], bytes], error: type[InvalidImageError], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        preprocess(make(), max_pixels=MAX_PIXELS)
+    assert type(caught.value) is error
+
+
+def test_the_pixel_limit_is_the_callers() -> None:
+    data = seven_png()  # 300x200 = 60000 pixels
+    run(data, max_pixels=60_000)
+    with pytest.raises(ImageTooLargeError, match=r"300×200 = 60000 pixels; the limit is 59999"):
+        preprocess(data, max_pixels=59_999)
+
+
+def test_arbitrary_bytes_raise_nothing_but_invalid_image_errors() -> None:
+    """Random bytes, and valid files of every format with bytes flipped or cut off."""
+    rng = np.random.default_rng(20240601)
+    image = Image.open(io.BytesIO(seven_png())).convert("RGB")
+    valid = [encode(image, fmt) for fmt in ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")]
+    samples = [rng.bytes(int(n)) for n in rng.integers(0, 2000, 200)] + [rng.bytes(PIXELS)]
+    for data in valid:
+        for _ in range(40):
+            mutated = bytearray(data[: rng.integers(1, len(data) + 1)])
+            for position in rng.integers(0, len(mutated), rng.integers(1, 8)):
+                mutated[position] = int(rng.integers(0, 256))
+            samples.append(bytes(mutated))
+    for data in samples:
+        try:
+            out = preprocess(data, max_pixels=MAX_PIXELS)
+        except InvalidImageError:
+            continue
+        assert out.shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+        assert out.dtype == np.float32
+        assert np.isfinite(out).all()
+        assert out.min() >= 0
+        assert out.max() <= 1
+
+
+# --- safety ---------------------------------------------------------------------------------
+
+
+def test_threads_get_the_same_answers_and_pil_globals_are_untouched(digits: Bytes) -> None:
+    limit, truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    inputs = [encode(grey(1 - canvas_ink(digit)), "PNG") for digit in digits[:16]] + [
+        half(seven_png()),
+        png_declaring(100_000, 100_000),
+    ]
+
+    def outcome(data: bytes) -> Floats | type[Exception]:
+        try:
+            return preprocess(data, max_pixels=MAX_PIXELS)
+        except InvalidImageError as exc:
+            return type(exc)
+
+    serial = [outcome(data) for data in inputs]
+    with ThreadPoolExecutor(8) as pool:
+        parallel = list(pool.map(outcome, inputs * 4))
+    for index, result in enumerate(parallel):
+        expected = serial[index % len(inputs)]
+        if isinstance(expected, np.ndarray):
+            np.testing.assert_array_equal(result, expected)
+        else:
+            assert result is expected
+    assert limit == Image.MAX_IMAGE_PIXELS
+    assert truncated == ImageFile.LOAD_TRUNCATED_IMAGES
