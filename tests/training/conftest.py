@@ -15,3 +15,15 @@ def mnist_dir() -> Path:
     data_dir = default_data_dir()
     ensure_mnist(data_dir, ALL_FILES)
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """The repository's ``weights/`` folder with the shipped ONNX models."""
+    return Path(__file__).resolve().parents[2] / "weights"
+
+
+@pytest.fixture(scope="session")
+def shipped_mlp(weights_dir: Path) -> Path:
+    """The shipped MLP ONNX model."""
+    return weights_dir / "mnist_mlp.onnx"
