@@ -5,7 +5,7 @@ anti-aliasing) so the longer side of the ink is 20 px, then placed in a 28x28 fi
 centre of mass at the centre. A user's drawing or photo classifies well only if it is brought
 into that same form, so the pipeline is::
 
-    decode       bytes -> upright PIL image in mode L, LA or F (F scaled to [0, 1]).
+    decode       bytes -> upright 8-bit PIL image in mode L or LA.
                  Only PNG, JPEG, BMP, GIF, WebP and TIFF are opened (first frame only); the
                  pixel count is checked against ``max_pixels`` from the header, before any
                  pixel is decoded; big images are shrunk early (JPEG draft, integer reduce).
@@ -85,7 +85,7 @@ def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode bytes into an upright, working-size image in mode L, LA or F (F in [0, 1])."""
+    """Decode bytes into an upright, working-size 8-bit image in mode L or LA."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
     try:
@@ -97,10 +97,13 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             f"image is not a readable {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file, "
             f"nor {PIXELS} raw pixels (got {len(data)} bytes)"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own, much higher limit (the warning only arrives here when warnings are
         # errors, as under pytest). Our check below is the one that normally fires.
-        raise ImageTooLargeError(f"image is too large ({exc}); the limit is {max_pixels}") from None
+        raise ImageTooLargeError(
+            f"image has more pixels than Pillow will decode ({Image.MAX_IMAGE_PIXELS});"
+            f" the limit is {max_pixels}"
+        ) from None
     except MemoryError:
         raise
     except Exception as exc:  # a corrupt header: Pillow raises a zoo of types
@@ -124,16 +127,20 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _canonical(image: Image.Image) -> Image.Image:
-    """Reduce Pillow's many modes to L (grey), LA (grey + alpha) or F (grey in [0, 1])."""
+    """Reduce Pillow's many modes to 8-bit L (grey) or LA (grey + alpha).
+
+    8 bits are plenty: the output is 28x28 at MNIST's own 8-bit depth, and it lets the ink
+    mapping run on a 256-bin histogram and a lookup table.
+    """
     if image.mode in _SIXTEEN_BIT:
-        return Image.fromarray(np.asarray(image).astype(np.float32) / 65535)
+        return Image.fromarray(np.rint(np.asarray(image) / 257).astype(np.uint8))
     if image.mode in ("I", "F"):
         # No fixed full scale for 32-bit data: use the image's own range.
         # NaN/inf become 0/+-3.4e38 in float32, and the float64 math cannot overflow on those.
         values = np.nan_to_num(np.asarray(image).astype(np.float32)).astype(np.float64)
         span = float(values.max() - values.min())
         unit = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-        return Image.fromarray(unit.astype(np.float32))
+        return Image.fromarray(np.rint(unit * 255).astype(np.uint8))
     if image.mode in ("LA", "PA", "RGBA", "RGBa", "La") or "transparency" in image.info:
         return image.convert("RGBA").convert("LA") if image.mode == "La" else image.convert("LA")
     if image.mode == "L":
@@ -155,40 +162,38 @@ def is_mnist_format(image: Image.Image) -> bool:
 
 
 def ink_map(image: Image.Image) -> FloatImage:
-    """Ink intensity of a decoded image, float32 HxW: 0 is paper, 1 the strongest ink."""
-    if image.mode == "F":
-        levels = np.asarray(image, dtype=np.float32)
-    else:
-        levels = np.asarray(image).astype(np.float32) / np.float32(255)
+    """Ink intensity of a decoded L or LA image, float32 HxW: 0 is paper, 1 the strongest ink."""
+    pixels: npt.NDArray[np.uint8] = np.asarray(image)
     if image.mode == "LA":
-        grey, alpha = levels[..., 0], levels[..., 1]
+        grey, alpha = pixels[..., 0], pixels[..., 1]
         # A transparent background (canvas export): whatever the stroke colour, alpha is ink.
-        levels = alpha if _paper_level(alpha) < TRANSPARENT_PAPER else grey
-    return _ink_from_levels(levels)
+        transparent = _histogram(alpha).argmax() < TRANSPARENT_PAPER * 255
+        pixels = alpha if transparent else grey
+    lookup: FloatImage = _ink_lookup(_histogram(pixels))[pixels]
+    return lookup
 
 
-def _paper_level(levels: FloatImage) -> float:
-    """The most common level, to the nearest 1/255: the paper, however much ink there is."""
-    histogram = np.bincount(np.rint(levels * 255).astype(np.intp).ravel(), minlength=256)
-    return float(histogram.argmax()) / 255
+def _histogram(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
+    return np.bincount(pixels.ravel(), minlength=256)
 
 
-def _ink_from_levels(levels: FloatImage) -> FloatImage:
-    """Map the paper to 0 and the strongest ink to 1, whichever side of the paper the ink is."""
-    paper = _paper_level(levels)
-    darker = np.clip(paper - levels, 0, None)
-    lighter = np.clip(levels - paper, 0, None)
-    # The ink is the side carrying more contrast; the other side is noise or shading.
-    ink = darker if darker.sum() > lighter.sum() else lighter
-    strongest = float(ink.max())
-    if strongest < MIN_INK_CONTRAST:
+def _ink_lookup(histogram: npt.NDArray[np.intp]) -> FloatImage:
+    """Ink for each of the 256 levels: the paper maps to 0, the strongest ink to 1."""
+    # The paper is the most common level: robust to any amount of ink, unlike the mean.
+    paper = int(histogram.argmax())
+    deviation = np.arange(256) - paper
+    # The ink is on the side of the paper carrying more contrast (dark-on-light or
+    # light-on-dark); the other side is noise or shading.
+    if (histogram * np.maximum(-deviation, 0)).sum() > (histogram * np.maximum(deviation, 0)).sum():
+        deviation = -deviation
+    strongest = int(deviation[histogram > 0].max())
+    if strongest < MIN_INK_CONTRAST * 255:
         raise BlankImageError(
-            f"image has no ink: every pixel is within {strongest:.0%} of the background level"
-            f" (at least {MIN_INK_CONTRAST:.0%} contrast is needed)"
+            f"image has no ink: every pixel is within {strongest / 255:.0%} of the background"
+            f" level (at least {MIN_INK_CONTRAST:.0%} contrast is needed)"
         )
-    ink = (ink / np.float32(strongest) - np.float32(NOISE_FLOOR)) / np.float32(1 - NOISE_FLOOR)
-    result: FloatImage = np.clip(ink, 0, 1).astype(np.float32)
-    return result
+    ink = (deviation / strongest - NOISE_FLOOR) / (1 - NOISE_FLOOR)
+    return np.clip(ink, 0, 1).astype(np.float32)
 
 
 def centre_like_mnist(ink: FloatImage) -> FloatImage:
