@@ -58,3 +58,10 @@ def export(session: nox.Session) -> None:
     """Export a checkpoint to ONNX, e.g. `nox -s export -- onnx ckpt.pt --arch conv ...`."""
     session.install("-e", ".[train]")
     session.run("python", "-m", "export", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark a local server (not a test): prints a table, writes bench-results/*.json."""
+    session.install("-e", ".")
+    session.run("python", "scripts/bench.py", *session.posargs)
