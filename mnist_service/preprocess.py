@@ -74,7 +74,7 @@ _SIXTEEN_BIT: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
-    """Turn one request's bytes into the model input: float32 [1, 28, 28], values in [0, 1], white ink on black."""  # noqa: E501
+    """One request's bytes -> model input: float32 [1, 28, 28] in [0, 1], white ink on black."""
     image = decode(data, max_pixels)
     if is_mnist_format(image):
         pixels = np.asarray(image).astype(np.float32) / np.float32(255)
