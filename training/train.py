@@ -49,7 +49,7 @@ class TrainConfig:
     """Train on only the first N training images (smoke tests); None uses all 60,000."""
 
 
-# Measured on a 2-core CPU: ~32 s per ConvNet epoch and ~3 s per MLP epoch including
+# Measured on a 2-core CPU: ~24 s per ConvNet epoch and ~2.5 s per MLP epoch including
 # augmentation, so both defaults together stay within the ~10 minute budget.
 DEFAULTS: dict[Architecture, TrainConfig] = {
     "conv": TrainConfig(epochs=10, batch_size=128, lr=3e-3, weight_decay=1e-4),
