@@ -17,6 +17,8 @@ from mnist_service.constants import INPUT_NAME, NUM_CLASSES, PROBABILITIES_NAME
 
 PIXEL_MAX = 255.0
 BATCH_SIZE = 1000
+PNG_DARK_CELL = 128
+"""Cells shaded darker than this get white digits in the PNG confusion matrix."""
 
 
 def open_session(model: Path | bytes) -> Any:
@@ -110,10 +112,13 @@ def save_confusion_png(evaluation: Evaluation, path: Path, cell: int = 48) -> Pa
                 margin + cell * (true + 1),
             )
             draw.rectangle(box, fill=(level, level, 255), outline="grey")
-            text_colour = "white" if level < 128 else "black"
-            centre = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
+            text_colour = "white" if level < PNG_DARK_CELL else "black"
+            cell_centre = ((box[0] + box[2]) // 2, (box[1] + box[3]) // 2)
             draw.text(
-                centre, str(int(evaluation.confusion[true, pred])), fill=text_colour, anchor="mm"
+                cell_centre,
+                str(int(evaluation.confusion[true, pred])),
+                fill=text_colour,
+                anchor="mm",
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from mnist_service.constants import ARCHITECTURES, WEIGHT_FILES, Architecture
+from training.train import DEFAULT_SEED
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -27,7 +28,7 @@ def main(
     epochs: Annotated[int | None, typer.Option(min=1, help="Default: per architecture.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of OneCycle.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[int, typer.Option()] = DEFAULT_SEED,
     output_dir: Annotated[Path, typer.Option(help="Where the ONNX models go.")] = Path("weights"),
     checkpoint_dir: Annotated[Path, typer.Option(help="Where .pt checkpoints go.")] = Path(
         "checkpoints"
@@ -38,7 +39,9 @@ def main(
             help="MNIST IDX folder. Default: $MNIST_DATA_DIR or ~/.cache/mnist-service/mnist."
         ),
     ] = None,
-    no_augment: Annotated[bool, typer.Option(help="Train without augmentation.")] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment/--no-augment", help="Augment training batches.")
+    ] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="Default: all usable cores.")] = None,
     dry_run: Annotated[
         bool, typer.Option(help=f"One epoch on {DRY_RUN_IMAGES} images: checks the pipeline.")
@@ -64,7 +67,7 @@ def main(
             config = replace(config, batch_size=batch_size)
         if lr is not None:
             config = replace(config, lr=lr)
-        if no_augment:
+        if not augment:
             config = replace(config, augment=NO_AUGMENTATION)
         if dry_run:
             config = replace(config, epochs=DRY_RUN_EPOCHS, train_limit=DRY_RUN_IMAGES)

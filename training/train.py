@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from rich.progress import (
 from torch import nn
 
 from mnist_service.constants import Architecture
-from training.augment import NO_AUGMENTATION, AugmentConfig, augment
+from training.augment import AugmentConfig, augment
 from training.data import load_mnist
 from training.models import build_model, normalize
 
@@ -115,14 +115,14 @@ def train_one_epoch(
     """Train for one pass over shuffled, augmented batches; return the mean training loss."""
     model.train()
     order = torch.randperm(images.shape[0], generator=generator)
-    batches = order.split(config.batch_size)
+    batches = torch.split(order, config.batch_size)
     task = progress.add_task("  batches", total=len(batches), status="") if progress else None
     total_loss = 0.0
     for index in batches:
         x = normalize(augment(images[index], config.augment, generator))
         loss = F.cross_entropy(model(x), labels[index])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         scheduler.step()
         total_loss += loss.item() * index.numel()
@@ -137,7 +137,7 @@ def train_one_epoch(
 def predict(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Return the logits of [0, 1] images [N, 1, 28, 28], computed in evaluation batches."""
     model.eval()
-    return torch.cat([model(normalize(x)) for x in images.split(EVAL_BATCH_SIZE)])
+    return torch.cat([model(normalize(x)) for x in torch.split(images, EVAL_BATCH_SIZE)])
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
@@ -219,8 +219,3 @@ def save_checkpoint(model: nn.Module, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)
     return path
-
-
-def no_augmentation(config: TrainConfig) -> TrainConfig:
-    """Return the same configuration without augmentation."""
-    return replace(config, augment=NO_AUGMENTATION)

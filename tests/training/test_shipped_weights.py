@@ -86,6 +86,7 @@ def test_dynamic_batch_and_probabilities(
     assert (probabilities.argmax(1) == labels[:64]).mean() > 0.95
 
 
+@pytest.mark.slow
 def test_full_test_set_accuracy(
     arch: str, path: Path, mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 ) -> None:

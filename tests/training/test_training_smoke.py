@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import onnx
 import pytest
 import torch
@@ -19,7 +21,9 @@ from mnist_service.constants import (
 )
 from training.__main__ import app
 from training.augment import NO_AUGMENTATION, AugmentConfig, augment
-from training.models import ConvNet, build_model
+from training.models import MLP, ConvNet, build_model
+
+MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 
 EXPECTED_PARAMETERS = {
     "mlp": {
@@ -59,7 +63,7 @@ def test_models_return_logits_not_probabilities() -> None:
     assert not torch.allclose(logits.sum(dim=1), torch.ones(4))
 
 
-def test_augment_keeps_range_and_perturbs(mnist_test_set: tuple) -> None:  # type: ignore[type-arg]
+def test_augment_keeps_range_and_perturbs(mnist_test_set: MnistSplit) -> None:
     images = torch.from_numpy(to_model_input(mnist_test_set[0][:256]))
     first = augment(images.clone(), AugmentConfig(), torch.Generator().manual_seed(1))
     again = augment(images.clone(), AugmentConfig(), torch.Generator().manual_seed(1))
@@ -79,6 +83,7 @@ def test_augment_keeps_range_and_perturbs(mnist_test_set: tuple) -> None:  # typ
     )
 
 
+@pytest.mark.slow
 def test_training_cli_dry_run_trains_saves_and_exports(tmp_path: Path, mnist_dir: Path) -> None:
     """One short epoch per architecture on real data -> checkpoint -> ONNX with parity check."""
     result = CliRunner().invoke(
@@ -107,8 +112,8 @@ def test_training_cli_dry_run_trains_saves_and_exports(tmp_path: Path, mnist_dir
         assert len(metadata[META_SOURCE_SHA256]) == 64
 
 
-def test_parity_check_fails_loudly_on_mismatch(tmp_path: Path, mnist_test_set: tuple) -> None:  # type: ignore[type-arg]
-    net = build_model("mlp").eval()
+def test_parity_check_fails_loudly_on_mismatch(tmp_path: Path, mnist_test_set: MnistSplit) -> None:
+    net = MLP().eval()
     model_bytes = to_onnx(net).SerializeToString()
     images = to_model_input(mnist_test_set[0][:1000])
     report = check_parity(model_bytes, net, images)
