@@ -103,10 +103,9 @@ class OnnxClassifier:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = _ORT_ERROR_SEVERITY
+        providers = _providers(device)
         try:
-            session = ort.InferenceSession(
-                model_bytes, sess_options=options, providers=_providers(device)
-            )
+            session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own untyped errors here
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
             raise ModelError(f"{path} is not a loadable ONNX model: {first_line}") from exc
