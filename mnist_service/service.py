@@ -2,8 +2,8 @@
 
 `STATUS_FOR_ERROR` is the one table that turns this package's exceptions into gRPC status
 codes; handlers raise domain errors and `as_grpc_errors` translates them. Unexpected
-exceptions are not caught here for unary calls: grpclib logs them and answers INTERNAL with a
-generic message, so internals never leak to clients.
+exceptions become INTERNAL with a generic message (grpclib would say UNKNOWN): the details go
+to the server log, never to the client.
 """
 
 from __future__ import annotations
@@ -65,11 +65,17 @@ def status_for(exc: MnistServiceError) -> Status:
 
 @contextmanager
 def as_grpc_errors() -> Iterator[None]:
-    """Re-raise domain errors raised inside the block as `GRPCError`s with their status."""
+    """Re-raise errors raised inside the block as `GRPCError`s: domain errors with their
+    status and message, anything unexpected as INTERNAL with a generic message (logged)."""
     try:
         yield
+    except GRPCError:
+        raise
     except MnistServiceError as exc:
         raise GRPCError(status_for(exc), str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error")
+        raise GRPCError(Status.INTERNAL, INTERNAL_MESSAGE) from exc
 
 
 class SizeLimitedCodec(ProtoCodec):

@@ -134,15 +134,20 @@ async def test_errors_get_their_status_and_the_server_keeps_serving(
     assert after.label == labels[3]
 
 
-async def test_decompression_bomb_is_refused_before_decoding(server: ServerProcess) -> None:
+async def test_decompression_bomb_is_refused_before_decoding(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    images, labels = mnist_test_set
     bomb = io.BytesIO()
-    Image.new("1", (20_000, 20_000)).save(bomb, format="PNG")  # ~50 KB, 400 Mpx
+    Image.new("1", (8_000, 8_000)).save(bomb, format="PNG")  # ~10 KB, 64 Mpx
     async with MnistClient(server.address) as client:
         with pytest.raises(GRPCError) as caught:
             await client.predict(bomb.getvalue())
+        after = await client.predict(images[7])
 
     assert caught.value.status is Status.INVALID_ARGUMENT
-    assert "pixels" in (caught.value.message or "")
+    assert "8000×8000 = 64000000 pixels" in (caught.value.message or "")
+    assert after.label == labels[7]
 
 
 async def test_model_info(server: ServerProcess) -> None:
@@ -316,6 +321,11 @@ async def test_sigterm_drains_in_flight_calls_then_exits_zero(mnist_test_set: Mn
         async with MnistClient(process.address) as late:
             with pytest.raises(GRPCError) as refused:
                 await late.predict(images[0])
+        health_channel = Channel("::1", process.port)
+        try:
+            draining_health = await HealthStub(health_channel).Check(HealthCheckRequest())
+        finally:
+            health_channel.close()
         signalled.set()
         rest = [item async for item in stream]
 
@@ -325,6 +335,7 @@ async def test_sigterm_drains_in_flight_calls_then_exits_zero(mnist_test_set: Mn
         labels[1 : 1 + sent_after_signal]
     )
     assert refused.value.status is Status.UNAVAILABLE
+    assert draining_health.status == HealthCheckResponse.NOT_SERVING
     assert process.stop() == 0
     messages = [entry.get("message") for entry in process.logs]
     assert "draining" in messages

@@ -214,3 +214,30 @@ async def test_stream_in_flight_limit_applies_back_pressure(
 
     assert len(items) == 12
     assert 1 <= peak <= 2
+
+
+class BrokenClassifier(CountingClassifier):
+    """Fails like a bug would, with internals in the message."""
+
+    def classify(self, batch: FloatArray) -> FloatArray:
+        raise RuntimeError("secret internal detail /srv/model")
+
+
+async def test_unexpected_errors_are_internal_and_leak_nothing(
+    executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = MnistService(
+        ThreadedPredictor(BrokenClassifier(), executor), executor=executor, limits=Limits()
+    )
+    async with ChannelFor([service]) as channel:
+        stub = MnistStub(channel)
+        with pytest.raises(GRPCError) as caught:
+            await stub.predict(MnistImage(data=raw_image(3)))
+        items = [item async for item in stub.predict_stream([MnistImage(data=raw_image(3))])]
+
+    assert caught.value.status is Status.INTERNAL
+    assert "secret" not in (caught.value.message or "")
+    assert items[0].error is not None
+    assert items[0].error.code == Status.INTERNAL.value
+    assert "secret" not in items[0].error.message
+    assert "secret internal detail" in caplog.text  # the operator still sees it
