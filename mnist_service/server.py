@@ -197,6 +197,7 @@ async def serve(
             drained.cancel()
             app.server.close()
             await app.server.wait_closed()
+            log.info("stopped")
         second_signal.cancel()
     finally:
         for signum in signals:

@@ -70,6 +70,10 @@ class ServerProcess:
         """Send `sig` and wait for the exit code."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        """Wait for the process to exit on its own; its exit code."""
         code = self.process.wait(timeout)
         self._reader.join(5)
         if self.process.stderr is not None:

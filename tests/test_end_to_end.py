@@ -22,7 +22,7 @@ import onnxruntime as ort
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from PIL import Image
@@ -336,10 +336,40 @@ async def test_sigterm_drains_in_flight_calls_then_exits_zero(mnist_test_set: Mn
     )
     assert refused.value.status is Status.UNAVAILABLE
     assert draining_health.status == HealthCheckResponse.NOT_SERVING
-    assert process.stop() == 0
+    assert process.wait() == 0  # it drained and exited on the first signal
     messages = [entry.get("message") for entry in process.logs]
     assert "draining" in messages
     assert "stopped" in messages
+
+
+async def test_second_signal_stops_without_waiting_for_the_grace_period(
+    mnist_test_set: MnistSplit,
+) -> None:
+    images, _ = mnist_test_set
+    process = ServerProcess("--grace-period", "600")
+    never = asyncio.Event()
+
+    async def requests() -> AsyncIterator[MnistImage]:
+        yield MnistImage(data=png_bytes(images[0]))
+        await never.wait()  # a stream that would keep the drain waiting for ten minutes
+        yield MnistImage()
+
+    async with MnistClient(process.address) as client:
+        stream = client._stub.predict_stream(requests(), timeout=60)
+        await anext(stream)
+        process.process.send_signal(15)
+        await asyncio.sleep(0.5)
+        assert process.process.poll() is None  # still draining
+        code = process.stop(sig=15, timeout=20)
+        never.set()
+        with pytest.raises(StreamTerminatedError):  # the server went away mid-stream
+            async for _ in stream:
+                pass
+
+    assert code == 0
+    messages = [entry.get("message") for entry in process.logs]
+    assert "second signal: stopping now" in messages
+    assert messages[-1] == "stopped"
 
 
 def test_sigint_with_no_calls_exits_zero() -> None:
