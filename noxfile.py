@@ -7,10 +7,8 @@ import nox
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["lint", "mypy", "proto_check", "tests"]
 
-PYTHON = ["3.11", "3.12", "3.13"]
 
-
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (real servers, real clients, real MNIST)."""
     session.install("-e", ".[dev]")
@@ -27,8 +25,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def mypy(session: nox.Session) -> None:
-    """Strict type checks of the package."""
-    session.install("-e", ".", "mypy>=1.11")
+    """Strict type checks of mnist_service, training and export."""
+    session.install("-e", ".[train,test]", "mypy>=1.11")
     session.run("mypy")
 
 
