@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -29,7 +27,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = format_address(DEFAULT_HOST, DEFAULT_PORT)
 _limits = Limits()
@@ -203,7 +200,3 @@ def info(
         typer.echo(asyncio.run(run()))
     except (MnistServiceError, OSError, GRPCError) as exc:
         _fail(str(exc))
-
-
-if __name__ == "__main__":
-    sys.exit(app())

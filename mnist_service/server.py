@@ -12,7 +12,6 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable
 from concurrent.futures import Executor
 
 from grpclib.events import RecvRequest, listen
@@ -172,8 +171,6 @@ async def serve(
     config: ServerConfig,
     classifier: Classifier,
     executor: Executor,
-    *,
-    on_started: Callable[[MnistServer], None] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return."""
     app = MnistServer(config, classifier, executor)
@@ -184,8 +181,6 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     try:
         await app.start()
-        if on_started is not None:
-            on_started(app)
         await stop.wait()
         log.info("shutdown requested")
         stop.clear()
