@@ -13,9 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from mnist_service.constants import INPUT_NAME, NUM_CLASSES, PROBABILITIES_NAME
+from mnist_service.constants import INPUT_NAME, NUM_CLASSES, PIXEL_MAX, PROBABILITIES_NAME
 
-PIXEL_MAX = 255.0
 BATCH_SIZE = 1000
 PNG_DARK_CELL = 128
 """Cells shaded darker than this get white digits in the PNG confusion matrix."""
@@ -69,7 +68,14 @@ def evaluate_session(
     session: Any, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]
 ) -> Evaluation:
     """Evaluate an onnxruntime session on uint8 images and their labels."""
-    predicted = onnx_probabilities(session, to_model_input(images)).argmax(axis=1)
+    return evaluate_probabilities(onnx_probabilities(session, to_model_input(images)), labels)
+
+
+def evaluate_probabilities(
+    probabilities: npt.NDArray[np.float32], labels: npt.NDArray[np.uint8]
+) -> Evaluation:
+    """Score a model's probabilities [N, 10] against the labels."""
+    predicted = probabilities.argmax(axis=1)
     return Evaluation(
         accuracy=float((predicted == labels).mean()),
         confusion=confusion_matrix(labels, predicted),

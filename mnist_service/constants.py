@@ -11,6 +11,9 @@ IMAGE_SIZE: Final = 28
 PIXELS: Final = IMAGE_SIZE * IMAGE_SIZE
 """784: also the length of a raw-pixel request body."""
 
+PIXEL_MAX: Final = 255.0
+"""Full scale of MNIST's 8-bit pixels: dividing by it gives the model's [0, 1] input."""
+
 DIGIT_BOX: Final = 20
 """MNIST digits were scaled so their longer side fits this many pixels, then centred."""
 

@@ -27,6 +27,7 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from PIL import Image
 
+from export.evaluate import to_model_input
 from mnist_service._proto.mnist import MnistImage
 from mnist_service.client import ItemFailure, MnistClient, Prediction
 from mnist_service.config import shipped_weights
@@ -78,7 +79,7 @@ async def test_accuracy_through_the_wire_matches_offline_inference(
     images, labels = mnist_test_set
     images, labels = images[:WIRE_ACCURACY_IMAGES], labels[:WIRE_ACCURACY_IMAGES]
     session = ort.InferenceSession(str(shipped_weights("conv")), providers=["CPUExecutionProvider"])
-    batch = (images.astype(np.float32) / 255)[:, np.newaxis]
+    batch = to_model_input(images)
     (offline,) = session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})
 
     async with MnistClient(server.address, timeout=120) as client:

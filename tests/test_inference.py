@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from export.evaluate import to_model_input
 from mnist_service.config import shipped_weights
 from mnist_service.constants import ARCHITECTURES, Architecture
 from mnist_service.errors import ConfigError, ModelError
@@ -25,7 +26,7 @@ def test_shipped_models_load_and_classify_real_digits(
 ) -> None:
     images, labels = mnist_test_set
     classifier = OnnxClassifier.load(shipped_weights(architecture), architecture=architecture)
-    batch = (images[:500].astype(np.float32) / 255)[:, np.newaxis]
+    batch = to_model_input(images[:500])
 
     probabilities = classifier.classify(batch)
 
@@ -44,7 +45,7 @@ def test_shipped_models_load_and_classify_real_digits(
 async def test_threaded_predictor_gives_the_classifier_answer(mnist_test_set: MnistSplit) -> None:
     images, _ = mnist_test_set
     classifier = OnnxClassifier.load(shipped_weights("mlp"), architecture="mlp", device="cpu")
-    batch = (images[:8].astype(np.float32) / 255)[:, np.newaxis]
+    batch = to_model_input(images[:8])
     with ThreadPoolExecutor(2) as executor:
         predicted = await ThreadedPredictor(classifier, executor).predict(batch)
 
