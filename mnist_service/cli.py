@@ -108,9 +108,9 @@ def serve(
     ] = "pretty",
 ) -> None:
     """Serve the model over gRPC until SIGINT or SIGTERM."""
-    from .inference import OnnxClassifier
-    from .logs import configure_logging
-    from .server import serve as serve_forever
+    from .engine.inference import OnnxClassifier
+    from .runtime.logs import configure_logging
+    from .runtime.server import serve as serve_forever
 
     try:
         host, port = parse_address(address)

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper
 from export.evaluate import to_model_input
 from mnist_service.config import shipped_weights
 from mnist_service.constants import ARCHITECTURES, Architecture
+from mnist_service.engine.inference import OnnxClassifier, ThreadedPredictor, available_devices
 from mnist_service.errors import ConfigError, ModelError
-from mnist_service.inference import OnnxClassifier, ThreadedPredictor, available_devices
 
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 

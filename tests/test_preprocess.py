@@ -1,4 +1,4 @@
-"""Tests of mnist_service.preprocess, on real MNIST digits redrawn as real image files."""
+"""Tests of mnist_service.engine.preprocess, on real MNIST digits redrawn as real image files."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
+from mnist_service.engine.preprocess import preprocess
 from mnist_service.errors import (
     BlankImageError,
     EmptyImageError,
@@ -23,7 +24,6 @@ from mnist_service.errors import (
     InvalidImageError,
     UndecodableImageError,
 )
-from mnist_service.preprocess import preprocess
 
 MAX_PIXELS = 16_777_216
 CANVAS = (400, 320)  # width, height of the "user's drawing"

@@ -20,8 +20,11 @@ from grpclib.exceptions import GRPCError
 from grpclib.testing import ChannelFor
 
 from mnist_service._proto.mnist import MnistImage, MnistStub, ModelInfoRequest
+from mnist_service.api.mnist import MnistService
+from mnist_service.api.status import status_for
 from mnist_service.config import Limits
 from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
+from mnist_service.engine.inference import FloatArray, ModelInfo, ThreadedPredictor
 from mnist_service.errors import (
     BlankImageError,
     EmptyImageError,
@@ -33,8 +36,7 @@ from mnist_service.errors import (
     ServerDrainingError,
     UndecodableImageError,
 )
-from mnist_service.inference import FloatArray, ModelInfo, ThreadedPredictor
-from mnist_service.service import MnistService, SizeLimitedCodec, status_for
+from mnist_service.transport.codec import SizeLimitedCodec
 
 FAKE_INFO = ModelInfo(
     architecture="conv",

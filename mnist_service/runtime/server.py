@@ -21,11 +21,13 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 from grpclib.server import Server
 
-from ._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from .config import ServerConfig, format_address
-from .errors import ConfigError, ServerDrainingError
-from .inference import Classifier, ThreadedPredictor
-from .service import MnistService, SizeLimitedCodec, as_grpc_errors
+from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from ..api.mnist import MnistService
+from ..api.status import as_grpc_errors
+from ..config import ServerConfig, format_address
+from ..engine.inference import Classifier, ThreadedPredictor
+from ..errors import ConfigError, ServerDrainingError
+from ..transport.codec import SizeLimitedCodec
 from .telemetry import install_request_log
 
 log = logging.getLogger(__name__)

@@ -1,28 +1,21 @@
-"""The `mnist.Mnist` gRPC service: maps RPCs to domain calls, and domain errors to statuses.
+"""The `mnist.Mnist` gRPC service: maps RPCs to domain calls.
 
-`STATUS_FOR_ERROR` is the one table that turns this package's exceptions into gRPC status
-codes; handlers raise domain errors and `as_grpc_errors` translates them. Unexpected
-exceptions become INTERNAL with a generic message (grpclib would say UNKNOWN): the details go
-to the server log, never to the client.
+Handlers raise domain errors inside `as_grpc_errors` (`api.status`, the one error map).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from functools import partial
-from typing import Any
 
 import numpy as np
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec
-from grpclib.exceptions import GRPCError
 
-from . import __version__
-from ._proto.mnist import (
+from .. import __version__
+from .._proto.mnist import (
     ItemError,
     MnistBase,
     MnistImage,
@@ -31,68 +24,14 @@ from ._proto.mnist import (
     ModelInfoRequest,
     StreamPrediction,
 )
-from .config import Limits
-from .errors import (
-    InvalidImageError,
-    MessageTooLargeError,
-    MnistServiceError,
-    ServerDrainingError,
-)
-from .inference import FloatArray, Predictor
-from .preprocess import preprocess
-from .telemetry import annotate_request
+from ..config import Limits
+from ..engine.inference import FloatArray, Predictor
+from ..engine.preprocess import preprocess
+from ..errors import MnistServiceError
+from ..runtime.telemetry import annotate_request
+from .status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
 log = logging.getLogger(__name__)
-
-STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
-    InvalidImageError: Status.INVALID_ARGUMENT,
-    MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
-    ServerDrainingError: Status.UNAVAILABLE,
-}
-"""Domain error -> gRPC status; the most specific class in an exception's MRO wins."""
-
-INTERNAL_MESSAGE = "internal error; the server log has the details"
-
-
-def status_for(exc: MnistServiceError) -> Status:
-    """The gRPC status for a domain error (INTERNAL for one with no entry)."""
-    for cls in type(exc).__mro__:
-        status = STATUS_FOR_ERROR.get(cls)
-        if status is not None:
-            return status
-    return Status.INTERNAL
-
-
-@contextmanager
-def as_grpc_errors() -> Iterator[None]:
-    """Re-raise errors raised inside the block as `GRPCError`s: domain errors with their
-    status and message, anything unexpected as INTERNAL with a generic message (logged)."""
-    try:
-        yield
-    except GRPCError:
-        raise
-    except MnistServiceError as exc:
-        raise GRPCError(status_for(exc), str(exc)) from exc
-    except Exception as exc:
-        log.exception("unexpected error")
-        raise GRPCError(Status.INTERNAL, INTERNAL_MESSAGE) from exc
-
-
-class SizeLimitedCodec(ProtoCodec):
-    """The protobuf codec, refusing request messages over `Limits.max_message_bytes`."""
-
-    def __init__(self, max_message_bytes: int) -> None:
-        self._max_message_bytes = max_message_bytes
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        """Parse one message after checking its size."""
-        if len(data) > self._max_message_bytes:
-            with as_grpc_errors():
-                raise MessageTooLargeError(
-                    f"request message is {len(data)} bytes; "
-                    f"the limit is {self._max_message_bytes} bytes"
-                )
-        return super().decode(data, message_type)
 
 
 class MnistService(MnistBase):

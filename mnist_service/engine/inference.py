@@ -21,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from .constants import IMAGE_SIZE, META_ARCHITECTURE, NUM_CLASSES, PROBABILITIES_NAME
-from .errors import ConfigError, ModelError
+from ..constants import IMAGE_SIZE, META_ARCHITECTURE, NUM_CLASSES, PROBABILITIES_NAME
+from ..errors import ConfigError, ModelError
 
 FloatArray = npt.NDArray[np.float32]
 

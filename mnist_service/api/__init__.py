@@ -1,0 +1,1 @@
+"""gRPC services, one module each, and the one error map (`status`)."""

@@ -1,0 +1,58 @@
+"""The one error map: this package's exceptions -> gRPC statuses.
+
+`STATUS_FOR_ERROR` is the one table that turns domain errors into gRPC status codes; handlers
+raise domain errors and `as_grpc_errors` translates them. Unexpected exceptions become INTERNAL
+with a generic message (grpclib would say UNKNOWN): the details go to the server log, never
+to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from ..errors import (
+    InvalidImageError,
+    MessageTooLargeError,
+    MnistServiceError,
+    ServerDrainingError,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
+    InvalidImageError: Status.INVALID_ARGUMENT,
+    MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
+    ServerDrainingError: Status.UNAVAILABLE,
+}
+"""Domain error -> gRPC status; the most specific class in an exception's MRO wins."""
+
+INTERNAL_MESSAGE = "internal error; the server log has the details"
+
+
+def status_for(exc: MnistServiceError) -> Status:
+    """The gRPC status for a domain error (INTERNAL for one with no entry)."""
+    for cls in type(exc).__mro__:
+        status = STATUS_FOR_ERROR.get(cls)
+        if status is not None:
+            return status
+    return Status.INTERNAL
+
+
+@contextmanager
+def as_grpc_errors() -> Iterator[None]:
+    """Re-raise errors raised inside the block as `GRPCError`s: domain errors with their
+    status and message, anything unexpected as INTERNAL with a generic message (logged)."""
+    try:
+        yield
+    except GRPCError:
+        raise
+    except MnistServiceError as exc:
+        raise GRPCError(status_for(exc), str(exc)) from exc
+    except Exception as exc:
+        log.exception("unexpected error")
+        raise GRPCError(Status.INTERNAL, INTERNAL_MESSAGE) from exc

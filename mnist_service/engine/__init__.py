@@ -1,0 +1,1 @@
+"""Preprocessing, batching and inference: numpy and onnxruntime, no gRPC here."""

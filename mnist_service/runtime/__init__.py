@@ -1,0 +1,1 @@
+"""Process-level concerns: the server lifecycle, worker processes, logs."""

@@ -1,0 +1,1 @@
+"""Everything that adapts grpclib; the only place that touches its private names."""
