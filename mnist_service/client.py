@@ -6,8 +6,8 @@
 
 Images may be encoded bytes, a path, a PIL image or a numpy array (a 28x28 uint8 array, or
 floats in [0, 1], travels as 784 raw MNIST-format bytes; any other array as a PNG file). Call
-failures raise `grpclib.exceptions.GRPCError`; `predict_many` reports per-image failures as
-`ItemFailure` values instead, in request order.
+failures raise `grpclib.exceptions.GRPCError`; `predict_many` (a stream) and `predict_batch`
+(one call) report per-image failures as `ItemFailure` values instead, in request order.
 """
 
 from __future__ import annotations
@@ -26,7 +26,14 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from PIL import Image
 
-from ._proto.mnist import MnistImage, MnistPrediction, MnistStub, ModelInfo
+from ._proto.mnist import (
+    MnistImage,
+    MnistPrediction,
+    MnistStub,
+    ModelInfo,
+    PredictBatchRequest,
+    StreamPrediction,
+)
 from .config import DEFAULT_HOST, DEFAULT_PORT, format_address, parse_address
 from .constants import IMAGE_SIZE
 
@@ -97,10 +104,15 @@ class MnistClient:
         """Classify many images over one streaming call; results come in request order."""
         requests = (MnistImage(data=encode_image(image)) for image in images)
         async for item in self._stub.predict_stream(requests, timeout=timeout or self._timeout):
-            if item.prediction is not None:
-                yield _prediction(item.prediction)
-            elif item.error is not None:
-                yield ItemFailure(Status(item.error.code), item.error.message)
+            yield _result(item)
+
+    async def predict_batch(
+        self, images: Iterable[ImageLike], *, timeout: float | None = None
+    ) -> list[Prediction | ItemFailure]:
+        """Classify many images in one `PredictBatch` call; results come in request order."""
+        request = PredictBatchRequest(images=[MnistImage(data=encode_image(i)) for i in images])
+        reply = await self._stub.predict_batch(request, timeout=timeout or self._timeout)
+        return [_result(item) for item in reply.results]
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the served model."""
@@ -136,3 +148,11 @@ def _encode_array(array: npt.NDArray[Any]) -> bytes:
 
 def _prediction(reply: MnistPrediction) -> Prediction:
     return Prediction(label=reply.label, probabilities=tuple(reply.probabilities))
+
+
+def _result(item: StreamPrediction) -> Prediction | ItemFailure:
+    if item.prediction is not None:
+        return _prediction(item.prediction)
+    if item.error is not None:
+        return ItemFailure(Status(item.error.code), item.error.message)
+    return ItemFailure(Status.INTERNAL, "the server sent an item with neither result")

@@ -11,6 +11,8 @@ __all__ = (
     "MnistStub",
     "ModelInfo",
     "ModelInfoRequest",
+    "PredictBatchRequest",
+    "PredictBatchResponse",
     "StreamPrediction",
 )
 
@@ -175,6 +177,48 @@ default_message_pool.register_message("mnist", "ModelInfoRequest", ModelInfoRequ
 
 
 @dataclass(eq=False, repr=False)
+class PredictBatchRequest(betterproto2.Message):
+    """
+    Added: the request of PredictBatch.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return MNIST_PROTO_DESCRIPTOR.message_types_by_name["PredictBatchRequest"]
+
+    images: "list[MnistImage]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    The images, each as in Predict (784 raw bytes skip image decoding entirely).
+    """
+
+
+default_message_pool.register_message("mnist", "PredictBatchRequest", PredictBatchRequest)
+
+
+@dataclass(eq=False, repr=False)
+class PredictBatchResponse(betterproto2.Message):
+    """
+    Added: the response of PredictBatch.
+    """
+
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return MNIST_PROTO_DESCRIPTOR.message_types_by_name["PredictBatchResponse"]
+
+    results: "list[StreamPrediction]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    One result per request image, in request order (`index` is its position).
+    """
+
+
+default_message_pool.register_message("mnist", "PredictBatchResponse", PredictBatchResponse)
+
+
+@dataclass(eq=False, repr=False)
 class StreamPrediction(betterproto2.Message):
     """
     Added: one item of the PredictStream response.
@@ -256,6 +300,29 @@ class MnistStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def predict_batch(
+        self,
+        message: "PredictBatchRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "PredictBatchResponse":
+        """
+        Added: classify many images in one call, for clients that already hold them. Results come
+        back in request order, one per image, with per-item errors as in PredictStream. More
+        images than the server's item cap is INVALID_ARGUMENT for the whole call.
+        """
+
+        return await self._unary_unary(
+            "/mnist.Mnist/PredictBatch",
+            message,
+            PredictBatchResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
     async def get_model_info(
         self,
         message: "ModelInfoRequest | None" = None,
@@ -282,7 +349,7 @@ class MnistStub(betterproto2_grpclib.ServiceStub):
 
 
 MNIST_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0bmnist.proto\x12\x05mnist" \n\nMnistImage\x12\x12\n\x04data\x18\x01 \x01(\x0cR\x04data"M\n\x0fMnistPrediction\x12\x14\n\x05label\x18\x01 \x01(\x05R\x05label\x12$\n\rprobabilities\x18\x02 \x03(\x02R\rprobabilities"\x96\x01\n\x10StreamPrediction\x12\x14\n\x05index\x18\x01 \x01(\x04R\x05index\x128\n\nprediction\x18\x02 \x01(\x0b2\x16.mnist.MnistPredictionH\x00R\nprediction\x12(\n\x05error\x18\x03 \x01(\x0b2\x10.mnist.ItemErrorH\x00R\x05errorB\x08\n\x06result"9\n\tItemError\x12\x12\n\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message"\x12\n\x10ModelInfoRequest"\x88\x03\n\tModelInfo\x12"\n\x0carchitecture\x18\x01 \x01(\tR\x0carchitecture\x12!\n\x0cweights_path\x18\x02 \x01(\tR\x0bweightsPath\x12%\n\x0eweights_sha256\x18\x03 \x01(\tR\rweightsSha256\x12\x1d\n\ninput_name\x18\x04 \x01(\tR\tinputName\x12\x1f\n\x0binput_shape\x18\x05 \x03(\x03R\ninputShape\x12-\n\x12execution_provider\x18\x06 \x01(\tR\x11executionProvider\x12:\n\x08metadata\x18\x07 \x03(\x0b2\x1e.mnist.ModelInfo.MetadataEntryR\x08metadata\x12%\n\x0eserver_version\x18\x08 \x01(\tR\rserverVersion\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\xb9\x01\n\x05Mnist\x124\n\x07Predict\x12\x11.mnist.MnistImage\x1a\x16.mnist.MnistPrediction\x12?\n\rPredictStream\x12\x11.mnist.MnistImage\x1a\x17.mnist.StreamPrediction(\x010\x01\x129\n\x0cGetModelInfo\x12\x17.mnist.ModelInfoRequest\x1a\x10.mnist.ModelInfob\x06proto3'
+    b'\n\x0bmnist.proto\x12\x05mnist" \n\nMnistImage\x12\x12\n\x04data\x18\x01 \x01(\x0cR\x04data"M\n\x0fMnistPrediction\x12\x14\n\x05label\x18\x01 \x01(\x05R\x05label\x12$\n\rprobabilities\x18\x02 \x03(\x02R\rprobabilities"\x96\x01\n\x10StreamPrediction\x12\x14\n\x05index\x18\x01 \x01(\x04R\x05index\x128\n\nprediction\x18\x02 \x01(\x0b2\x16.mnist.MnistPredictionH\x00R\nprediction\x12(\n\x05error\x18\x03 \x01(\x0b2\x10.mnist.ItemErrorH\x00R\x05errorB\x08\n\x06result"9\n\tItemError\x12\x12\n\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n\x07message\x18\x02 \x01(\tR\x07message"@\n\x13PredictBatchRequest\x12)\n\x06images\x18\x01 \x03(\x0b2\x11.mnist.MnistImageR\x06images"I\n\x14PredictBatchResponse\x121\n\x07results\x18\x01 \x03(\x0b2\x17.mnist.StreamPredictionR\x07results"\x12\n\x10ModelInfoRequest"\x88\x03\n\tModelInfo\x12"\n\x0carchitecture\x18\x01 \x01(\tR\x0carchitecture\x12!\n\x0cweights_path\x18\x02 \x01(\tR\x0bweightsPath\x12%\n\x0eweights_sha256\x18\x03 \x01(\tR\rweightsSha256\x12\x1d\n\ninput_name\x18\x04 \x01(\tR\tinputName\x12\x1f\n\x0binput_shape\x18\x05 \x03(\x03R\ninputShape\x12-\n\x12execution_provider\x18\x06 \x01(\tR\x11executionProvider\x12:\n\x08metadata\x18\x07 \x03(\x0b2\x1e.mnist.ModelInfo.MetadataEntryR\x08metadata\x12%\n\x0eserver_version\x18\x08 \x01(\tR\rserverVersion\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x012\x82\x02\n\x05Mnist\x124\n\x07Predict\x12\x11.mnist.MnistImage\x1a\x16.mnist.MnistPrediction\x12?\n\rPredictStream\x12\x11.mnist.MnistImage\x1a\x17.mnist.StreamPrediction(\x010\x01\x12G\n\x0cPredictBatch\x12\x1a.mnist.PredictBatchRequest\x1a\x1b.mnist.PredictBatchResponse\x129\n\x0cGetModelInfo\x12\x17.mnist.ModelInfoRequest\x1a\x10.mnist.ModelInfob\x06proto3'
 )
 
 
@@ -310,6 +377,15 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield StreamPrediction()
 
+    async def predict_batch(self, message: "PredictBatchRequest") -> "PredictBatchResponse":
+        """
+        Added: classify many images in one call, for clients that already hold them. Results come
+        back in request order, one per image, with per-item errors as in PredictStream. More
+        images than the server's item cap is INVALID_ARGUMENT for the whole call.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def get_model_info(self, message: "ModelInfoRequest") -> "ModelInfo":
         """
         Added: describe the served model (architecture, input shape, ONNX metadata, provider).
@@ -335,6 +411,14 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_predict_batch(
+        self, stream: "grpclib.server.Stream[PredictBatchRequest, PredictBatchResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.predict_batch(request)
+        await stream.send_message(response)
+
     async def __rpc_get_model_info(
         self, stream: "grpclib.server.Stream[ModelInfoRequest, ModelInfo]"
     ) -> None:
@@ -356,6 +440,12 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.STREAM_STREAM,
                 MnistImage,
                 StreamPrediction,
+            ),
+            "/mnist.Mnist/PredictBatch": grpclib.const.Handler(
+                self.__rpc_predict_batch,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                PredictBatchRequest,
+                PredictBatchResponse,
             ),
             "/mnist.Mnist/GetModelInfo": grpclib.const.Handler(
                 self.__rpc_get_model_info,
