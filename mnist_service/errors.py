@@ -10,6 +10,8 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │   ├── ImageTooLargeError       more pixels than the configured limit (checked before decoding)
     │   └── BlankImageError          decoded fine, but there is no ink to classify
     ├── MessageTooLargeError         a request message over the size limit (checked before parsing)
+    ├── MalformedMessageError        a request message that is not valid protobuf for its type
+    ├── TooManyImagesError           a PredictBatch request with more images than allowed
     ├── ServerDrainingError          the server is shutting down and takes no new calls
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
     └── ConfigError                  a setting is invalid (raised while building the config)
@@ -42,6 +44,14 @@ class BlankImageError(InvalidImageError):
 
 class MessageTooLargeError(MnistServiceError):
     """Raised when a request message is larger than `Limits.max_message_bytes`."""
+
+
+class MalformedMessageError(MnistServiceError):
+    """Raised when a request message is not valid protobuf (truncated, a bad wire type...)."""
+
+
+class TooManyImagesError(MnistServiceError):
+    """Raised when a PredictBatch request holds more images than `Limits.max_batch_images`."""
 
 
 class ServerDrainingError(MnistServiceError):

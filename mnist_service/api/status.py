@@ -17,15 +17,19 @@ from grpclib.exceptions import GRPCError
 
 from ..errors import (
     InvalidImageError,
+    MalformedMessageError,
     MessageTooLargeError,
     MnistServiceError,
     ServerDrainingError,
+    TooManyImagesError,
 )
 
 log = logging.getLogger(__name__)
 
 STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     InvalidImageError: Status.INVALID_ARGUMENT,
+    MalformedMessageError: Status.INVALID_ARGUMENT,
+    TooManyImagesError: Status.INVALID_ARGUMENT,
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
     ServerDrainingError: Status.UNAVAILABLE,
 }
