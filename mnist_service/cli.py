@@ -128,9 +128,14 @@ def serve(
         )
         configure_logging(config.log_level, config.log_format)
         classifier = OnnxClassifier.load(
-            config.weights_path, architecture=config.model_architecture, device=config.device
+            config.weights_path,
+            architecture=config.model_architecture,
+            device=config.device,
+            threads=config.intra_op_threads,
         )
-        with ThreadPoolExecutor(config.workers, thread_name_prefix="mnist-worker") as executor:
+        with ThreadPoolExecutor(
+            config.decode_threads, thread_name_prefix="mnist-decode"
+        ) as executor:
             asyncio.run(serve_forever(config, classifier, executor))
     except MnistServiceError as exc:
         _fail(str(exc))

@@ -40,6 +40,9 @@ class Limits:
     max_stream_in_flight: int = 64
     """Images of one PredictStream call being worked on at once (back-pressure beyond it)."""
 
+    max_batch_images: int = 1024
+    """Images one PredictBatch call may carry; more is INVALID_ARGUMENT."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 1:
@@ -56,8 +59,16 @@ class ServerConfig:
     model_weights: Path | None = None
     """An ONNX file; None serves the shipped weights of `model_architecture`."""
     device: Device = "auto"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Threads for preprocessing and inference (onnxruntime releases the GIL)."""
+    workers: int = field(default_factory=lambda: usable_cores())
+    """Server processes sharing the port, each with its own event loop and model session."""
+    intra_op_threads: int = 1
+    """onnxruntime threads per model run; more helps only big batches on spare cores."""
+    decode_threads: int = 1
+    """Threads per process that decode big images (small ones are decoded inline)."""
+    max_batch_size: int = 64
+    """Most images one model run takes; concurrent requests are batched up to it."""
+    max_batch_delay_us: int = 0
+    """How long an incomplete batch may wait for more requests (0: never wait)."""
     grace_period: float = 10.0
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
     limits: Limits = field(default_factory=Limits)
@@ -78,8 +89,13 @@ class ServerConfig:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0-65535, got {self.port}")
-        if self.workers < 1:
-            raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        for name in ("workers", "intra_op_threads", "decode_threads", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_batch_delay_us < 0:
+            raise ConfigError(
+                f"max_batch_delay_us must not be negative, got {self.max_batch_delay_us}"
+            )
         if self.grace_period < 0:
             raise ConfigError(f"grace period must not be negative, got {self.grace_period}")
 
@@ -92,6 +108,13 @@ class ServerConfig:
     def address(self) -> str:
         """The configured address in `HOST:PORT` form, IPv6 hosts in brackets."""
         return format_address(self.host, self.port)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from onnx import TensorProto, helper
 from export.evaluate import to_model_input
 from mnist_service.config import shipped_weights
 from mnist_service.constants import ARCHITECTURES, Architecture
-from mnist_service.engine.inference import OnnxClassifier, ThreadedPredictor, available_devices
+from mnist_service.engine.inference import OnnxClassifier, available_devices
 from mnist_service.errors import ConfigError, ModelError
 
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
@@ -40,16 +39,6 @@ def test_shipped_models_load_and_classify_real_digits(
     assert info.execution_provider == "CPUExecutionProvider"
     assert len(info.weights_sha256) == 64
     assert info.metadata["architecture"] == architecture
-
-
-async def test_threaded_predictor_gives_the_classifier_answer(mnist_test_set: MnistSplit) -> None:
-    images, _ = mnist_test_set
-    classifier = OnnxClassifier.load(shipped_weights("mlp"), architecture="mlp", device="cpu")
-    batch = to_model_input(images[:8])
-    with ThreadPoolExecutor(2) as executor:
-        predicted = await ThreadedPredictor(classifier, executor).predict(batch)
-
-    np.testing.assert_array_equal(predicted, classifier.classify(batch))
 
 
 def test_missing_file_is_a_model_error(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ tests/test_end_to_end.py use the real ONNX files).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,9 @@ from mnist_service.api.mnist import MnistService
 from mnist_service.api.status import status_for
 from mnist_service.config import Limits
 from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
-from mnist_service.engine.inference import FloatArray, ModelInfo, ThreadedPredictor
+from mnist_service.engine.batcher import Batcher
+from mnist_service.engine.inference import FloatArray, ModelInfo
+from mnist_service.engine.pipeline import Pipeline
 from mnist_service.errors import (
     BlankImageError,
     EmptyImageError,
@@ -80,10 +81,18 @@ def executor() -> Iterator[ThreadPoolExecutor]:
 
 
 def make_service(
-    executor: ThreadPoolExecutor, *, slow: bool = False, limits: Limits | None = None
+    executor: ThreadPoolExecutor,
+    *,
+    slow: bool = False,
+    limits: Limits | None = None,
+    classifier: CountingClassifier | None = None,
 ) -> MnistService:
-    predictor = ThreadedPredictor(CountingClassifier(slow=slow), executor)
-    return MnistService(predictor, executor=executor, limits=limits or Limits())
+    limits = limits or Limits()
+    classifier = classifier or CountingClassifier(slow=slow)
+    # The model runs in the executor: the slow fake sleeps, and must not block the loop.
+    batcher = Batcher(classifier, max_batch_size=8, executor=executor)
+    pipeline = Pipeline(batcher, max_image_pixels=limits.max_image_pixels, executor=executor)
+    return MnistService(pipeline, limits=limits)
 
 
 @pytest.fixture
@@ -189,27 +198,18 @@ def test_error_status_table(error: MnistServiceError, status: Status) -> None:
 async def test_stream_in_flight_limit_applies_back_pressure(
     executor: ThreadPoolExecutor,
 ) -> None:
-    """With a limit of 2, the server never has more than 2 items of one stream in flight."""
-    active = 0
+    """With a limit of 2, the server never has more than 2 items of one stream in flight:
+    the batcher (which takes up to 8) never sees more than 2 at once."""
     peak = 0
-    lock = threading.Lock()
 
     class Gauge(CountingClassifier):
         def classify(self, batch: FloatArray) -> FloatArray:
-            nonlocal active, peak
-            with lock:
-                active += 1
-                peak = max(peak, active)
+            nonlocal peak
+            peak = max(peak, len(batch))
             time.sleep(0.005)
-            with lock:
-                active -= 1
             return super().classify(batch)
 
-    service = MnistService(
-        ThreadedPredictor(Gauge(), executor),
-        executor=executor,
-        limits=Limits(max_stream_in_flight=2),
-    )
+    service = make_service(executor, classifier=Gauge(), limits=Limits(max_stream_in_flight=2))
     async with ChannelFor([service]) as channel:
         requests = [MnistImage(data=raw_image(n)) for n in range(1, 13)]
         items = [item async for item in MnistStub(channel).predict_stream(requests)]
@@ -228,9 +228,7 @@ class BrokenClassifier(CountingClassifier):
 async def test_unexpected_errors_are_internal_and_leak_nothing(
     executor: ThreadPoolExecutor, caplog: pytest.LogCaptureFixture
 ) -> None:
-    service = MnistService(
-        ThreadedPredictor(BrokenClassifier(), executor), executor=executor, limits=Limits()
-    )
+    service = make_service(executor, classifier=BrokenClassifier())
     async with ChannelFor([service]) as channel:
         stub = MnistStub(channel)
         with pytest.raises(GRPCError) as caught:

@@ -8,10 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor
-from functools import partial
 
-import numpy as np
 from grpclib.const import Status
 
 from .. import __version__
@@ -22,12 +19,14 @@ from .._proto.mnist import (
     MnistPrediction,
     ModelInfo,
     ModelInfoRequest,
+    PredictBatchRequest,
+    PredictBatchResponse,
     StreamPrediction,
 )
 from ..config import Limits
-from ..engine.inference import FloatArray, Predictor
-from ..engine.preprocess import preprocess
-from ..errors import MnistServiceError
+from ..engine.inference import FloatArray
+from ..engine.pipeline import ItemResult, Pipeline
+from ..errors import MnistServiceError, TooManyImagesError
 from ..runtime.telemetry import annotate_request
 from .status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
@@ -35,19 +34,33 @@ log = logging.getLogger(__name__)
 
 
 class MnistService(MnistBase):
-    """Classifies digits: decode and preprocess in the executor, then ask the predictor."""
+    """Classifies digits through the engine's pipeline (preprocess, batcher, model)."""
 
-    def __init__(self, predictor: Predictor, *, executor: Executor, limits: Limits) -> None:
-        self._predictor = predictor
-        self._executor = executor
+    def __init__(self, pipeline: Pipeline, *, limits: Limits) -> None:
+        self._pipeline = pipeline
         self._limits = limits
 
     async def predict(self, message: MnistImage) -> MnistPrediction:
         """Classify one image."""
         with as_grpc_errors():
-            prediction = await self._classify(message.data)
+            prediction = _prediction(await self._pipeline.classify(message.data))
         annotate_request(label=prediction.label)
         return prediction
+
+    async def predict_batch(self, message: PredictBatchRequest) -> PredictBatchResponse:
+        """Classify many images as one call: results in request order, errors per item."""
+        images = message.images
+        with as_grpc_errors():
+            if len(images) > self._limits.max_batch_images:
+                raise TooManyImagesError(
+                    f"PredictBatch holds {len(images)} images; the limit is "
+                    f"{self._limits.max_batch_images} per call"
+                )
+            results = await self._pipeline.classify_many([image.data for image in images])
+        annotate_request(items=len(results))
+        return PredictBatchResponse(
+            results=[_item(index, result) for index, result in enumerate(results)]
+        )
 
     async def predict_stream(
         self, messages: AsyncIterator[MnistImage]
@@ -84,7 +97,7 @@ class MnistService(MnistBase):
 
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
         """Describe the served model."""
-        info = self._predictor.info
+        info = self._pipeline.info
         return ModelInfo(
             architecture=info.architecture,
             weights_path=str(info.weights_path),
@@ -96,27 +109,25 @@ class MnistService(MnistBase):
             server_version=__version__,
         )
 
-    async def _classify(self, data: bytes) -> MnistPrediction:
-        loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(
-            self._executor,
-            partial(preprocess, data, max_pixels=self._limits.max_image_pixels),
-        )
-        probabilities = await self._predictor.predict(image[np.newaxis])
-        return _prediction(probabilities[0])
-
     async def _stream_item(self, index: int, data: bytes) -> StreamPrediction:
         try:
-            return StreamPrediction(index=index, prediction=await self._classify(data))
-        except MnistServiceError as exc:
-            error = ItemError(code=status_for(exc).value, message=str(exc))
-        except Exception:
-            log.exception("unexpected error on PredictStream item %d", index)
-            error = ItemError(code=Status.INTERNAL.value, message=INTERNAL_MESSAGE)
-        return StreamPrediction(index=index, error=error)
+            result: ItemResult = await self._pipeline.classify(data)
+        except Exception as exc:  # per item: becomes an ItemError, the stream goes on
+            result = exc
+        return _item(index, result)
+
+
+def _item(index: int, result: ItemResult) -> StreamPrediction:
+    """One item of a PredictStream or PredictBatch answer."""
+    if not isinstance(result, Exception):
+        return StreamPrediction(index=index, prediction=_prediction(result))
+    if isinstance(result, MnistServiceError):
+        error = ItemError(code=status_for(result).value, message=str(result))
+    else:
+        log.error("unexpected error on item %d", index, exc_info=result)
+        error = ItemError(code=Status.INTERNAL.value, message=INTERNAL_MESSAGE)
+    return StreamPrediction(index=index, error=error)
 
 
 def _prediction(probabilities: FloatArray) -> MnistPrediction:
-    return MnistPrediction(
-        label=int(np.argmax(probabilities)), probabilities=probabilities.tolist()
-    )
+    return MnistPrediction(label=int(probabilities.argmax()), probabilities=probabilities.tolist())

@@ -2,17 +2,14 @@
 
 - `Classifier` is the synchronous model: float32 [N, 1, 28, 28] in, probabilities [N, 10] out.
   `OnnxClassifier` implements it with one onnxruntime session, loaded and warmed up once.
-- `Predictor` is the asynchronous seam the service calls. `ThreadedPredictor` runs a classifier
-  in the executor created at startup, so the event loop never waits on native code; a dynamic
-  batcher will be another `Predictor` wrapping the same classifier.
+- `Predictor` is the asynchronous seam the pipeline calls; `engine.batcher.Batcher` implements
+  it by gathering concurrent calls into shared model runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -141,24 +138,6 @@ class OnnxClassifier:
         """Float32 [N, 1, 28, 28] in [0, 1] -> float32 [N, 10] probabilities."""
         (probabilities,) = self._session.run([PROBABILITIES_NAME], {self._info.input_name: batch})
         return np.asarray(probabilities, dtype=np.float32)
-
-
-class ThreadedPredictor:
-    """A `Predictor` that runs each call of a `Classifier` in the given executor."""
-
-    def __init__(self, classifier: Classifier, executor: Executor) -> None:
-        self._classifier = classifier
-        self._executor = executor
-
-    @property
-    def info(self) -> ModelInfo:
-        """What is being served."""
-        return self._classifier.info
-
-    async def predict(self, batch: FloatArray) -> FloatArray:
-        """Classify `batch` in a worker thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._classifier.classify, batch)
 
 
 def available_devices() -> tuple[str, ...]:

@@ -43,7 +43,16 @@ from mnist_service.errors import (
     UndecodableImageError,
 )
 
-__all__ = ["centre_like_mnist", "decode", "ink_map", "is_mnist_format", "preprocess"]
+__all__ = [
+    "centre_like_mnist",
+    "decode",
+    "ink_map",
+    "is_mnist_format",
+    "load",
+    "open_image",
+    "preprocess",
+    "to_model_input",
+]
 
 FloatImage = npt.NDArray[np.float32]
 
@@ -70,12 +79,20 @@ RESAMPLE: Final = Image.Resampling.BILINEAR
 CENTRE: Final = IMAGE_SIZE / 2
 """MNIST's centre of mass sits at (14, 14) in pixel-index coordinates (measured: 13.99, 14.01)."""
 
+_MAGIC: Final = (b"\x89PNG", b"\xff\xd8", b"BM", b"GIF8", b"RIFF", b"II*\x00", b"MM\x00*")
+"""How the files of FORMATS start; 784 bytes starting otherwise are raw pixels, unopened."""
+
 _SIXTEEN_BIT: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
     """One request's bytes -> model input: float32 [1, 28, 28] in [0, 1], white ink on black."""
-    image = decode(data, max_pixels)
+    return to_model_input(open_image(data, max_pixels))
+
+
+def to_model_input(image: Image.Image) -> FloatImage:
+    """An image from `open_image` -> model input: float32 [1, 28, 28] in [0, 1]."""
+    image = load(image)
     if is_mnist_format(image):
         pixels = np.asarray(image).astype(np.float32) / np.float32(255)
         if pixels.max() < MIN_INK_CONTRAST:
@@ -86,13 +103,21 @@ def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes into an upright, working-size 8-bit image in mode L or LA."""
+    return load(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Read the header only and check the pixel limit: cheap, so callers can decide where
+    the decode (`load`) runs. Raw 784-byte pixels come back as a ready mode-L image."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
+    if len(data) == PIXELS and not data.startswith(_MAGIC):
+        return _raw(data)  # no Pillow attempt: no supported format starts this way
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
-        if len(data) == PIXELS:  # not an image file: raw 28x28 uint8 pixels, row-major
-            return Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), data)
+        if len(data) == PIXELS:  # raw pixels that happen to start like an image file
+            return _raw(data)
         raise UndecodableImageError(
             f"image is not a readable {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file, "
             f"nor {PIXELS} raw pixels (got {len(data)} bytes)"
@@ -114,6 +139,13 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageTooLargeError(
             f"image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
         )
+    return image
+
+
+def load(image: Image.Image) -> Image.Image:
+    """Decode an image from `open_image` into an upright, working-size 8-bit L or LA image."""
+    if image.format is None:  # raw pixels: already decoded
+        return image
     try:
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode grey at 1/2..1/8 scale: a 4000x3000 photo costs ~1/64th.
@@ -124,6 +156,11 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
         raise
     except Exception as exc:
         raise UndecodableImageError(f"image data is truncated or corrupt: {exc}") from None
+
+
+def _raw(data: bytes) -> Image.Image:
+    """Raw 28x28 uint8 pixels, row-major."""
+    return Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), data)
 
 
 def _canonical(image: Image.Image) -> Image.Image:

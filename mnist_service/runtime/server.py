@@ -19,15 +19,17 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
-from grpclib.server import Server
 
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ..api.mnist import MnistService
 from ..api.status import as_grpc_errors
 from ..config import ServerConfig, format_address
-from ..engine.inference import Classifier, ThreadedPredictor
+from ..engine.batcher import Batcher
+from ..engine.inference import Classifier
+from ..engine.pipeline import Pipeline
 from ..errors import ConfigError, ServerDrainingError
 from ..transport.codec import SizeLimitedCodec
+from ..transport.server import Server
 from .telemetry import install_request_log
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,15 @@ class MnistServer:
     def __init__(self, config: ServerConfig, classifier: Classifier, executor: Executor) -> None:
         self.config = config
         self.classifier = classifier
-        predictor = ThreadedPredictor(classifier, executor)
-        service = MnistService(predictor, executor=executor, limits=config.limits)
+        self.batcher = Batcher(
+            classifier,
+            max_batch_size=config.max_batch_size,
+            max_delay=config.max_batch_delay_us / 1e6,
+        )
+        pipeline = Pipeline(
+            self.batcher, max_image_pixels=config.limits.max_image_pixels, executor=executor
+        )
+        service = MnistService(pipeline, limits=config.limits)
         self.health_status = ServiceStatus()
         health = Health({service: [self.health_status]})
         handlers = ServerReflection.extend([service, health], pool=_descriptor_pool())
@@ -146,7 +155,7 @@ class MnistServer:
                     "weights": str(info.weights_path),
                     "sha256": info.weights_sha256[:12],
                     "provider": info.execution_provider,
-                    "workers": self.config.workers,
+                    "max_batch_size": self.config.max_batch_size,
                 }
             },
         )
