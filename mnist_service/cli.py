@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -30,6 +29,7 @@ app = typer.Typer(
 
 DEFAULT_ADDRESS = format_address(DEFAULT_HOST, DEFAULT_PORT)
 _limits = Limits()
+_config = ServerConfig()
 AddressOption = Annotated[
     str, typer.Option("--address", "-a", envvar="MNIST_ADDRESS", help="Server HOST:PORT.")
 ]
@@ -85,10 +85,45 @@ def serve(
         int | None,
         typer.Option(
             envvar="MNIST_WORKERS",
-            help="Threads for preprocessing and inference. [default: CPU count]",
+            help="Server processes sharing the port. [default: usable cores]",
             show_default=False,
         ),
     ] = None,
+    reuse_port: Annotated[
+        bool,
+        typer.Option(
+            envvar="MNIST_REUSE_PORT",
+            help="Give each worker its own SO_REUSEPORT socket instead of one shared socket.",
+        ),
+    ] = _config.reuse_port,
+    intra_op_threads: Annotated[
+        int,
+        typer.Option(envvar="MNIST_INTRA_OP_THREADS", help="onnxruntime threads per model run."),
+    ] = _config.intra_op_threads,
+    decode_threads: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_DECODE_THREADS",
+            help="Threads per worker for big images (small ones decode inline).",
+        ),
+    ] = _config.decode_threads,
+    max_batch_size: Annotated[
+        int,
+        typer.Option(envvar="MNIST_MAX_BATCH_SIZE", help="Most images one model run takes."),
+    ] = _config.max_batch_size,
+    max_batch_delay: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_MAX_BATCH_DELAY",
+            help="Microseconds an incomplete batch may wait for more requests (0: never).",
+        ),
+    ] = _config.max_batch_delay_us,
+    max_batch_images: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_MAX_BATCH_IMAGES", help="Most images one PredictBatch call may carry."
+        ),
+    ] = _limits.max_batch_images,
     grace_period: Annotated[
         float,
         typer.Option(envvar="MNIST_GRACE_PERIOD", help="Seconds to drain on SIGTERM/SIGINT."),
@@ -108,9 +143,8 @@ def serve(
     ] = "pretty",
 ) -> None:
     """Serve the model over gRPC until SIGINT or SIGTERM."""
-    from .engine.inference import OnnxClassifier
+    from .runtime import workers as worker_processes
     from .runtime.logs import configure_logging
-    from .runtime.server import serve as serve_forever
 
     try:
         host, port = parse_address(address)
@@ -120,23 +154,23 @@ def serve(
             model_architecture=model_architecture,
             model_weights=model_weights,
             device=device,  # type: ignore[arg-type]  # validated by ServerConfig
+            reuse_port=reuse_port,
+            intra_op_threads=intra_op_threads,
+            decode_threads=decode_threads,
+            max_batch_size=max_batch_size,
+            max_batch_delay_us=max_batch_delay,
             grace_period=grace_period,
-            limits=Limits(max_message_bytes=max_message_bytes, max_image_pixels=max_image_pixels),
+            limits=Limits(
+                max_message_bytes=max_message_bytes,
+                max_image_pixels=max_image_pixels,
+                max_batch_images=max_batch_images,
+            ),
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig
             **({"workers": workers} if workers is not None else {}),
         )
         configure_logging(config.log_level, config.log_format)
-        classifier = OnnxClassifier.load(
-            config.weights_path,
-            architecture=config.model_architecture,
-            device=config.device,
-            threads=config.intra_op_threads,
-        )
-        with ThreadPoolExecutor(
-            config.decode_threads, thread_name_prefix="mnist-decode"
-        ) as executor:
-            asyncio.run(serve_forever(config, classifier, executor))
+        worker_processes.run(config)
     except MnistServiceError as exc:
         _fail(str(exc))
 

@@ -61,6 +61,8 @@ class ServerConfig:
     device: Device = "auto"
     workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port, each with its own event loop and model session."""
+    reuse_port: bool = False
+    """Workers get a SO_REUSEPORT socket each, instead of sharing one listening socket."""
     intra_op_threads: int = 1
     """onnxruntime threads per model run; more helps only big batches on spare cores."""
     decode_threads: int = 1

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
-from concurrent.futures import Executor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from grpclib.events import RecvRequest, listen
 from grpclib.health.check import ServiceStatus
@@ -25,7 +27,7 @@ from ..api.mnist import MnistService
 from ..api.status import as_grpc_errors
 from ..config import ServerConfig, format_address
 from ..engine.batcher import Batcher
-from ..engine.inference import Classifier
+from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
 from ..errors import ConfigError, ServerDrainingError
 from ..transport.codec import SizeLimitedCodec
@@ -79,8 +81,12 @@ class Drain:
         return True
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Open the listening socket, turning OS errors into one clear ConfigError."""
+def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """Open the listening socket, turning OS errors into one clear ConfigError.
+
+    With `reuse_port`, the port must first be free for a plain bind: SO_REUSEPORT on its own
+    would let a second instance silently share a port that is already in use.
+    """
     address = format_address(host, port)
     try:
         infos = socket.getaddrinfo(
@@ -92,11 +98,49 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.bind(sockaddr)  # fails if anyone, SO_REUSEPORT or not, holds the port
+            sockaddr = sock.getsockname()  # port 0 resolved
+            sock.close()
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(sockaddr)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {address}: {exc.strerror}") from exc
     return sock
+
+
+def reuse_port_sibling(sock: socket.socket) -> socket.socket:
+    """Another SO_REUSEPORT socket on the same address as `sock` (one per worker process)."""
+    sibling = socket.socket(sock.family, sock.type, sock.proto)
+    sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sibling.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sibling.bind(sock.getsockname())
+    return sibling
+
+
+def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
+    """The startup summary line (tools wait for its "serving" and read its port)."""
+    address = format_address(config.host, port)
+    log.info(
+        "serving %s model on %s",
+        info.architecture,
+        address,
+        extra={
+            "fields": {
+                "address": address,
+                "port": port,
+                "architecture": info.architecture,
+                "weights": str(info.weights_path),
+                "sha256": info.weights_sha256[:12],
+                "provider": info.execution_provider,
+                "workers": config.workers,
+                "max_batch_size": config.max_batch_size,
+            }
+        },
+    )
 
 
 def _descriptor_pool() -> object:
@@ -136,29 +180,17 @@ class MnistServer:
         install_request_log(self.server)
         self.port: int | None = None
 
-    async def start(self) -> None:
-        """Listen on the configured address and report SERVING."""
-        sock = bind_socket(self.config.host, self.config.port)
+    async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
+        """Listen on `sock` (or bind the configured address) and report SERVING."""
+        if sock is None:
+            sock = bind_socket(self.config.host, self.config.port)
         self.port = sock.getsockname()[1]
         await self.server.start(sock=sock)
         self.health_status.set(True)
-        info = self.classifier.info
-        log.info(
-            "serving %s model on %s",
-            info.architecture,
-            format_address(self.config.host, self.port),
-            extra={
-                "fields": {
-                    "address": format_address(self.config.host, self.port),
-                    "port": self.port,
-                    "architecture": info.architecture,
-                    "weights": str(info.weights_path),
-                    "sha256": info.weights_sha256[:12],
-                    "provider": info.execution_provider,
-                    "max_batch_size": self.config.max_batch_size,
-                }
-            },
-        )
+        if announce:
+            log_serving(self.config, self.classifier.info, self.port)
+        else:
+            log.debug("worker ready", extra={"fields": {"pid": os.getpid()}})
 
     async def stop(self, *, grace_period: float) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish, then close."""
@@ -182,16 +214,34 @@ async def serve(
     config: ServerConfig,
     classifier: Classifier,
     executor: Executor,
+    *,
+    sock: socket.socket | None = None,
+    lifeline: int | None = None,
+    on_ready: Callable[[ModelInfo], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then drain and return."""
+    """Serve until SIGINT or SIGTERM, then drain and return.
+
+    A worker process gets its listening `sock` from the supervisor, a `lifeline` (the read
+    end of a pipe whose EOF, the supervisor's death, counts as a signal) and `on_ready`.
+    """
     app = MnistServer(config, classifier, executor)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    if lifeline is not None:
+
+        def supervisor_gone() -> None:
+            loop.remove_reader(lifeline)  # EOF stays readable: react once
+            log.warning("the supervisor is gone; draining")
+            stop.set()
+
+        loop.add_reader(lifeline, supervisor_gone)
     try:
-        await app.start()
+        await app.start(sock, announce=sock is None)
+        if on_ready is not None:
+            on_ready(classifier.info)
         await stop.wait()
         log.info("shutdown requested")
         stop.clear()
@@ -208,3 +258,25 @@ async def serve(
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
+        if lifeline is not None:
+            loop.remove_reader(lifeline)  # a no-op if it already fired
+
+
+def run(
+    config: ServerConfig,
+    *,
+    sock: socket.socket | None = None,
+    lifeline: int | None = None,
+    on_ready: Callable[[ModelInfo], None] | None = None,
+) -> None:
+    """Load the model, then serve in this process until told to stop (see `serve`)."""
+    classifier = OnnxClassifier.load(
+        config.weights_path,
+        architecture=config.model_architecture,
+        device=config.device,
+        threads=config.intra_op_threads,
+    )
+    with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode") as executor:
+        asyncio.run(
+            serve(config, classifier, executor, sock=sock, lifeline=lifeline, on_ready=on_ready)
+        )
