@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,15 +12,23 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
+"""Images uint8 [N, 28, 28] and labels [N]."""
 
 
 @pytest.fixture(scope="session")
-def mnist_test_set() -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+def mnist_test_set() -> MnistSplit:
     """The real 10,000-image MNIST test split: uint8 images [N, 28, 28] and labels [N]."""
     from training.data import load_mnist
 
@@ -103,3 +112,37 @@ def run_grpcurl(*args: str, stdin: str | None = None) -> subprocess.CompletedPro
         timeout=60,
         check=False,
     )
+
+
+def png_bytes(pixels: npt.NDArray[np.uint8]) -> bytes:
+    """A PNG file of the pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ...]]:
+    out = tmp_path_factory.mktemp("grpcio_client")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(ROOT / "mnist.proto"),
+        ],
+        check=True,
+    )
+    sys.path.insert(0, str(out))
+    try:
+        import mnist_pb2  # type: ignore[import-not-found]
+        import mnist_pb2_grpc  # type: ignore[import-not-found]
+
+        yield mnist_pb2, mnist_pb2_grpc
+    finally:
+        sys.path.remove(str(out))
+        sys.modules.pop("mnist_pb2", None)
+        sys.modules.pop("mnist_pb2_grpc", None)

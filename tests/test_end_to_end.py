@@ -12,7 +12,7 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
@@ -33,19 +33,10 @@ from mnist_service.client import ItemFailure, MnistClient, Prediction
 from mnist_service.config import shipped_weights
 from mnist_service.constants import INPUT_NAME, PROBABILITIES_NAME
 
-from .conftest import ServerProcess, run_grpcurl
+from .conftest import MnistSplit, ServerProcess, png_bytes, run_grpcurl
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = ROOT / "mnist.proto"
 WIRE_ACCURACY_IMAGES = 1000
-
-MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
-
-
-def png_bytes(pixels: npt.NDArray[np.uint8]) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def user_drawing(pixels: npt.NDArray[np.uint8]) -> bytes:
@@ -235,33 +226,6 @@ def test_grpcurl_error_status(server: ServerProcess) -> None:
 
 
 # -- grpcio: an independent client generated from the shipped proto ---------------------------
-
-
-@pytest.fixture(scope="module")
-def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ...]]:
-    out = tmp_path_factory.mktemp("grpcio_client")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{ROOT}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO),
-        ],
-        check=True,
-    )
-    sys.path.insert(0, str(out))
-    try:
-        import mnist_pb2  # type: ignore[import-not-found]
-        import mnist_pb2_grpc  # type: ignore[import-not-found]
-
-        yield mnist_pb2, mnist_pb2_grpc
-    finally:
-        sys.path.remove(str(out))
-        sys.modules.pop("mnist_pb2", None)
-        sys.modules.pop("mnist_pb2_grpc", None)
 
 
 def test_grpcio_client_unary_and_stream(

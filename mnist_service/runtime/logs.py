@@ -34,7 +34,7 @@ class PrettyFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, then the structured fields."""
+    """One JSON object per line: ts, level, logger, pid, message, then the structured fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         """Render one record as a JSON line."""
@@ -42,6 +42,7 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
             **_fields(record),
         }

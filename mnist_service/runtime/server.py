@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 from collections.abc import Callable
@@ -190,7 +189,7 @@ class MnistServer:
         if announce:
             log_serving(self.config, self.classifier.info, self.port)
         else:
-            log.debug("worker ready", extra={"fields": {"pid": os.getpid()}})
+            log.debug("worker ready")
 
     async def stop(self, *, grace_period: float) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish, then close."""

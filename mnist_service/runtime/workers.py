@@ -159,7 +159,10 @@ class Supervisor:
                     "worker %d exited unexpectedly; restarting it",
                     worker.index,
                     extra={
-                        "fields": {"pid": worker.process.pid, "exitcode": worker.process.exitcode}
+                        "fields": {
+                            "worker_pid": worker.process.pid,
+                            "exitcode": worker.process.exitcode,
+                        }
                     },
                 )
                 delay = _RESTART_DELAY_S - (time.monotonic() - worker.started)

@@ -1,0 +1,180 @@
+"""The dynamic batcher: results fan back to the right callers, limits hold, nothing leaks.
+
+Correctness only: nothing here asserts on timings (the benchmark measures speed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from export.evaluate import to_model_input
+from mnist_service.config import shipped_weights
+from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
+from mnist_service.engine.batcher import Batcher
+from mnist_service.engine.inference import FloatArray, ModelInfo, OnnxClassifier
+
+from .conftest import MnistSplit
+from .test_service import FAKE_INFO
+
+
+class RecordingClassifier:
+    """Answers one-hot on each image's first pixel value (×255, mod 10); records batch sizes."""
+
+    info: ModelInfo = FAKE_INFO
+
+    def __init__(self, *, fail_on: int | None = None, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.fail_on = fail_on
+        self.gate = gate
+
+    def classify(self, batch: FloatArray) -> FloatArray:
+        if self.gate is not None:
+            self.gate.wait(10)
+        ids = [round(float(image[0, 0, 0]) * 255) for image in batch]
+        self.batches.append(ids)
+        if self.fail_on is not None and self.fail_on in ids:
+            raise RuntimeError("model run failed")
+        probabilities = np.zeros((len(batch), NUM_CLASSES), dtype=np.float32)
+        probabilities[np.arange(len(batch)), np.array(ids) % NUM_CLASSES] = 1.0
+        return probabilities
+
+
+def image(ident: int, count: int = 1) -> FloatArray:
+    """`count` images whose first pixel encodes `ident`."""
+    batch = np.zeros((count, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    batch[:, 0, 0, 0] = ident / 255
+    return batch
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def convnet() -> OnnxClassifier:
+    return OnnxClassifier.load(shipped_weights("conv"), architecture="conv", device="cpu")
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+async def test_concurrent_callers_get_their_own_results(
+    convnet: OnnxClassifier,
+    mnist_test_set: MnistSplit,
+    executor: ThreadPoolExecutor,
+    inline: bool,
+) -> None:
+    """200 concurrent callers on real digits: each gets what batch-1 inference gives it."""
+    images = to_model_input(mnist_test_set[0][:200])
+    batcher = Batcher(convnet, max_batch_size=32, executor=None if inline else executor)
+
+    results = await asyncio.gather(*(batcher.predict(images[i : i + 1]) for i in range(200)))
+
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result, convnet.classify(images[i : i + 1]), atol=1e-6)
+    stats = batcher.stats
+    assert stats.images == 200
+    assert stats.executions < 200  # they really were batched
+    assert stats.largest_batch <= 32
+
+
+async def test_batch_size_limit_holds_and_big_requests_are_split() -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=4)
+
+    singles = [batcher.predict(image(i)) for i in range(10)]
+    big = batcher.predict(image(50, count=9))
+    results = await asyncio.gather(*singles, big)
+
+    assert all(len(ids) <= 4 for ids in model.batches)
+    assert sum(len(ids) for ids in model.batches) == 19
+    assert [int(r.argmax()) for r in results[:10]] == [i % 10 for i in range(10)]
+    assert results[10].shape == (9, NUM_CLASSES)
+
+
+async def test_a_failed_model_run_fails_only_its_own_batch() -> None:
+    model = RecordingClassifier(fail_on=3)
+    batcher = Batcher(model, max_batch_size=4)
+
+    results = await asyncio.gather(
+        *(batcher.predict(image(i)) for i in range(8)), return_exceptions=True
+    )
+
+    assert [isinstance(r, RuntimeError) for r in results] == [True] * 4 + [False] * 4
+    assert [int(r.argmax()) for r in results[4:]] == [4, 5, 6, 7]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+async def test_cancelled_callers_are_dropped_before_inference(
+    executor: ThreadPoolExecutor, inline: bool
+) -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=8, max_delay=0.2, executor=None if inline else executor)
+
+    keep = asyncio.create_task(batcher.predict(image(1)))
+    drop = asyncio.create_task(batcher.predict(image(2)))
+    expire = asyncio.create_task(asyncio.wait_for(batcher.predict(image(3)), 0.01))
+    await asyncio.sleep(0.02)
+    drop.cancel()
+    done = await asyncio.gather(keep, drop, expire, return_exceptions=True)
+
+    assert int(done[0].argmax()) == 1  # type: ignore[union-attr]
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert isinstance(done[2], TimeoutError)
+    assert model.batches == [[1]]  # neither the cancelled nor the expired image was inferred
+    assert batcher.stats.dropped == 2
+    assert batcher.queued == 0
+
+
+async def test_greedy_batches_what_queues_while_the_model_runs(
+    executor: ThreadPoolExecutor,
+) -> None:
+    """The first caller runs at once; those arriving during its run share the next batch."""
+    gate = threading.Event()
+    model = RecordingClassifier(gate=gate)
+    batcher = Batcher(model, max_batch_size=16, executor=executor)
+
+    first = asyncio.create_task(batcher.predict(image(0)))
+    await asyncio.sleep(0.05)  # the first batch is now blocked inside the model
+    rest = [asyncio.create_task(batcher.predict(image(i))) for i in range(1, 6)]
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first, *rest)
+
+    assert model.batches == [[0], [1, 2, 3, 4, 5]]
+
+
+async def test_max_delay_holds_a_batch_open_and_a_full_batch_goes_at_once() -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=3, max_delay=0.3)
+
+    first = asyncio.create_task(batcher.predict(image(1)))
+    await asyncio.sleep(0.05)  # well inside the delay: still waiting for company
+    assert model.batches == []
+    second = asyncio.create_task(batcher.predict(image(2)))
+    third = asyncio.create_task(batcher.predict(image(3)))  # the batch is full: go now
+    await asyncio.wait_for(asyncio.gather(first, second, third), 0.2)
+
+    assert model.batches == [[1, 2, 3]]
+
+
+async def test_idle_model_runs_a_lone_caller_without_waiting_for_company() -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=64)
+
+    result = await asyncio.wait_for(batcher.predict(image(7)), 1.0)
+
+    assert int(result.argmax()) == 7
+    assert model.batches == [[7]]
+
+
+@pytest.mark.parametrize(("size", "delay"), [(0, 0.0), (4, -1.0)])
+def test_invalid_settings_are_refused(size: int, delay: float) -> None:
+    with pytest.raises(ValueError, match="max_"):
+        Batcher(RecordingClassifier(), max_batch_size=size, max_delay=delay)

@@ -1,0 +1,173 @@
+"""`--workers N`: N server processes share the port under one supervisor.
+
+Real processes throughout: both workers serve, a killed worker is replaced, SIGTERM drains
+every worker and exits 0 with in-flight calls answered, and the port checks still hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from mnist_service.client import MnistClient, Prediction
+
+from .conftest import MnistSplit, ServerProcess, png_bytes
+from .test_end_to_end import serve_and_fail
+
+WAIT_S = 20.0
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+async def call_many(address: str, payload: bytes, connections: int, calls: int) -> list[object]:
+    """`calls` Predict calls on each of `connections` separate connections, concurrently."""
+    clients = [MnistClient(address, timeout=30) for _ in range(connections)]
+    try:
+        return await asyncio.gather(
+            *(c.predict(payload) for c in clients for _ in range(calls)), return_exceptions=True
+        )
+    finally:
+        for client in clients:
+            client.close()
+
+
+def worker_pids_in_request_log(server: ServerProcess) -> set[int]:
+    return {
+        int(entry["pid"])
+        for entry in server.logs
+        if entry.get("logger") == "mnist_service.requests" and entry.get("status") == "OK"
+    }
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["shared-socket", "reuse-port"])
+async def test_every_worker_serves(mnist_test_set: MnistSplit, reuse_port: bool) -> None:
+    server = ServerProcess("--workers", "2", *(["--reuse-port"] if reuse_port else []))
+    try:
+        workers = children(server.process.pid)
+        results: list[object] = []
+        for _ in range(5):  # connections land where the kernel puts them: retry a few rounds
+            results += await call_many(server.address, png_bytes(mnist_test_set[0][0]), 16, 4)
+            if worker_pids_in_request_log(server) == workers:
+                break
+    finally:
+        assert server.stop() == 0
+
+    assert len(workers) == 2
+    assert all(isinstance(r, Prediction) and r.label == mnist_test_set[1][0] for r in results)
+    assert worker_pids_in_request_log(server) == workers
+
+
+async def test_a_dead_worker_is_restarted(mnist_test_set: MnistSplit) -> None:
+    server = ServerProcess("--workers", "2")
+    try:
+        before = children(server.process.pid)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            now = children(server.process.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            await asyncio.sleep(0.1)
+        results = await call_many(server.address, png_bytes(mnist_test_set[0][1]), 8, 2)
+    finally:
+        assert server.stop() == 0
+
+    assert len(now) == 2
+    assert victim not in now
+    assert any(
+        "restarting" in str(entry.get("message")) and entry.get("pid") == server.process.pid
+        for entry in server.logs
+    )
+    assert all(isinstance(r, Prediction) for r in results)
+
+
+async def test_sigterm_drains_every_worker_and_exits_zero(mnist_test_set: MnistSplit) -> None:
+    """Calls queued in both workers (a long batch delay holds them) all get their answer."""
+    server = ServerProcess("--workers", "2", "--max-batch-delay", "500000", "--grace-period", "10")
+    workers = children(server.process.pid)
+    calls = asyncio.ensure_future(call_many(server.address, png_bytes(mnist_test_set[0][2]), 8, 2))
+    await asyncio.sleep(0.2)  # the calls are in flight, waiting for their batch
+    server.process.send_signal(signal.SIGTERM)
+    results = await asyncio.wait_for(calls, WAIT_S)
+    code = server.wait(WAIT_S)
+
+    assert code == 0
+    assert all(isinstance(r, Prediction) and r.label == mnist_test_set[1][2] for r in results)
+    assert not any(alive(pid) for pid in workers)
+
+
+async def test_calls_after_sigterm_are_unavailable_while_draining(
+    mnist_test_set: MnistSplit,
+) -> None:
+    server = ServerProcess("--workers", "2", "--max-batch-delay", "1000000")
+    async with MnistClient(server.address, timeout=30) as client:
+        first = asyncio.ensure_future(client.predict(png_bytes(mnist_test_set[0][3])))
+        await asyncio.sleep(0.2)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        with pytest.raises(GRPCError) as caught:
+            await client.predict(png_bytes(mnist_test_set[0][3]))
+        answered = await first
+    assert server.wait(WAIT_S) == 0
+
+    assert isinstance(answered, Prediction)
+    assert caught.value.status is Status.UNAVAILABLE
+
+
+def test_workers_exit_when_the_supervisor_is_killed() -> None:
+    server = ServerProcess("--workers", "2")
+    workers = children(server.process.pid)
+    server.stop(signal.SIGKILL)
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers):
+        time.sleep(0.1)
+
+    assert len(workers) == 2
+    assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["shared-socket", "reuse-port"])
+def test_port_in_use_is_one_clear_line_with_workers(reuse_port: bool) -> None:
+    first = ServerProcess("--workers", "2", *(["--reuse-port"] if reuse_port else []))
+    try:
+        args = ["--workers", "2", *(["--reuse-port"] if reuse_port else [])]
+        result = serve_and_fail("--address", first.address, *args)
+    finally:
+        assert first.stop() == 0
+
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1, result.stderr
+    assert "address already in use" in lines[0].lower()
+
+
+def test_a_startup_failure_in_the_workers_is_one_clear_line() -> None:
+    result = serve_and_fail(
+        "--address", "[::1]:0", "--workers", "2", "--model-weights", "/nonexistent/model.onnx"
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "mnist-service: error: model weights not found: /nonexistent/model.onnx"
+    ]
