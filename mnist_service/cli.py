@@ -239,3 +239,105 @@ def info(
         typer.echo(asyncio.run(run()))
     except (MnistServiceError, OSError, GRPCError) as exc:
         _fail(str(exc))
+
+
+@app.command()
+def bench(
+    address: AddressOption = DEFAULT_ADDRESS,
+    mode: Annotated[
+        str,
+        typer.Option(help="unary (Predict), batch (PredictBatch) or stream (PredictStream)."),
+    ] = "unary",
+    concurrency: Annotated[
+        int,
+        typer.Option("--concurrency", "-c", help="Concurrent callers (streams, in stream mode)."),
+    ] = 8,
+    duration: Annotated[float, typer.Option("--duration", "-d", help="Seconds to run.")] = 10.0,
+    batch_size: Annotated[int, typer.Option(help="Images per PredictBatch call.")] = 64,
+    stream_window: Annotated[
+        int, typer.Option(help="Images a stream may have unanswered at a time.")
+    ] = 32,
+    connections: Annotated[
+        int | None,
+        typer.Option(
+            help="HTTP/2 connections the callers share. Each lands on one server process, so "
+            "use several per server worker. [default: one per caller, at most 16]",
+            show_default=False,
+        ),
+    ] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--images",
+            help="An image file, or a directory of them, sent as is; repeatable. "
+            "[default: the digits 0-9 drawn in MNIST form]",
+            show_default=False,
+        ),
+    ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Send the drawn digits as 784 raw pixels, not PNG.")
+    ] = False,
+    model_check: Annotated[
+        bool,
+        typer.Option(
+            "--model-check",
+            help="Classify each image once first, then count answers under load that disagree.",
+        ),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds per call.")] = 30.0,
+    max_requests: Annotated[
+        int, typer.Option(help="Stop after this many requests even if time is left.")
+    ] = 100_000_000,
+) -> None:
+    """Load a running server; report throughput, latency percentiles and errors."""
+    import sys
+
+    from . import loadgen
+
+    if raw and images:
+        _fail("--raw applies to the drawn digits; --images files are sent as they are")
+    try:
+        config = loadgen.LoadConfig(
+            address=address,
+            payloads=loadgen.load_images(images) if images else loadgen.generated_digits(raw=raw),
+            mode=mode,  # type: ignore[arg-type]  # validated by LoadConfig
+            concurrency=concurrency,
+            duration_s=duration,
+            batch_size=batch_size,
+            stream_window=stream_window,
+            connections=connections,
+            call_timeout_s=timeout,
+            max_requests=max_requests,
+            model_check=model_check,
+        )
+    except (MnistServiceError, OSError) as exc:
+        _fail(str(exc))
+
+    live = sys.stderr.isatty()
+
+    def show(progress: loadgen.Progress) -> None:
+        line = loadgen.format_progress(progress)
+        if live:
+            sys.stderr.write(f"\r\x1b[K{line}")
+            sys.stderr.flush()
+        else:
+            typer.echo(line, err=True)
+
+    try:
+        report = loadgen.run(config, on_progress=show, progress_interval_s=0.25 if live else 5.0)
+    except (MnistServiceError, OSError, GRPCError) as exc:
+        _fail(f"cannot load {address}: {exc}")
+    finally:
+        if live:
+            sys.stderr.write("\r\x1b[K")
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+        if report.cpu_bound:
+            typer.echo(
+                "mnist-service: warning: the client was CPU-bound; see client.busy", err=True
+            )
+    else:
+        typer.echo(loadgen.format_report(report))
+    if report.interrupted:
+        raise typer.Exit(code=130)
