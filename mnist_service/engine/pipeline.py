@@ -14,10 +14,9 @@ from concurrent.futures import Executor
 from typing import Final
 
 import numpy as np
-from PIL import Image
 
 from .inference import FloatArray, ModelInfo, Predictor
-from .preprocess import FloatImage, open_image, to_model_input
+from .preprocess import FloatImage, Opened, open_image, pixel_count, to_model_input
 
 INLINE_MAX_PIXELS: Final = 256 * 256
 """Images up to this many pixels are decoded on the event loop (about 0.5 ms at most)."""
@@ -69,7 +68,7 @@ class Pipeline:
         the executor concurrently; the valid ones then go to the predictor as one batch.
         """
         prepared: list[FloatImage | Exception] = []
-        big: dict[int, Image.Image] = {}
+        big: dict[int, Opened] = {}
         for data in items:
             try:
                 image = open_image(data, self._max_image_pixels)
@@ -96,9 +95,8 @@ class Pipeline:
                 results[i] = row
         return results
 
-    def _is_small(self, image: Image.Image) -> bool:
-        width, height = image.size
-        return width * height <= self._inline_max_pixels
+    def _is_small(self, opened: Opened) -> bool:
+        return pixel_count(opened) <= self._inline_max_pixels
 
 
 _PENDING = RuntimeError("not prepared yet")

@@ -50,11 +50,14 @@ __all__ = [
     "is_mnist_format",
     "load",
     "open_image",
+    "pixel_count",
     "preprocess",
     "to_model_input",
 ]
 
 FloatImage = npt.NDArray[np.float32]
+Opened = Image.Image | npt.NDArray[np.uint8]
+"""What `open_image` gives: a lazily decoded image file, or raw pixels that need no decoding."""
 
 FORMATS: Final = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 """The only formats we open (phone JPEGs that Pillow reads as MPO come in through JPEG)."""
@@ -90,25 +93,39 @@ def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
     return to_model_input(open_image(data, max_pixels))
 
 
-def to_model_input(image: Image.Image) -> FloatImage:
-    """An image from `open_image` -> model input: float32 [1, 28, 28] in [0, 1]."""
-    image = load(image)
-    if is_mnist_format(image):
-        pixels = np.asarray(image).astype(np.float32) / np.float32(255)
-        if pixels.max() < MIN_INK_CONTRAST:
-            raise BlankImageError("image has no ink: every pixel is (nearly) black")
-        return pixels[np.newaxis]
-    return centre_like_mnist(ink_map(image))[np.newaxis]
+def to_model_input(opened: Opened) -> FloatImage:
+    """What `open_image` gave -> model input: float32 [1, 28, 28] in [0, 1]."""
+    if isinstance(opened, np.ndarray):
+        pixels = opened
+    else:
+        image = load(opened)
+        if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            return centre_like_mnist(ink_map(image))[np.newaxis]
+        pixels = np.asarray(image)
+    if not _black_background(pixels):
+        return centre_like_mnist(ink_map(Image.fromarray(pixels)))[np.newaxis]
+    if pixels.max() < MIN_INK_CONTRAST * 255:
+        raise BlankImageError("image has no ink: every pixel is (nearly) black")
+    return (pixels.astype(np.float32) / np.float32(255))[np.newaxis]
+
+
+def pixel_count(opened: Opened) -> int:
+    """How many pixels decoding `opened` means (from the header: nothing is decoded)."""
+    if isinstance(opened, np.ndarray):
+        return opened.size
+    width, height = opened.size
+    return width * height
 
 
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode bytes into an upright, working-size 8-bit image in mode L or LA."""
-    return load(open_image(data, max_pixels))
+    opened = open_image(data, max_pixels)
+    return Image.fromarray(opened) if isinstance(opened, np.ndarray) else load(opened)
 
 
-def open_image(data: bytes, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, max_pixels: int) -> Opened:
     """Read the header only and check the pixel limit: cheap, so callers can decide where
-    the decode (`load`) runs. Raw 784-byte pixels come back as a ready mode-L image."""
+    the decode (`load`) runs. Raw 784-byte pixels come back as a ready uint8 [28, 28] array."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
     if len(data) == PIXELS and not data.startswith(_MAGIC):
@@ -144,8 +161,6 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 
 def load(image: Image.Image) -> Image.Image:
     """Decode an image from `open_image` into an upright, working-size 8-bit L or LA image."""
-    if image.format is None:  # raw pixels: already decoded
-        return image
     try:
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode grey at 1/2..1/8 scale: a 4000x3000 photo costs ~1/64th.
@@ -158,9 +173,9 @@ def load(image: Image.Image) -> Image.Image:
         raise UndecodableImageError(f"image data is truncated or corrupt: {exc}") from None
 
 
-def _raw(data: bytes) -> Image.Image:
-    """Raw 28x28 uint8 pixels, row-major."""
-    return Image.frombytes("L", (IMAGE_SIZE, IMAGE_SIZE), data)
+def _raw(data: bytes) -> npt.NDArray[np.uint8]:
+    """Raw 28x28 uint8 pixels, row-major (a read-only view of the request's bytes)."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
 
 
 def _canonical(image: Image.Image) -> Image.Image:
@@ -195,7 +210,12 @@ def is_mnist_format(image: Image.Image) -> bool:
     """Whether a decoded image is already MNIST input: 28x28, 8-bit grey, black background."""
     if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
         return False
-    return int(np.bincount(np.asarray(image).ravel(), minlength=256).argmax()) == 0
+    return _black_background(np.asarray(image))
+
+
+def _black_background(pixels: npt.NDArray[np.uint8]) -> bool:
+    """Whether the most common level is 0, as in MNIST (ties go to the darker level)."""
+    return int(np.bincount(pixels.ravel(), minlength=256).argmax()) == 0
 
 
 def ink_map(image: Image.Image) -> FloatImage:
