@@ -60,6 +60,9 @@ def export(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark a local server (not a test): prints a table, writes bench-results/*.json."""
-    session.install("-e", ".")
-    session.run("python", "scripts/bench.py", *session.posargs)
+    """Benchmark against two baselines (not a test; needs h2load): tables, bench-results/*.json.
+
+    `nox -s bench` also rewrites docs/benchmarks.md; `nox -s bench -- --quick` takes a minute.
+    """
+    session.install("-e", ".[test]")  # grpcio + grpcio-tools: the baselines and the checks
+    session.run("python", "bench/run.py", *session.posargs)

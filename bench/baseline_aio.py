@@ -1,0 +1,67 @@
+"""Baseline: the same Predict-only server on grpc.aio, inference inline on the event loop.
+
+    python bench/baseline_aio.py --model weights/mnist_convnet.onnx [--port 0]
+
+One onnxruntime session, one inference per call, run inside the handler (so one call at a
+time does any work). Prints `{"message": "serving", "port": N}` on stdout once it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from typing import Annotated, Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import stubs
+import typer
+from PIL import Image
+
+mnist_pb2, mnist_pb2_grpc = stubs.load()
+
+
+def to_input(data: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """784 raw bytes or an image file -> float32 [1, 1, 28, 28] in [0, 1]."""
+    if len(data) == 28 * 28:
+        pixels = np.frombuffer(data, np.uint8)
+    else:
+        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L").resize((28, 28)))
+    return (pixels.astype(np.float32) / 255.0).reshape(1, 1, 28, 28)
+
+
+class Mnist(mnist_pb2_grpc.MnistServicer):  # type: ignore[misc, name-defined]
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    async def Predict(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802  # grpcio's name
+        (probabilities,) = self.session.run(["probabilities"], {"image": to_input(request.data)})
+        return mnist_pb2.MnistPrediction(
+            label=int(probabilities[0].argmax()), probabilities=probabilities[0].tolist()
+        )
+
+
+async def serve(model: str, port: int) -> None:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    server = grpc.aio.server()
+    mnist_pb2_grpc.add_MnistServicer_to_server(Mnist(session), server)
+    bound = server.add_insecure_port(f"[::1]:{port}")
+    await server.start()
+    print(json.dumps({"message": "serving", "port": bound}), flush=True)
+    await server.wait_for_termination()
+
+
+def main(
+    model: Annotated[str, typer.Option(help="ONNX model file.")],
+    port: Annotated[int, typer.Option(help="Port on [::1]; 0 picks a free one.")] = 0,
+) -> None:
+    """Serve Predict on [::1] until killed."""
+    asyncio.run(serve(model, port))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,195 @@
+"""Load and correctness: request bodies, h2load runs and their parsing, grpc-status checks.
+
+h2load drives unary calls because it costs the client core far less than any Python client,
+but it only sees HTTP statuses; gRPC puts errors in trailers. So each timed run is bracketed
+by calls from a real gRPC client (grpcio) that check the status and the answer, and h2load's
+received data is compared with the size of a good reply to catch errors in between.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import resource
+import shutil
+import struct
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import stubs
+from PIL import Image
+from servers import pinned
+
+mnist_pb2, mnist_pb2_grpc = stubs.load()
+
+CHECK_CALLS = 3
+CHECK_TIMEOUT_S = 10.0
+H2LOAD_SLACK_S = 30.0
+PREDICT = "/mnist.Mnist/Predict"
+PREDICT_BATCH = "/mnist.Mnist/PredictBatch"
+
+
+def h2load_path() -> str:
+    """h2load's path, or a clear failure: the benchmark cannot run without it."""
+    path = shutil.which("h2load")
+    if path is None:
+        raise SystemExit(
+            "h2load not found: install nghttp2-client (apt-get install nghttp2-client)"
+        )
+    return path
+
+
+def encode(pixels: np.ndarray[Any, np.dtype[np.uint8]], payload: str) -> bytes:
+    """One MNIST digit as request data: "raw" 784 bytes or a "png" file."""
+    if payload == "raw":
+        return pixels.tobytes()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grpc_frame(message: Any) -> bytes:
+    """A gRPC length-prefixed message: uncompressed flag, big-endian length, protobuf."""
+    serialized: bytes = message.SerializeToString()
+    return struct.pack(">BI", 0, len(serialized)) + serialized
+
+
+@dataclass(frozen=True)
+class H2Result:
+    """What one h2load run measured."""
+
+    seconds: float
+    client_cpu: float
+    succeeded: int
+    failed: int
+    non_2xx: int
+    data_bytes: int
+    latencies_ms: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.succeeded / self.seconds if self.seconds else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+
+
+def run_h2load(
+    *,
+    port: int,
+    path: str,
+    body: Path,
+    connections: int,
+    streams: int,
+    seconds: int,
+    warmup_s: float,
+    core: int | None,
+    log_file: Path,
+) -> H2Result:
+    """Drive `path` for `seconds` after `warmup_s`; `streams` in flight per connection."""
+    log_file.unlink(missing_ok=True)  # h2load appends to an existing log
+    command = [h2load_path(), "-D", str(seconds), "--warm-up-time", f"{int(warmup_s * 1000)}ms",
+               "-c", str(connections), "-m", str(streams), "-t", "1", "-d", str(body),
+               "-H", "content-type: application/grpc", "-H", "te: trailers",
+               "--log-file", str(log_file), f"http://[::1]:{port}{path}"]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(
+        pinned(core, command), capture_output=True, text=True, check=False,
+        timeout=seconds + warmup_s + H2LOAD_SLACK_S,
+    )  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr or done.stdout}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return _parse(done.stdout, log_file, seconds, cpu / (seconds + warmup_s))
+
+
+def _parse(output: str, log_file: Path, seconds: int, client_cpu: float) -> H2Result:
+    requests = re.search(r"requests: .*?(\d+) succeeded, (\d+) failed, (\d+) errored", output)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    data = re.search(r"traffic: .*?\((\d+)\) data", output)
+    if requests is None or codes is None or data is None:
+        raise RuntimeError(f"cannot parse h2load output:\n{output}")
+    succeeded, failed, errored = (int(group) for group in requests.groups())
+    latencies = []
+    # Columns: start (µs since epoch), HTTP status (-1: failed stream), duration (µs).
+    for line in log_file.read_text().splitlines():
+        _, status, duration_us = line.split("\t")[:3]
+        if status == "200":
+            latencies.append(int(duration_us) / 1000)
+    return H2Result(
+        seconds=float(seconds),
+        client_cpu=client_cpu,
+        succeeded=succeeded,
+        failed=failed + errored,
+        non_2xx=sum(int(group) for group in codes.groups()[1:]),
+        data_bytes=int(data.group(1)),
+        latencies_ms=latencies,
+    )
+
+
+@dataclass(frozen=True)
+class Check:
+    """The grpc-status checks around one run; `reply_bytes` is a good reply's framed size."""
+
+    calls: int
+    problems: list[str]
+    reply_bytes: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _valid(prediction: Any) -> bool:
+    return 0 <= prediction.label <= 9 and len(prediction.probabilities) == 10
+
+
+def check_predict(address: str, data: bytes, label: int) -> Check:
+    """Send `data` to Predict a few times; every call must be OK with the right label."""
+    problems: list[str] = []
+    reply_bytes = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = mnist_pb2_grpc.MnistStub(channel)
+        for _ in range(CHECK_CALLS):
+            try:
+                reply = stub.Predict(mnist_pb2.MnistImage(data=data), timeout=CHECK_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                problems.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            reply_bytes = len(grpc_frame(reply))
+            if not _valid(reply) or reply.label != label:
+                problems.append(f"wrong answer: label {reply.label}, expected {label}")
+    return Check(CHECK_CALLS, problems, reply_bytes)
+
+
+def check_batch(address: str, images: list[bytes]) -> Check:
+    """Send the batch to PredictBatch a few times; every call OK, every item a valid label."""
+    problems: list[str] = []
+    reply_bytes = 0
+    request = mnist_pb2.PredictBatchRequest(images=[mnist_pb2.MnistImage(data=i) for i in images])
+    with grpc.insecure_channel(address) as channel:
+        stub = mnist_pb2_grpc.MnistStub(channel)
+        for _ in range(CHECK_CALLS):
+            try:
+                reply = stub.PredictBatch(request, timeout=CHECK_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                problems.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            reply_bytes = len(grpc_frame(reply))
+            good = sum(r.HasField("prediction") and _valid(r.prediction) for r in reply.results)
+            if len(reply.results) != len(images) or good != len(images):
+                problems.append(f"{good} good results of {len(reply.results)}, sent {len(images)}")
+    return Check(CHECK_CALLS, problems, reply_bytes)
+
+
+def short_replies(result: H2Result, reply_bytes: int) -> int:
+    """How many replies at least were missing their message (an error in the trailers)."""
+    if reply_bytes == 0 or result.succeeded == 0:
+        return 0
+    # Every good reply carries at least `reply_bytes` of DATA; an error reply carries none.
+    return max(0, result.succeeded - result.data_bytes // reply_bytes)

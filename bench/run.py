@@ -1,0 +1,391 @@
+"""The benchmark behind `nox -s bench`: mnist-service against two baselines, on loopback.
+
+    python bench/run.py            # everything, about 5 minutes; writes docs/benchmarks.md
+    python bench/run.py --quick    # a subset, under a minute
+    python bench/run.py --smoke    # one scenario per server, seconds; what the tests run
+
+One pinned core per side: servers run under `taskset` on one core, h2load and the stream
+client on another, so a server's numbers are what one core buys. A last part runs the service
+with its worker processes and the thread-pool baseline unpinned, driven over several
+connections. Real MNIST test digits are sent, as PNG files and as 784 raw bytes. Every run is
+bracketed by grpc-status checks; failures show as errors in the tables instead of stopping the
+run, so it stays usable while the server changes. Not a test: nothing asserts on timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Concatenate, ParamSpec
+
+import load
+import report
+import typer
+from report import MACHINE, ONNXRUNTIME, PINNED, Row
+from servers import (
+    AIO,
+    BENCH,
+    ROOT,
+    SERVICE,
+    THREADPOOL,
+    WEIGHTS,
+    Server,
+    ServerPool,
+    pinned,
+    service_flags,
+)
+
+PREDICT_IMAGE = 0  # a 7 that both models get right, so a wrong label means a broken server
+BATCH_IMAGES = 64
+BATCH_IN_FLIGHT = 4
+MACHINE_CONNECTIONS = 4  # one HTTP/2 connection lands on one worker process
+MACHINE_STREAMS = 16
+CHILD_SLACK_S = 90.0
+BUSY_WARNING = 0.1
+
+P = ParamSpec("P")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which scenarios run, and for how long each."""
+
+    models: tuple[str, ...] = ("conv", "mlp")
+    payloads: tuple[str, ...] = ("png", "raw")
+    in_flight: tuple[int, ...] = (1, 8, 64)
+    baselines: tuple[str, ...] = (THREADPOOL, AIO)
+    batch: bool = True
+    stream: bool = True
+    model_speed: bool = True
+    machine_wide: bool = True
+    seconds: int = 4
+    warmup_s: float = 1.0
+
+
+FULL = Plan()
+QUICK = Plan(models=("conv",), payloads=("png",), in_flight=(1, 64), seconds=2, warmup_s=0.5)
+SMOKE = Plan(
+    models=("conv",), payloads=("raw",), in_flight=(8,), baselines=(THREADPOOL,), batch=False,
+    stream=False, model_speed=False, machine_wide=False, seconds=1, warmup_s=0.2,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Where the load runs and where a pinned server runs (None: anywhere)."""
+
+    load: int | None
+    server: int | None
+
+    @classmethod
+    def pick(cls) -> Cores:
+        usable = sorted(os.sched_getaffinity(0))
+        if len(usable) < 2:
+            print("warning: fewer than 2 usable cores; nothing is pinned", file=sys.stderr)
+            return cls(None, None)
+        return cls(usable[0], usable[1])
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The request bodies of one payload kind, as h2load files and as data for the checks."""
+
+    kind: str
+    predict_data: bytes
+    predict_label: int
+    predict_body: Path
+    batch_data: list[bytes]
+    batch_body: Path
+
+    @classmethod
+    def write(cls, kind: str, directory: Path) -> Payload:
+        from training.data import load_mnist
+
+        pixels, labels = load_mnist("test")
+        data = load.encode(pixels[PREDICT_IMAGE], kind)
+        batch = [load.encode(image, kind) for image in pixels[:BATCH_IMAGES]]
+        predict_body = directory / f"predict-{kind}.bin"
+        predict_body.write_bytes(load.grpc_frame(load.mnist_pb2.MnistImage(data=data)))
+        batch_body = directory / f"batch-{kind}.bin"
+        images = [load.mnist_pb2.MnistImage(data=image) for image in batch]
+        batch_body.write_bytes(load.grpc_frame(load.mnist_pb2.PredictBatchRequest(images=images)))
+        return cls(kind, data, int(labels[PREDICT_IMAGE]), predict_body, batch, batch_body)
+
+
+class Bench:
+    """Runs scenarios and collects rows; a failing scenario becomes a row with its problem."""
+
+    def __init__(self, plan: Plan, cores: Cores, workdir: Path) -> None:
+        self.plan = plan
+        self.cores = cores
+        self.workdir = workdir
+        self.rows: list[Row] = []
+
+    def _h2load(self, server: Server, row: Row, path: str, body: Path, conns: int, streams: int,
+                check: load.Check) -> None:  # fmt: skip
+        core = self.cores.load if row.setting == PINNED else None
+        result = load.run_h2load(
+            port=server.port or 0, path=path, body=body, connections=conns, streams=streams,
+            seconds=self.plan.seconds, warmup_s=self.plan.warmup_s, core=core,
+            log_file=self.workdir / "h2load.log",
+        )  # fmt: skip
+        row.req_per_s = result.rate
+        row.client_cpu = result.client_cpu
+        row.p50_ms, row.p90_ms, row.p99_ms = (result.percentile(q) for q in (50, 90, 99))
+        lost = result.failed + result.non_2xx + load.short_replies(result, check.reply_bytes)
+        row.errors += lost
+        if lost and not row.problem:
+            row.problem = f"h2load: {result.failed} failed, {result.non_2xx} non-2xx, short replies"
+
+    def _checked(self, row: Row, check: load.Check) -> bool:
+        """Record a check; False when every call failed (the timed run would be meaningless)."""
+        row.checked_calls += check.calls
+        row.errors += len(check.problems)
+        row.problem = row.problem or (check.problems[0] if check.problems else "")
+        return len(check.problems) < check.calls
+
+    def predict(self, server: Server, row: Row, payload: Payload, conns: int, streams: int) -> None:
+        """Unary Predict through h2load, checked before and after."""
+
+        def check() -> load.Check:
+            return load.check_predict(server.address, payload.predict_data, payload.predict_label)
+
+        first = check()
+        if self._checked(row, first):
+            self._h2load(server, row, load.PREDICT, payload.predict_body, conns, streams, first)
+            self._checked(row, check())
+        row.images_per_s = row.req_per_s
+
+    def batch(self, server: Server, row: Row, payload: Payload) -> None:
+        """PredictBatch with BATCH_IMAGES images per call through h2load, checked likewise."""
+        first = load.check_batch(server.address, payload.batch_data)
+        if self._checked(row, first):
+            self._h2load(server, row, load.PREDICT_BATCH, payload.batch_body, 1, BATCH_IN_FLIGHT,
+                         first)  # fmt: skip
+            self._checked(row, load.check_batch(server.address, payload.batch_data))
+        if row.req_per_s is not None:
+            row.images_per_s = row.req_per_s * BATCH_IMAGES
+
+    def stream(self, server: Server, row: Row, payload: Payload) -> None:
+        """One PredictStream call from bench/stream_client.py on the load core."""
+        command = [sys.executable, str(BENCH / "stream_client.py"), "--address", server.address,
+                   "--payload", payload.kind, "--seconds", str(self.plan.seconds)]  # fmt: skip
+        done = subprocess.run(
+            pinned(self.cores.load, command), capture_output=True, text=True, check=False,
+            cwd=ROOT, timeout=self.plan.seconds + CHILD_SLACK_S,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"stream client failed: {done.stderr.strip()[-300:]}")
+        result = json.loads(done.stdout)
+        row.images_per_s = result["images_per_s"]
+        row.client_cpu = result["client_cpu"]
+        row.errors += result["errors"]
+        row.problem = row.problem or result["problem"]
+
+    def model_speed(self, model: str) -> None:
+        """onnxruntime alone on the server core, batch 1 and batch 64."""
+        command = [sys.executable, str(BENCH / "model_speed.py"), "--model", str(WEIGHTS[model]),
+                   "--seconds", str(min(self.plan.seconds, 2))]  # fmt: skip
+        rows = [Row(model, "-", ONNXRUNTIME, size, PINNED, ONNXRUNTIME, f"model only, batch {size}")
+                for size in (1, BATCH_IMAGES)]  # fmt: skip
+        try:
+            done = subprocess.run(
+                pinned(self.cores.server, command), capture_output=True, text=True, check=True,
+                cwd=ROOT, timeout=4 * self.plan.seconds + CHILD_SLACK_S,
+            )  # fmt: skip
+            result = json.loads(done.stdout)
+            for row in rows:
+                row.images_per_s = result[f"batch_{row.in_flight}"]
+        except (subprocess.SubprocessError, ValueError, KeyError) as exc:
+            for row in rows:
+                row.errors, row.problem = 1, f"model_speed failed: {exc}"
+        self.rows += rows
+
+    def attempt(
+        self,
+        row: Row,
+        server: Server | str,
+        measure: Callable[Concatenate[Server, Row, P], None],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> None:
+        """Run one scenario into `row`; a server that did not start or a crash is an error."""
+        self.rows.append(row)
+        if isinstance(server, str):
+            row.errors, row.problem = 1, server
+            return
+        try:
+            measure(server, row, *args, **kwargs)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            row.errors += 1
+            row.problem = row.problem or f"{type(exc).__name__}: {exc}"
+        print(f"  {row.model} {row.label:<38} {row.server:<20} "
+              f"{report._number(row.images_per_s):>10} images/s  errors {row.errors}",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def start(pool: ServerPool, name: str, model: str, core: int | None, workers: int,
+          flags: set[str], extra: list[str]) -> Server | str:  # fmt: skip
+    """A started server, or why it did not start."""
+    try:
+        if name == SERVICE:
+            return pool.service(model, core, workers=workers, flags=flags, extra=extra)
+        return pool.baseline(name, model, core)
+    except (RuntimeError, OSError) as exc:
+        return f"{name} did not start: {str(exc)[:200]}"
+
+
+def run_plan(plan: Plan, extra: list[str]) -> tuple[list[Row], dict[str, object]]:
+    """Every scenario of `plan`; the rows and the settings that shaped them."""
+    load.h2load_path()  # fail before starting anything
+    cores = Cores.pick()
+    flags = service_flags()
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp, ServerPool() as pool:
+        payloads = [Payload.write(kind, Path(tmp)) for kind in plan.payloads]
+        bench = Bench(plan, cores, Path(tmp))
+        for model in plan.models:
+            print(f"{model}: one pinned core", file=sys.stderr, flush=True)
+            if plan.model_speed:
+                bench.model_speed(model)
+            servers = {name: start(pool, name, model, cores.server, 1, flags, extra)
+                       for name in (SERVICE, *plan.baselines)}  # fmt: skip
+            for payload in payloads:
+                for name, server in servers.items():
+                    for level in plan.in_flight:
+                        row = Row(model, payload.kind, "Predict", level, PINNED, name,
+                                  f"Predict {payload.kind}, {level} in flight")  # fmt: skip
+                        bench.attempt(row, server, bench.predict, payload, 1, level)
+                service = servers[SERVICE]
+                if plan.batch:
+                    row = Row(model, payload.kind, "PredictBatch", BATCH_IN_FLIGHT, PINNED,
+                              SERVICE, f"PredictBatch {payload.kind} ×{BATCH_IMAGES}, "
+                              f"{BATCH_IN_FLIGHT} in flight")  # fmt: skip
+                    bench.attempt(row, service, bench.batch, payload)
+                if plan.stream:
+                    row = Row(model, payload.kind, "PredictStream", 1, PINNED, SERVICE,
+                              f"PredictStream {payload.kind}, 1 stream")  # fmt: skip
+                    bench.attempt(row, service, bench.stream, payload)
+            pool.stop_all()
+            if plan.machine_wide:
+                print(f"{model}: whole machine", file=sys.stderr, flush=True)
+                workers = len(os.sched_getaffinity(0))  # the service's default: usable cores
+                servers = {name: start(pool, name, model, None, workers, flags, extra)
+                           for name in (SERVICE, THREADPOOL)}  # fmt: skip
+                level = MACHINE_CONNECTIONS * MACHINE_STREAMS
+                for payload in payloads:
+                    for name, server in servers.items():
+                        row = Row(model, payload.kind, "Predict", level, MACHINE, name,
+                                  f"Predict {payload.kind}, {MACHINE_CONNECTIONS} conns × "
+                                  f"{MACHINE_STREAMS}, unpinned")  # fmt: skip
+                        bench.attempt(row, server, bench.predict, payload, MACHINE_CONNECTIONS,
+                                      MACHINE_STREAMS)  # fmt: skip
+                pool.stop_all()
+    settings: dict[str, object] = {
+        **{key: value for key, value in asdict(plan).items() if key != "baselines"},
+        "baselines": list(plan.baselines),
+        "load_core": cores.load,
+        "server_core": cores.server,
+        "service_flags_seen": sorted(flags & {"--workers", "--intra-op-threads",
+                                              "--max-batch-size", "--max-batch-delay"}),
+        "extra_server_args": extra,
+    }  # fmt: skip
+    return bench.rows, settings
+
+
+DOCS_HEADER = """# Benchmarks
+
+Generated by `{command}` ({date}); rerun it to refresh this page. Method, in short: servers
+run pinned to one core (`taskset`), the load (h2load, or a grpcio stream client) on another;
+real MNIST test digits are sent as PNG files and as 784 raw bytes; each timed run lasts
+{seconds} s after {warmup} s of warm-up and is bracketed by grpc-status checks from a grpcio
+client (h2load itself only sees HTTP statuses). Baselines live in `bench/`: a grpcio
+thread-pool server and a grpc.aio server, both one inference per call, Predict only.
+"vs" columns divide images/s by the baseline's at the same in-flight level; PredictBatch and
+PredictStream rows divide by the baseline's Predict at its highest level. "model only" rows
+are onnxruntime on one thread with no gRPC at all: the ceiling for that core. The whole-machine
+rows run the service with one worker per core and the thread-pool baseline, both unpinned,
+over {connections} connections (one HTTP/2 connection is served by one worker process).
+"client CPU" is the load generator's own CPU use (h2load, or the grpcio stream client): near
+100% means the client, not the server, set the pace. "other load" below is how busy the
+machine was without the benchmark; much above 0% and the numbers are unreliable.
+
+## Machine
+
+{machine}
+
+## Results
+
+{tables}
+"""
+
+
+def _share(fraction: float | None) -> str:
+    return "?" if fraction is None else f"{fraction:.0%}"
+
+
+def main(
+    quick: Annotated[bool, typer.Option(help="A subset (conv, PNG), about a minute.")] = False,
+    smoke: Annotated[
+        bool, typer.Option(help="One Predict scenario on the service and one baseline (tests).")
+    ] = False,
+    seconds: Annotated[
+        int | None, typer.Option(help="Timed seconds per scenario. [default: by mode]")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="JSON file. [default: bench-results/bench-<time>.json]")
+    ] = None,
+    docs: Annotated[bool, typer.Option(help="Write docs/benchmarks.md (full runs only).")] = True,
+    server_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Extra `mnist-service serve` argument, e.g. --server-arg=--max-batch-size=32."
+        ),
+    ] = None,
+) -> None:
+    """Benchmark mnist-service against the baselines; print tables, write JSON (and docs)."""
+    plan = SMOKE if smoke else QUICK if quick else FULL
+    if seconds is not None:
+        plan = replace(plan, seconds=seconds)
+    started = datetime.now(UTC)
+    # Other processes on the machine skew every number; say so rather than publish them quietly.
+    busy_before = report.cpu_busy()
+    rows, settings = run_plan(plan, server_arg or [])
+    busy_after = report.cpu_busy()
+    machine = report.machine()
+    machine["other load"] = (
+        f"{_share(busy_before)} CPU busy before the run, {_share(busy_after)} after"
+    )
+    if max(busy_before or 0.0, busy_after or 0.0) > BUSY_WARNING:
+        print(f"warning: the machine was busy ({machine['other load']}): numbers are unreliable",
+              file=sys.stderr)  # fmt: skip
+    text = report.tables(rows, plan.models)
+    print(f"\n{report.markdown_machine(machine)}\n\n{text}")
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    output = output or ROOT / "bench-results" / f"bench-{stamp}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    output.write_text(json.dumps({
+        "started": started.isoformat(), "command": command.strip(), "machine": machine,
+        "settings": settings, "rows": [asdict(row) for row in rows],
+    }, indent=2))  # fmt: skip
+    print(f"\nwrote {output}")
+    if docs and not (quick or smoke):
+        page = ROOT / "docs" / "benchmarks.md"
+        page.parent.mkdir(exist_ok=True)
+        page.write_text(DOCS_HEADER.format(
+            command="nox -s bench" if not sys.argv[1:] else command.strip(),
+            date=started.strftime("%Y-%m-%d"), seconds=plan.seconds, warmup=plan.warmup_s,
+            connections=MACHINE_CONNECTIONS, machine=report.markdown_machine(machine), tables=text,
+        ))  # fmt: skip
+        print(f"wrote {page.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

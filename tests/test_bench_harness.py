@@ -1,0 +1,90 @@
+"""The benchmark harness in bench/ works: servers start, grpc-status checks pass, tables fill.
+
+Correctness only, never timings. Needs h2load (Debian/Ubuntu package nghttp2-client).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BENCH_MODULES = ("run", "load", "report", "servers", "stubs", "mnist_pb2", "mnist_pb2_grpc")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def h2load() -> str:
+    """h2load's path; without it the harness cannot run, and that is a failure, not a skip."""
+    path = shutil.which("h2load")
+    if path is None:
+        pytest.fail("h2load not found: install nghttp2-client (apt-get install nghttp2-client)")
+    return path
+
+
+@pytest.fixture
+def bench() -> Iterator[ModuleType]:
+    """bench/run.py imported as the script sees its siblings; removed again afterwards."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run  # type: ignore[import-not-found]
+
+        yield run
+    finally:
+        sys.path.remove(str(BENCH))
+        for name in BENCH_MODULES:
+            sys.modules.pop(name, None)
+
+
+def test_smoke_run_measures_the_service_and_a_baseline_with_ok_grpc_checks(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(output.read_text())["rows"]
+    assert [(row["server"], row["rpc"], row["payload"], row["in_flight"]) for row in rows] == [
+        ("mnist-service", "Predict", "raw", 8),
+        ("grpcio thread pool", "Predict", "raw", 8),
+    ]
+    for row in rows:
+        assert (row["errors"], row["problem"]) == (0, "")
+        assert row["checked_calls"] == 6  # three calls before the timed run, three after
+        assert row["req_per_s"] is not None
+        assert row["p99_ms"] is not None
+    assert "| Predict raw, 8 in flight | mnist-service |" in done.stdout
+    assert "| Predict raw, 8 in flight | grpcio thread pool |" in done.stdout
+
+
+def test_a_failing_grpc_status_is_reported_as_errors_not_raised(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    """The baselines have no PredictBatch: the row says UNIMPLEMENTED and has no numbers."""
+    with bench.ServerPool() as pool:
+        baseline = pool.baseline(bench.THREADPOOL, "conv", None)
+        harness = bench.Bench(bench.SMOKE, bench.Cores(None, None), tmp_path)
+        payload = bench.Payload.write("raw", tmp_path)
+        row = bench.Row("conv", "raw", "PredictBatch", 4, bench.PINNED, bench.THREADPOOL, "batch")
+        harness.attempt(row, baseline, harness.batch, payload)
+
+    assert row.errors == 3
+    assert row.problem.startswith("UNIMPLEMENTED")
+    assert row.images_per_s is None
+    assert "| batch | grpcio thread pool | - | - | - | - | - | 3 (UNIMPLEMENTED" in (
+        bench.report.table([row], "conv")
+    )
