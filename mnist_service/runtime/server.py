@@ -12,10 +12,11 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
-from grpclib.events import RecvRequest, listen
+from grpclib.const import Handler
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
@@ -33,43 +34,54 @@ from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from .telemetry import install_request_log
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from grpclib._typing import IServable
 
-_DRAINED_METHODS_PREFIX = "/mnist.Mnist/"
-"""Calls that drain tracks and refuses; health and reflection keep answering while draining."""
+log = logging.getLogger(__name__)
 
 
 class Drain:
-    """Counts in-flight `Mnist` calls, and refuses new ones once draining starts."""
+    """Counts in-flight calls of the services it wraps, and refuses new ones once draining.
+
+    It wraps the services' handlers rather than listening to grpclib's `RecvRequest` event:
+    no event object or dispatch per call, and a refused call still reaches the request log.
+    Health and reflection are not wrapped, so they keep answering while draining.
+    """
 
     def __init__(self) -> None:
         self.draining = False
-        self._in_flight: set[asyncio.Task[object]] = set()
+        self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def on_recv_request(self, event: RecvRequest) -> None:
-        """grpclib listener: track the call's task, or refuse the call while draining."""
-        if not event.method_name.startswith(_DRAINED_METHODS_PREFIX):
-            return
-        if self.draining:
-            with as_grpc_errors():
-                raise ServerDrainingError("the server is shutting down; retry on another")
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
-            self._idle.clear()
-            task.add_done_callback(self._done)
+    def wrap(self, service: IServable) -> IServable:
+        """`service`, with every handler tracked (and refused while draining)."""
+        mapping = {
+            name: handler._replace(func=self._tracked(handler.func))
+            for name, handler in service.__mapping__().items()
+        }
+        return _Servable(mapping)
 
-    def _done(self, task: asyncio.Task[object]) -> None:
-        self._in_flight.discard(task)
-        if not self._in_flight:
-            self._idle.set()
+    def _tracked(self, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
+        async def tracked(stream: Any) -> None:
+            if self.draining:
+                with as_grpc_errors():
+                    raise ServerDrainingError("the server is shutting down; retry on another")
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                await func(stream)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+
+        return tracked
 
     @property
     def in_flight(self) -> int:
         """How many tracked calls are running."""
-        return len(self._in_flight)
+        return self._in_flight
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no tracked call runs; False if `timeout` passed first."""
@@ -78,6 +90,16 @@ class Drain:
         except TimeoutError:
             return False
         return True
+
+
+class _Servable:
+    """A ready-made handler mapping, in the shape grpclib's `Server` takes services."""
+
+    def __init__(self, mapping: dict[str, Handler]) -> None:
+        self._mapping = mapping
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return self._mapping
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -169,13 +191,13 @@ class MnistServer:
         service = MnistService(pipeline, limits=config.limits)
         self.health_status = ServiceStatus()
         health = Health({service: [self.health_status]})
-        handlers = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        # extend() returns the services given plus reflection's own.
+        services = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        self.drain = Drain()
         self.server = Server(
-            [service, health, *handlers],
+            [self.drain.wrap(s) if s is service else s for s in services],
             codec=SizeLimitedCodec(config.limits.max_message_bytes),
         )
-        self.drain = Drain()
-        listen(self.server, RecvRequest, self.drain.on_recv_request)
         install_request_log(self.server)
         self.port: int | None = None
 
