@@ -14,7 +14,7 @@ pyproject.toml; tests/test_transport.py covers it).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import grpclib.server
 from grpclib.protocol import H2Protocol
@@ -67,8 +67,10 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wrap the transport, then let grpclib set up HTTP/2."""
-        assert isinstance(transport, asyncio.Transport)
-        wrapped = CoalescingTransport(transport, asyncio.get_running_loop())
+        # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
+        wrapped = CoalescingTransport(
+            cast(asyncio.Transport, transport), asyncio.get_running_loop()
+        )
         self.inner.connection_made(wrapped)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
