@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -99,10 +99,21 @@ class MnistClient:
         return _prediction(reply)
 
     async def predict_many(
-        self, images: Iterable[ImageLike], *, timeout: float | None = None
+        self,
+        images: Iterable[ImageLike] | AsyncIterable[ImageLike],
+        *,
+        timeout: float | None = None,
     ) -> AsyncIterator[Prediction | ItemFailure]:
-        """Classify many images over one streaming call; results come in request order."""
-        requests = (MnistImage(data=encode_image(image)) for image in images)
+        """Classify many images over one streaming call; results come in request order.
+
+        An async iterable of images lets the caller pace the stream, e.g. by waiting for
+        answers before sending more; a plain iterable is sent as fast as flow control allows.
+        """
+        requests: Iterable[MnistImage] | AsyncIterable[MnistImage]
+        if isinstance(images, AsyncIterable):
+            requests = (MnistImage(data=encode_image(image)) async for image in images)
+        else:
+            requests = (MnistImage(data=encode_image(image)) for image in images)
         async for item in self._stub.predict_stream(requests, timeout=timeout or self._timeout):
             yield _result(item)
 

@@ -26,7 +26,6 @@ import time
 from array import array
 from collections import Counter, deque
 from collections.abc import (
-    AsyncIterable,
     AsyncIterator,
     Callable,
     Coroutine,
@@ -45,7 +44,6 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from PIL import Image, ImageDraw, ImageFont
 
-from ._proto.mnist import MnistImage
 from .client import ItemFailure, MnistClient, Prediction
 from .config import parse_address
 from .constants import IMAGE_SIZE
@@ -433,7 +431,7 @@ async def _batch_caller(
 
 
 async def _stream_caller(
-    client: _LoadClient,
+    client: MnistClient,
     payloads: Sequence[Payload],
     start: int,
     deadline: float,
@@ -448,7 +446,7 @@ async def _stream_caller(
         images = _windowed_images(payloads, positions, deadline, rec, sent, window)
         timeout = deadline - time.perf_counter() + config.call_timeout_s
         try:
-            async for result in client.stream(images, timeout=timeout):
+            async for result in client.predict_many(images, timeout=timeout):
                 window.release()
                 sent_at, payload_index = sent.popleft()
                 rec.latencies.append(time.perf_counter() - sent_at)
@@ -479,26 +477,6 @@ async def _windowed_images(
         payload_index = next(positions) % len(payloads)
         sent.append((time.perf_counter(), payload_index))
         yield payloads[payload_index].data
-
-
-class _LoadClient(MnistClient):
-    """MnistClient plus a stream fed by an async iterable, so a caller can bound what is unanswered.
-
-    `MnistClient.predict_many` takes a plain iterable, which cannot wait for answers.
-    """
-
-    async def stream(
-        self, images: AsyncIterable[bytes], *, timeout: float
-    ) -> AsyncIterator[Prediction | ItemFailure]:
-        """PredictStream over `images`; results in request order."""
-        requests = (MnistImage(data=data) async for data in images)
-        async for item in self._stub.predict_stream(requests, timeout=timeout):
-            if item.prediction is not None:
-                yield Prediction(item.prediction.label, tuple(item.prediction.probabilities))
-            elif item.error is not None:
-                yield ItemFailure(Status(item.error.code), item.error.message)
-            else:
-                yield ItemFailure(Status.INTERNAL, "the server sent an item with neither result")
 
 
 async def _server_info(client: MnistClient, timeout: float) -> dict[str, str] | None:
@@ -544,7 +522,7 @@ async def run_load(
     """
     payloads = config.payloads
     clients = [
-        _LoadClient(config.address, timeout=config.call_timeout_s)
+        MnistClient(config.address, timeout=config.call_timeout_s)
         for _ in range(config.connection_count)
     ]
     rec = _Recorder(max_requests=config.max_requests)
@@ -585,7 +563,7 @@ async def run_load(
 
 async def _drive(
     config: LoadConfig,
-    clients: Sequence[_LoadClient],
+    clients: Sequence[MnistClient],
     rec: _Recorder,
     on_progress: Callable[[Progress], None] | None,
     progress_interval_s: float,
@@ -638,7 +616,7 @@ def _model_check(payloads: Sequence[Payload], rec: _Recorder) -> ModelCheck:
 
 
 def _caller(
-    config: LoadConfig, client: _LoadClient, start: int, deadline: float, rec: _Recorder
+    config: LoadConfig, client: MnistClient, start: int, deadline: float, rec: _Recorder
 ) -> Coroutine[Any, Any, None]:
     payloads = config.payloads
     if config.mode == "unary":
