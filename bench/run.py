@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -295,8 +296,19 @@ def run_plan(plan: Plan, extra: list[str]) -> tuple[list[Row], dict[str, object]
         "service_flags_seen": sorted(flags & {"--workers", "--intra-op-threads",
                                               "--max-batch-size", "--max-batch-delay"}),
         "extra_server_args": extra,
+        "servers": _describe_servers(flags, extra),
     }  # fmt: skip
     return bench.rows, settings
+
+
+def _describe_servers(flags: set[str], extra: list[str]) -> str:
+    intra = " --intra-op-threads 1" if "--intra-op-threads" in flags else ""
+    workers = len(os.sched_getaffinity(0))
+    return (
+        f"mnist-service `--workers 1{intra}` pinned and `--workers {workers}{intra}` unpinned, "
+        f"other settings {'`' + ' '.join(extra) + '`' if extra else 'at their defaults'}; "
+        "thread-pool baseline with 10 threads (grpcio's examples)"
+    )
 
 
 DOCS_HEADER = """# Benchmarks
@@ -350,6 +362,8 @@ def main(
     ] = None,
 ) -> None:
     """Benchmark mnist-service against the baselines; print tables, write JSON (and docs)."""
+    # SIGTERM (a CI timeout, say) unwinds like Ctrl-C, so the ServerPool still stops servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = SMOKE if smoke else QUICK if quick else FULL
     if seconds is not None:
         plan = replace(plan, seconds=seconds)
@@ -358,7 +372,7 @@ def main(
     busy_before = report.cpu_busy()
     rows, settings = run_plan(plan, server_arg or [])
     busy_after = report.cpu_busy()
-    machine = report.machine()
+    machine = {**report.machine(), "servers": str(settings["servers"])}
     machine["other load"] = (
         f"{_share(busy_before)} CPU busy before the run, {_share(busy_after)} after"
     )
