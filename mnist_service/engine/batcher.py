@@ -99,11 +99,29 @@ class Batcher:
                 for start in range(0, len(batch), self._max_batch_size)
             ]
             return np.concatenate(await asyncio.gather(*chunks))
-        future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._alone(loop):
+            # Nothing queued, nothing else about to run this turn: nobody could join the
+            # batch, so run it now rather than after another trip round the loop.
+            self._count(batch)
+            return self._classifier.classify(batch)
+        future: asyncio.Future[FloatArray] = loop.create_future()
         self._queue.append(_Pending(batch, future))
         self._queued_images += len(batch)
         self._schedule()
         return await future
+
+    def _alone(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether an inline batch can start now: the model idle, no delay asked for, and no
+        other callback ready in this loop turn (CPython's `_ready` queue; on loops without
+        one, such as uvloop, the answer is no and calls take the usual path)."""
+        return (
+            self._executor is None
+            and not self._max_delay
+            and not self._queue
+            and self._scheduled is None
+            and not getattr(loop, "_ready", True)
+        )
 
     def _schedule(self) -> None:
         if self._running:
@@ -175,13 +193,17 @@ class Batcher:
                 self._schedule()
 
     def _stack(self, pending: list[_Pending]) -> FloatArray:
-        batch = (
-            pending[0].images if len(pending) == 1 else np.concatenate([p.images for p in pending])
-        )
+        if len(pending) == 1:
+            batch = pending[0].images
+        else:
+            batch = np.concatenate([p.images for p in pending])
+        self._count(batch)
+        return batch
+
+    def _count(self, batch: FloatArray) -> None:
         self._executions += 1
         self._images += len(batch)
         self._largest = max(self._largest, len(batch))
-        return batch
 
     @staticmethod
     def _deliver(pending: list[_Pending], probabilities: FloatArray) -> None:
