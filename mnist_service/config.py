@@ -67,7 +67,7 @@ class ServerConfig:
     """onnxruntime threads per model run; more helps only big batches on spare cores."""
     decode_threads: int = 1
     """Threads per process that decode big images (small ones are decoded inline)."""
-    max_batch_size: int = 64
+    max_batch_size: int = 32
     """Most images one model run takes; concurrent requests are batched up to it."""
     max_batch_delay_us: int = 0
     """How long an incomplete batch may wait for more requests (0: never wait)."""

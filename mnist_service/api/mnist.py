@@ -65,35 +65,42 @@ class MnistService(MnistBase):
     async def predict_stream(
         self, messages: AsyncIterator[MnistImage]
     ) -> AsyncIterator[StreamPrediction]:
-        """Classify many images, answering in request order while later ones are in flight."""
+        """Classify many images, answering in request order while later ones are in flight.
+
+        Up to `max_stream_in_flight` images are in the pipeline at once (the batcher groups
+        them with everyone else's); reading pauses beyond that, and HTTP/2 flow control
+        pushes back on the client.
+        """
         in_flight = asyncio.Semaphore(self._limits.max_stream_in_flight)
-        queue: asyncio.Queue[asyncio.Task[StreamPrediction] | None] = asyncio.Queue()
+        started: asyncio.Queue[asyncio.Future[FloatArray] | None] = asyncio.Queue()
 
         async def read_requests() -> None:
             try:
-                index = 0
                 async for message in messages:
                     await in_flight.acquire()
-                    queue.put_nowait(asyncio.create_task(self._stream_item(index, message.data)))
-                    index += 1
+                    started.put_nowait(self._pipeline.start(message.data))
             finally:
-                queue.put_nowait(None)
+                started.put_nowait(None)
 
         reader = asyncio.create_task(read_requests())
-        count = 0
+        index = 0
         try:
-            while (task := await queue.get()) is not None:
-                item = await task
+            while (future := await started.get()) is not None:
+                result: ItemResult
+                try:
+                    result = (await future)[0]
+                except Exception as exc:  # per item: becomes an ItemError, the stream goes on
+                    result = exc
                 in_flight.release()
-                count += 1
-                yield item
+                yield _item(index, result)
+                index += 1
             await reader  # re-raises what ended the request stream, e.g. an oversize message
         finally:
             reader.cancel()
-            while not queue.empty():
-                if (task := queue.get_nowait()) is not None:
-                    task.cancel()
-            annotate_request(items=count)
+            while not started.empty():
+                if (future := started.get_nowait()) is not None:
+                    future.cancel()
+            annotate_request(items=index)
 
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
         """Describe the served model."""
@@ -108,13 +115,6 @@ class MnistService(MnistBase):
             metadata=dict(info.metadata),
             server_version=__version__,
         )
-
-    async def _stream_item(self, index: int, data: bytes) -> StreamPrediction:
-        try:
-            result: ItemResult = await self._pipeline.classify(data)
-        except Exception as exc:  # per item: becomes an ItemError, the stream goes on
-            result = exc
-        return _item(index, result)
 
 
 def _item(index: int, result: ItemResult) -> StreamPrediction:

@@ -48,7 +48,7 @@ class Batcher:
         self,
         classifier: Classifier,
         *,
-        max_batch_size: int = 64,
+        max_batch_size: int = 32,
         max_delay: float = 0.0,
         executor: Executor | None = None,
     ) -> None:
@@ -95,21 +95,28 @@ class Batcher:
         """Float32 [N, 1, 28, 28] -> [N, 10], run together with other callers' images."""
         if len(batch) > self._max_batch_size:
             chunks = [
-                self.predict(batch[start : start + self._max_batch_size])
+                self.submit(batch[start : start + self._max_batch_size])
                 for start in range(0, len(batch), self._max_batch_size)
             ]
             return np.concatenate(await asyncio.gather(*chunks))
+        return await self.submit(batch)
+
+    def submit(self, batch: FloatArray) -> asyncio.Future[FloatArray]:
+        """Queue up to `max_batch_size` images; the future gets their probabilities [N, 10].
+
+        Cancelling the future before its batch starts drops the images from the batch.
+        """
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[FloatArray] = loop.create_future()
         if self._alone(loop):
             # Nothing queued, nothing else about to run this turn: nobody could join the
             # batch, so run it now rather than after another trip round the loop.
-            self._count(batch)
-            return self._classifier.classify(batch)
-        future: asyncio.Future[FloatArray] = loop.create_future()
+            self._run_inline([_Pending(batch, future)])
+            return future
         self._queue.append(_Pending(batch, future))
         self._queued_images += len(batch)
         self._schedule()
-        return await future
+        return future
 
     def _alone(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether an inline batch can start now: the model idle, no delay asked for, and no

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,10 @@ class Predictor(Protocol):
 
     async def predict(self, batch: FloatArray) -> FloatArray:
         """Float32 [N, 1, 28, 28] in [0, 1] -> float32 [N, 10] probabilities."""
+        ...
+
+    def submit(self, batch: FloatArray) -> asyncio.Future[FloatArray]:
+        """Like `predict` without waiting: the probabilities arrive in the future."""
         ...
 
 

@@ -46,20 +46,30 @@ class Pipeline:
         """What is being served."""
         return self._predictor.info
 
-    async def prepare(self, data: bytes) -> FloatImage:
-        """Request bytes -> float32 [1, 28, 28]; raises InvalidImageError subclasses."""
-        image = open_image(data, self._max_image_pixels)  # header only: cheap
-        if self._is_small(image):
-            return to_model_input(image)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, to_model_input, image)
-
     async def classify(self, data: bytes) -> FloatArray:
         """One image's bytes -> its probabilities, float32 [10]."""
-        image = await self.prepare(data)
-        probabilities = await self._predictor.predict(image[np.newaxis])
+        probabilities = await self.start(data)
         row: FloatArray = probabilities[0]
         return row
+
+    def start(self, data: bytes) -> asyncio.Future[FloatArray]:
+        """Start classifying one image without waiting: its probabilities [1, 10] arrive in
+        the future (or the reason it failed). A small image costs no task: it is prepared
+        now and goes straight into the batcher's queue."""
+        try:
+            opened = open_image(data, self._max_image_pixels)
+            if self._is_small(opened):
+                return self._predictor.submit(to_model_input(opened)[np.newaxis])
+        except Exception as exc:  # the caller gets it from the future, like any other error
+            failed: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        return asyncio.ensure_future(self._classify_big(opened))
+
+    async def _classify_big(self, opened: Opened) -> FloatArray:
+        loop = asyncio.get_running_loop()
+        image = await loop.run_in_executor(self._executor, to_model_input, opened)
+        return await self._predictor.predict(image[np.newaxis])
 
     async def classify_many(self, items: Sequence[bytes]) -> list[ItemResult]:
         """Many images -> one result each, in order; a bad image fails only itself.
