@@ -1,11 +1,14 @@
 """The benchmark harness in bench/ works: servers start, grpc-status checks pass, tables fill.
 
-Correctness only, never timings. Needs h2load (Debian/Ubuntu package nghttp2-client).
+Correctness only, never timings. Needs h2load (Debian/Ubuntu package nghttp2-client), which
+pip cannot install: without it these tests are skipped, unless MNIST_REQUIRE_H2LOAD=1 (set by
+.ci/run, which installs it) makes its absence a failure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,10 +25,13 @@ BENCH_MODULES = ("run", "load", "report", "servers", "stubs", "mnist_pb2", "mnis
 
 @pytest.fixture(scope="module", autouse=True)
 def h2load() -> str:
-    """h2load's path; without it the harness cannot run, and that is a failure, not a skip."""
+    """h2load's path; without it the harness cannot run (a failure where it is required)."""
     path = shutil.which("h2load")
     if path is None:
-        pytest.fail("h2load not found: install nghttp2-client (apt-get install nghttp2-client)")
+        reason = "h2load not found: install nghttp2-client (apt-get install nghttp2-client)"
+        if os.environ.get("MNIST_REQUIRE_H2LOAD") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
     return path
 
 

@@ -215,6 +215,8 @@ def is_mnist_format(image: Image.Image) -> bool:
 
 def _black_background(pixels: npt.NDArray[np.uint8]) -> bool:
     """Whether the most common level is 0, as in MNIST (ties go to the darker level)."""
+    if np.count_nonzero(pixels) * 2 < pixels.size:
+        return True  # zeros are the majority, so the mode: the usual case, ~10x cheaper
     return int(np.bincount(pixels.ravel(), minlength=256).argmax()) == 0
 
 

@@ -1,0 +1,164 @@
+"""Where one request's CPU goes: a sampled profile of a pinned server under h2load.
+
+    python bench/profile.py [--root DIR] [--in-flight 64] [--payload png] [--seconds 5]
+
+Starts `python -m mnist_service serve --workers 1` from DIR (default: this checkout; point it
+at a `git worktree` of an older commit to compare) pinned to core 1, drives unary Predict
+with h2load pinned to core 0, samples the server with py-spy, and reads the server's CPU time
+from /proc. Prints CPU per request and its split by the package of the innermost Python
+frame (native code is counted under the package that called it). Not a test: it measures.
+Needs h2load and py-spy (`pip install py-spy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from load import encode, h2load_path
+from servers import pinned
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CATEGORIES = (
+    ("onnxruntime", "onnxruntime"),
+    ("image decode (Pillow)", "PIL/"),
+    ("PNG inflate (zlib)", "zlib"),
+    ("numpy", "numpy/"),
+    ("HTTP/2 (h2, hpack, hyperframe)", ("h2/", "hpack/", "hyperframe/")),
+    ("grpclib", "grpclib/"),
+    ("betterproto2", "betterproto2/"),
+    ("mnist_service", "mnist_service/"),
+    ("event loop, sockets (asyncio)", ("asyncio/", "selectors.py", "socket.py")),
+    ("threads, locks, futures", ("threading.py", "concurrent/futures")),
+)
+
+
+def category(frame: str) -> str:
+    """The category of one py-spy frame, "function (path:line)" (paths may be relative)."""
+    path = "/" + frame.rpartition(" (")[2]
+    for name, needles in CATEGORIES:
+        for needle in (needles,) if isinstance(needles, str) else needles:
+            if "/" + needle in path:
+                return name
+    return "other Python"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main(
+    root: Annotated[Path, typer.Option(help="Checkout whose server to profile.")] = ROOT,
+    in_flight: Annotated[int, typer.Option(help="Concurrent calls (h2load -m).")] = 64,
+    payload: Annotated[str, typer.Option(help="png or raw.")] = "png",
+    seconds: Annotated[int, typer.Option(help="Sampled seconds.")] = 5,
+) -> None:
+    """Profile a pinned server under load and print where a request's CPU goes."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(py_spy).exists():
+        raise SystemExit("py-spy not found: pip install py-spy")
+    from training.data import load_mnist
+
+    images, _ = load_mnist("test")
+    data = encode(images[0], payload)
+    body = bytes([0x0A]) + _varint(len(data)) + data
+    server = subprocess.Popen(
+        pinned(1, [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0",
+                   "--workers", "1", "--log-format", "json"]),
+        cwd=root, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stderr is not None
+        port = None
+        for line in server.stderr:
+            entry = json.loads(line)
+            if str(entry.get("message", "")).startswith("serving"):
+                port = entry["port"]
+                break
+        if port is None:
+            raise SystemExit("the server did not start")
+        with tempfile.TemporaryDirectory() as tmp:
+            body_file = Path(tmp) / "body.bin"
+            body_file.write_bytes(b"\0" + len(body).to_bytes(4, "big") + body)
+            samples = Path(tmp) / "samples.txt"
+            load = subprocess.Popen(
+                pinned(0, [h2load_path(), "-D", str(seconds + 3), "-c", "1", "-m", str(in_flight),
+                           "-d", str(body_file), "-H", "content-type: application/grpc",
+                           "-H", "te: trailers", f"http://[::1]:{port}/mnist.Mnist/Predict"]),
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            time.sleep(1.5)
+            cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
+            subprocess.run(
+                pinned(0, [py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds),
+                           "--rate", "250", "--format", "raw", "--output", str(samples),
+                           "--nonblocking"]),
+                check=True, capture_output=True,
+            )  # fmt: skip
+            cpu = cpu_seconds(server.pid) - cpu_before
+            wall = time.monotonic() - wall_before
+            output, _ = load.communicate(timeout=seconds + 60)
+            rate = _rate(output)
+            counts = _categorise(samples)
+    finally:
+        server.terminate()
+        server.wait(30)
+    _report(root, in_flight, payload, rate, cpu / wall, counts)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _rate(h2load_output: str) -> float:
+    for line in h2load_output.splitlines():
+        if line.startswith("finished in"):
+            return float(line.split(",")[1].split()[0])
+    raise SystemExit(f"cannot read h2load's rate:\n{h2load_output}")
+
+
+def _categorise(samples: Path) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for line in samples.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        # The innermost frame that is not the idle wait of the event loop itself.
+        counts[category(frames[-1])] += int(count)
+    return counts
+
+
+def _report(
+    root: Path, in_flight: int, payload: str, rate: float, busy: float, counts: Counter[str]
+) -> None:
+    total = sum(counts.values())
+    per_request_us = busy / rate * 1e6
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    print(f"\n{root} ({commit}): Predict {payload}, {in_flight} in flight, server on one core")
+    print(f"{rate:,.0f} req/s; server busy {busy:.0%} of a core: {per_request_us:,.0f} us/request")
+    print("\n| where | share | us/request |\n|---|--:|--:|")
+    for name, count in counts.most_common():
+        print(f"| {name} | {count / total:.0%} | {count / total * per_request_us:,.0f} |")
+
+
+if __name__ == "__main__":
+    typer.run(main)
