@@ -66,3 +66,10 @@ def bench(session: nox.Session) -> None:
     """
     session.install("-e", ".[test]")  # grpcio + grpcio-tools: the baselines and the checks
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def profile(session: nox.Session) -> None:
+    """Where a request's CPU goes (py-spy), e.g. `nox -s profile -- --root ../old-checkout`."""
+    session.install("-e", ".[test]", "py-spy")
+    session.run("python", "bench/profile.py", *session.posargs)

@@ -93,7 +93,8 @@ def serve(
         bool,
         typer.Option(
             envvar="MNIST_REUSE_PORT",
-            help="Give each worker its own SO_REUSEPORT socket instead of one shared socket.",
+            help="Each worker gets its own SO_REUSEPORT socket (balances connections better"
+            " than one shared socket).",
         ),
     ] = _config.reuse_port,
     intra_op_threads: Annotated[

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.resources
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -61,8 +62,9 @@ class ServerConfig:
     device: Device = "auto"
     workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port, each with its own event loop and model session."""
-    reuse_port: bool = False
-    """Workers get a SO_REUSEPORT socket each, instead of sharing one listening socket."""
+    reuse_port: bool = hasattr(socket, "SO_REUSEPORT")
+    """Workers get a SO_REUSEPORT socket each (the kernel spreads connections over them)
+    instead of sharing one listening socket, where one busy worker tends to accept them all."""
     intra_op_threads: int = 1
     """onnxruntime threads per model run; more helps only big batches on spare cores."""
     decode_threads: int = 1

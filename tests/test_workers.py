@@ -61,7 +61,7 @@ def worker_pids_in_request_log(server: ServerProcess) -> set[int]:
 
 @pytest.mark.parametrize("reuse_port", [False, True], ids=["shared-socket", "reuse-port"])
 async def test_every_worker_serves(mnist_test_set: MnistSplit, reuse_port: bool) -> None:
-    server = ServerProcess("--workers", "2", *(["--reuse-port"] if reuse_port else []))
+    server = ServerProcess("--workers", "2", "--reuse-port" if reuse_port else "--no-reuse-port")
     try:
         workers = children(server.process.pid)
         results: list[object] = []
@@ -149,9 +149,10 @@ def test_workers_exit_when_the_supervisor_is_killed() -> None:
 
 @pytest.mark.parametrize("reuse_port", [False, True], ids=["shared-socket", "reuse-port"])
 def test_port_in_use_is_one_clear_line_with_workers(reuse_port: bool) -> None:
-    first = ServerProcess("--workers", "2", *(["--reuse-port"] if reuse_port else []))
+    mode = "--reuse-port" if reuse_port else "--no-reuse-port"
+    first = ServerProcess("--workers", "2", mode)
     try:
-        args = ["--workers", "2", *(["--reuse-port"] if reuse_port else [])]
+        args = ["--workers", "2", mode]
         result = serve_and_fail("--address", first.address, *args)
     finally:
         assert first.stop() == 0

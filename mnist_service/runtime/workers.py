@@ -6,9 +6,11 @@ becomes the supervisor:
 - it binds the port itself, so a port in use fails with the same one-line error as ever;
 - it forks `workers` processes, each with its own event loop, onnxruntime session and decode
   pool (one Python process saturates one core; the GIL makes threads no substitute);
-- the workers share the port in one of two ways. By default they all accept on the one
-  inherited listening socket. With `reuse_port`, each gets its own SO_REUSEPORT socket and
-  the kernel spreads new connections over them by a hash of the addresses;
+- the workers share the port in one of two ways. With `reuse_port` (the default where the OS
+  has it), each gets its own SO_REUSEPORT socket and the kernel spreads new connections over
+  them by a hash of the addresses. Otherwise they all accept on one inherited socket, which
+  balances badly: asyncio accepts every pending connection on a wake-up, so whichever worker
+  wakes first takes them all (measured: 4 and 8 connections all on one of 2 workers);
 - it reports SERVING (the "serving" log line) once every worker is ready, and restarts a
   worker that dies, with a log line saying so;
 - on SIGTERM or SIGINT it forwards SIGTERM to every worker, which drain as a single process
