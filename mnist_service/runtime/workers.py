@@ -114,10 +114,18 @@ class Supervisor:
 
     def _start(self, index: int) -> None:
         sock = self._sockets[index if self.config.reuse_port else 0]
+        others = [s for s in self._sockets if s is not sock]
         ready_read, ready_write = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_worker_main,
-            args=(self.config, sock, self._lifeline_read, self._lifeline_write, ready_write),
+            args=(
+                self.config,
+                sock,
+                others,
+                self._lifeline_read,
+                self._lifeline_write,
+                ready_write,
+            ),
             name=f"mnist-worker-{index}",
             daemon=False,
         )
@@ -185,6 +193,10 @@ class Supervisor:
         if not quiet:
             log.info("stopping workers", extra={"fields": {"workers": len(self._workers)}})
         self._forward(signal.SIGTERM)
+        for sock in self._sockets:
+            # Our copies would keep an exited worker's SO_REUSEPORT socket listening, and the
+            # kernel would keep queueing connections there that nobody accepts.
+            sock.close()
         deadline = time.monotonic() + self.config.grace_period + _STOP_MARGIN_S
         for worker in self._workers.values():
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -204,6 +216,7 @@ class Supervisor:
 def _worker_main(
     config: ServerConfig,
     sock: socket.socket,
+    others: list[socket.socket],
     lifeline: int,
     lifeline_write: int,
     ready: Connection,
@@ -211,6 +224,8 @@ def _worker_main(
     """A worker process: serve on the inherited socket until SIGTERM or the supervisor dies."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor only
     os.close(lifeline_write)  # else our own copy would keep the pipe open forever
+    for other in others:  # other workers' sockets: holding them would outlive those workers
+        other.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     try:
