@@ -9,27 +9,16 @@ time does any work). Prints `{"message": "serving", "port": N}` on stdout once i
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from typing import Annotated, Any
 
 import grpc
-import numpy as np
 import onnxruntime as ort
 import stubs
 import typer
-from PIL import Image
+from baseline_model import load_session, predict
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
-
-
-def to_input(data: bytes) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """784 raw bytes or an image file -> float32 [1, 1, 28, 28] in [0, 1]."""
-    if len(data) == 28 * 28:
-        pixels = np.frombuffer(data, np.uint8)
-    else:
-        pixels = np.asarray(Image.open(io.BytesIO(data)).convert("L").resize((28, 28)))
-    return (pixels.astype(np.float32) / 255.0).reshape(1, 1, 28, 28)
 
 
 class Mnist(mnist_pb2_grpc.MnistServicer):  # type: ignore[misc, name-defined]
@@ -37,16 +26,12 @@ class Mnist(mnist_pb2_grpc.MnistServicer):  # type: ignore[misc, name-defined]
         self.session = session
 
     async def Predict(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:  # noqa: N802  # grpcio's name
-        (probabilities,) = self.session.run(["probabilities"], {"image": to_input(request.data)})
-        return mnist_pb2.MnistPrediction(
-            label=int(probabilities[0].argmax()), probabilities=probabilities[0].tolist()
-        )
+        label, probabilities = predict(self.session, request.data)
+        return mnist_pb2.MnistPrediction(label=label, probabilities=probabilities)
 
 
 async def serve(model: str, port: int) -> None:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session = load_session(model)
     server = grpc.aio.server()
     mnist_pb2_grpc.add_MnistServicer_to_server(Mnist(session), server)
     bound = server.add_insecure_port(f"[::1]:{port}")
