@@ -9,6 +9,7 @@ finish, then the server closes. A second signal skips the wait.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -261,6 +262,11 @@ async def serve(
         loop.add_reader(lifeline, supervisor_gone)
     try:
         await app.start(sock, announce=sock is None)
+        # What exists now (modules, the model, the server) lives as long as the process: take
+        # it out of the collector's sight, or each full collection walks it all again
+        # (measured: 45-55 ms pauses about once a second under load, the whole p99 tail).
+        gc.collect()
+        gc.freeze()
         if on_ready is not None:
             on_ready(classifier.info)
         await stop.wait()
