@@ -98,8 +98,11 @@ class MnistService(MnistBase):
         finally:
             reader.cancel()
             while not started.empty():
-                if (future := started.get_nowait()) is not None:
-                    future.cancel()
+                if (future := started.get_nowait()) is None:
+                    continue
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: nobody is left to answer, nothing to log
+                future.cancel()
             annotate_request(items=index)
 
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
