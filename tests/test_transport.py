@@ -1,22 +1,38 @@
-"""The grpclib adapter in `mnist_service.transport.server`: write coalescing.
+"""The grpclib adapters in `mnist_service.transport`: write coalescing and the lean unary path.
 
-It relies on grpclib 0.4.9's private `Server._protocol_factory`; these tests fail loudly if
-an upgrade moves it, instead of the server quietly losing its coalescing.
+They rely on grpclib 0.4.9's private names; these tests fail loudly if an upgrade moves
+them, instead of the server quietly losing its coalescing or its lean path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpclib
 import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.protocol import H2Protocol
 
+from mnist_service._proto.mnist import (
+    MnistBase,
+    MnistImage,
+    MnistPrediction,
+    MnistStub,
+    ModelInfo,
+    ModelInfoRequest,
+    PredictBatchRequest,
+)
 from mnist_service.transport.server import CoalescingProtocol, CoalescingTransport, Server
+from mnist_service.transport.unary import Handler, unary_methods
 
 
 class RecordingTransport(asyncio.Transport):
@@ -88,13 +104,12 @@ async def test_server_connections_use_the_coalescing_protocol() -> None:
 
     assert isinstance(protocol, CoalescingProtocol)
     assert isinstance(protocol.inner, H2Protocol)
+    assert isinstance(protocol.inner.handler, Handler)
 
 
 @pytest.mark.parametrize("calls", [1, 32])
 async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
     """Concurrent calls over a real loopback connection all complete."""
-    from grpclib.client import Channel
-
     server = Server([Health()])
     await server.start("::1", 0)
     port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
@@ -110,3 +125,122 @@ async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
         await server.wait_closed()
 
     assert all(r.status == HealthCheckResponse.SERVING for r in replies)
+
+
+# -- the lean unary path (transport.unary) ------------------------------------------------------
+
+
+class Service(MnistBase):
+    """Predict answers label 1, or fails on cue; records its cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+
+    async def predict(self, message: MnistImage) -> MnistPrediction:
+        if message.data == b"slow":
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
+        if message.data == b"refuse":
+            raise GRPCError(Status.INVALID_ARGUMENT, "no thanks: ünïcode and 100%")
+        if message.data == b"bug":
+            raise RuntimeError("a bug")
+        return MnistPrediction(label=1, probabilities=[0.5, 0.5])
+
+    async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
+        return ModelInfo(architecture="conv")
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    service: Service, *, listen_to: list[str] | None = None
+) -> AsyncIterator[MnistStub]:
+    server = Server([service], unary=unary_methods(service))
+    if listen_to is not None:
+
+        async def record(event: RecvRequest) -> None:
+            listen_to.append(event.method_name)
+
+        listen(server, RecvRequest, record)
+    await server.start("::1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = Channel("::1", port)
+    try:
+        yield MnistStub(channel)
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
+
+
+def test_unary_methods_are_found_by_betterproto_names() -> None:
+    service = Service()
+    methods = unary_methods(service)
+
+    assert set(methods) == {
+        "/mnist.Mnist/Predict",
+        "/mnist.Mnist/PredictBatch",
+        "/mnist.Mnist/GetModelInfo",
+    }
+    assert methods["/mnist.Mnist/Predict"].func == service.predict
+    assert methods["/mnist.Mnist/PredictBatch"].request_type is PredictBatchRequest
+
+
+async def test_lean_path_answers_with_and_without_a_deadline() -> None:
+    async with serving(Service()) as stub:
+        plain = await stub.predict(MnistImage(data=b"x"))
+        timed = await stub.predict(MnistImage(data=b"x"), timeout=10)
+        info = await stub.get_model_info(ModelInfoRequest(), timeout=10)
+
+    assert plain.label == timed.label == 1
+    assert info.architecture == "conv"
+
+
+async def test_with_a_listener_calls_take_grpclibs_path() -> None:
+    seen: list[str] = []
+    async with serving(Service(), listen_to=seen) as stub:
+        reply = await stub.predict(MnistImage(data=b"x"))
+
+    assert reply.label == 1
+    assert seen == ["/mnist.Mnist/Predict"]  # grpclib's path dispatched the event
+
+
+async def test_lean_path_sends_grpc_errors_as_trailers() -> None:
+    async with serving(Service()) as stub:
+        with pytest.raises(GRPCError) as refused:
+            await stub.predict(MnistImage(data=b"refuse"))
+        with pytest.raises(GRPCError) as bug:
+            await stub.predict(MnistImage(data=b"bug"))
+        after = await stub.predict(MnistImage(data=b"x"))
+
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    assert refused.value.message == "no thanks: ünïcode and 100%"
+    assert bug.value.status is Status.UNKNOWN
+    assert after.label == 1
+
+
+async def test_lean_path_deadline_cancels_the_handler() -> None:
+    """The server stops working on a call whose grpc-timeout passed (grpclib's client gives
+    up at the same moment, with its own TimeoutError)."""
+    service = Service()
+    async with serving(service) as stub:
+        with pytest.raises(TimeoutError):
+            await stub.predict(MnistImage(data=b"slow"), timeout=0.2)
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        after = await stub.predict(MnistImage(data=b"x"))
+
+    assert after.label == 1
+
+
+async def test_a_client_cancel_cancels_the_handler() -> None:
+    service = Service()
+    async with serving(service) as stub:
+        call = asyncio.ensure_future(stub.predict(MnistImage(data=b"slow")))
+        await asyncio.sleep(0.2)
+        call.cancel()
+        await asyncio.wait_for(service.cancelled.wait(), 5)
+        after = await stub.predict(MnistImage(data=b"x"))
+
+    assert after.label == 1

@@ -33,6 +33,7 @@ from ..engine.pipeline import Pipeline
 from ..errors import ConfigError, ServerDrainingError
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
+from ..transport.unary import unary_methods
 from .telemetry import install_request_log
 
 if TYPE_CHECKING:
@@ -58,20 +59,22 @@ class Drain:
     def wrap(self, service: IServable) -> IServable:
         """`service`, with every handler tracked (and refused while draining)."""
         mapping = {
-            name: handler._replace(func=self._tracked(handler.func))
+            name: handler._replace(func=self.track(handler.func))
             for name, handler in service.__mapping__().items()
         }
         return _Servable(mapping)
 
-    def _tracked(self, func: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:
-        async def tracked(stream: Any) -> None:
+    def track(self, func: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """`func` (a handler of one argument), counted while it runs, refused while draining."""
+
+        async def tracked(argument: Any) -> Any:
             if self.draining:
                 with as_grpc_errors():
                     raise ServerDrainingError("the server is shutting down; retry on another")
             self._in_flight += 1
             self._idle.clear()
             try:
-                await func(stream)
+                return await func(argument)
             finally:
                 self._in_flight -= 1
                 if not self._in_flight:
@@ -198,6 +201,7 @@ class MnistServer:
         self.server = Server(
             [self.drain.wrap(s) if s is service else s for s in services],
             codec=SizeLimitedCodec(config.limits.max_message_bytes),
+            unary=unary_methods(service, wrap=self.drain.track),
         )
         install_request_log(self.server)
         self.port: int | None = None

@@ -1,4 +1,5 @@
-"""A grpclib `Server` whose connections make one socket write per event-loop turn.
+"""A grpclib `Server` whose connections make one socket write per event-loop turn, and whose
+unary calls take the lean path of `transport.unary`.
 
 grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
 concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
@@ -7,17 +8,20 @@ end of the loop turn in which they were made: all the calls answered in that tur
 one `send`. Ordering is kept (one buffer per connection), and flow control is untouched (the
 real transport still calls `pause_writing`/`resume_writing` on grpclib's protocol).
 
-This relies on `grpclib.server.Server._protocol_factory` (grpclib 0.4.9, pinned in
-pyproject.toml; tests/test_transport.py covers it).
+This relies on grpclib 0.4.9's `Server._protocol_factory` and the private attributes it
+uses (pinned in pyproject.toml; tests/test_transport.py covers them).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any, cast
 
 import grpclib.server
 from grpclib.protocol import H2Protocol
+
+from .unary import Handler, UnaryMethod
 
 
 class CoalescingTransport:
@@ -95,7 +99,24 @@ class CoalescingProtocol(asyncio.Protocol):
 
 
 class Server(grpclib.server.Server):
-    """`grpclib.server.Server` with write coalescing on every connection."""
+    """`grpclib.server.Server` with write coalescing on every connection, and the lean path
+    of `transport.unary` for the `unary` methods given."""
+
+    def __init__(
+        self, handlers: Any, *, unary: Mapping[str, UnaryMethod] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(handlers, **kwargs)
+        self._unary = dict(unary or {})
 
     def _protocol_factory(self) -> CoalescingProtocol:  # type: ignore[override]
-        return CoalescingProtocol(super()._protocol_factory())
+        # grpclib's own factory, with our Handler in place of grpclib's.
+        self.__gc_step__()
+        handler = Handler(
+            self._mapping,
+            self._codec,
+            self._status_details_codec,
+            self.__dispatch__,
+            unary=self._unary,
+        )
+        self._handlers.add(handler)
+        return CoalescingProtocol(H2Protocol(handler, self._config, self._h2_config))

@@ -1,0 +1,116 @@
+"""A real server at `--log-level info`, where unary calls take the lean path of
+`transport.unary` (at debug, the request log listens to grpclib's events and every call takes
+grpclib's own path; the rest of the end-to-end suite runs there). Real clients only."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from mnist_service.client import ItemFailure, MnistClient, Prediction
+
+from .conftest import ROOT, MnistSplit, ServerProcess, png_bytes, run_grpcurl
+
+
+@pytest.fixture(scope="module")
+def info_server() -> Iterator[ServerProcess]:
+    process = ServerProcess("--log-level", "info", "--workers", "1")
+    yield process
+    assert process.stop() == 0
+
+
+async def test_unary_rpcs_through_the_async_client(
+    info_server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    images, labels = mnist_test_set
+    async with MnistClient(info_server.address, timeout=30) as client:
+        single = await client.predict(png_bytes(images[0]))
+        batch = await client.predict_batch([png_bytes(images[1]), b"", images[2].tobytes()])
+        info = await client.model_info()
+        with pytest.raises(GRPCError) as refused:
+            await client.predict(b"not an image")
+
+    assert isinstance(single, Prediction)
+    assert single.label == labels[0]
+    assert isinstance(batch[0], Prediction)
+    assert batch[0].label == labels[1]
+    assert isinstance(batch[1], ItemFailure)
+    assert batch[1].status is Status.INVALID_ARGUMENT
+    assert isinstance(batch[2], Prediction)
+    assert batch[2].label == labels[2]
+    assert info.architecture == "conv"
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    assert "784 raw pixels" in (refused.value.message or "")
+
+
+def test_grpcurl_predict_and_error(info_server: ServerProcess, mnist_test_set: MnistSplit) -> None:
+    images, labels = mnist_test_set
+    request = json.dumps({"data": base64.b64encode(png_bytes(images[3])).decode()})
+    proto = ["-import-path", str(ROOT), "-proto", "mnist.proto"]
+
+    ok = run_grpcurl("-plaintext", *proto, "-d", "@", info_server.address,
+                     "mnist.Mnist.Predict", stdin=request)  # fmt: skip
+    bad = run_grpcurl("-plaintext", *proto, "-d", '{"data": ""}', info_server.address,
+                      "mnist.Mnist.Predict")  # fmt: skip
+
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout).get("label", 0) == labels[3]  # proto3 JSON omits a 0
+    assert bad.returncode != 0
+    assert "InvalidArgument" in bad.stderr
+
+
+def test_grpcio_client_unary_calls_and_statuses(
+    info_server: ServerProcess,
+    mnist_test_set: MnistSplit,
+    grpcio_modules: tuple[ModuleType, ModuleType],
+) -> None:
+    import grpc
+
+    pb2, pb2_grpc = grpcio_modules
+    images, labels = mnist_test_set
+    with grpc.insecure_channel(info_server.address) as channel:
+        stub = pb2_grpc.MnistStub(channel)
+        reply = stub.Predict(pb2.MnistImage(data=png_bytes(images[4])), timeout=30)
+        batch = stub.PredictBatch(
+            pb2.PredictBatchRequest(images=[pb2.MnistImage(data=png_bytes(images[5]))]),
+            timeout=30,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Predict(pb2.MnistImage(data=bytes(784)), timeout=30)
+
+    assert reply.label == labels[4]
+    assert batch.results[0].prediction.label == labels[5]
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no ink" in (caught.value.details() or "")
+
+
+async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -> None:
+    """A call whose deadline passes while it waits for its batch is cut short, the server
+    goes on serving, and during a drain new calls are UNAVAILABLE while queued ones finish."""
+    images, labels = mnist_test_set
+    server = ServerProcess(
+        "--log-level", "info", "--workers", "1", "--max-batch-delay", "400000"
+    )  # fmt: skip
+    async with MnistClient(server.address, timeout=30) as client:
+        with pytest.raises((TimeoutError, GRPCError)):
+            await client.predict(png_bytes(images[6]), timeout=0.1)
+        queued = asyncio.ensure_future(client.predict(png_bytes(images[7])))
+        await asyncio.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        with pytest.raises(GRPCError) as refused:
+            await client.predict(png_bytes(images[8]))
+        answered = await queued
+    assert server.wait(30) == 0
+
+    assert isinstance(answered, Prediction)
+    assert answered.label == labels[7]
+    assert refused.value.status is Status.UNAVAILABLE
