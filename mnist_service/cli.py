@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from grpclib.exceptions import GRPCError
@@ -18,6 +18,9 @@ from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, format_address, parse_address
 from .constants import Architecture
 from .errors import MnistServiceError
+
+if TYPE_CHECKING:
+    from .client import Prediction
 
 app = typer.Typer(
     name="mnist-service",
@@ -181,47 +184,62 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files to classify.")],
     address: AddressOption = DEFAULT_ADDRESS,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    batch: Annotated[
+        bool, typer.Option("--batch", help="Send all images in one PredictBatch call.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per call.")] = 30.0,
 ) -> None:
     """Classify image files with a running server."""
-    from .client import MnistClient
+    from .client import ItemFailure, MnistClient
+
+    def failed(path: Path, reason: str | None) -> None:
+        typer.echo(f"{path}: error: {reason}", err=True)
 
     async def run() -> int:
         failures = 0
+        readable: list[tuple[Path, bytes]] = []
+        for path in images:
+            try:
+                readable.append((path, path.read_bytes()))
+            except OSError as exc:
+                failures += 1
+                failed(path, exc.strerror)
         async with MnistClient(address, timeout=timeout) as client:
-            for path in images:
-                try:
-                    prediction = await client.predict(path)
-                except (OSError, GRPCError) as exc:
-                    failures += 1
-                    reason = exc.message if isinstance(exc, GRPCError) else exc.strerror
-                    typer.echo(f"{path}: error: {reason}", err=True)
-                    continue
-                probabilities = [round(p, 6) for p in prediction.probabilities]
-                if as_json:
-                    typer.echo(
-                        json.dumps(
-                            {
-                                "image": str(path),
-                                "label": prediction.label,
-                                "probabilities": probabilities,
-                            }
-                        )
-                    )
-                else:
-                    bars = "  ".join(f"{digit}:{p:.3f}" for digit, p in enumerate(probabilities))
-                    typer.echo(
-                        f"{path}  label={prediction.label}  "
-                        f"confidence={prediction.confidence:.3f}  [{bars}]"
-                    )
+            if batch:
+                results = await client.predict_batch([data for _, data in readable])
+            else:
+                results = []
+                for _, data in readable:
+                    try:
+                        results.append(await client.predict(data))
+                    except GRPCError as exc:
+                        results.append(ItemFailure(exc.status, exc.message or ""))
+        for (path, _), result in zip(readable, results, strict=True):
+            if isinstance(result, ItemFailure):
+                failures += 1
+                failed(path, result.message)
+            else:
+                _print_prediction(path, result, as_json=as_json)
         return failures
 
     try:
         failures = asyncio.run(run())
-    except (MnistServiceError, OSError) as exc:
-        _fail(str(exc))
+    except (MnistServiceError, OSError, GRPCError) as exc:
+        _fail((exc.message or exc.status.name) if isinstance(exc, GRPCError) else str(exc))
     if failures:
         raise typer.Exit(code=1)
+
+
+def _print_prediction(path: Path, prediction: Prediction, *, as_json: bool) -> None:
+    probabilities = [round(p, 6) for p in prediction.probabilities]
+    if as_json:
+        record = {"image": str(path), "label": prediction.label, "probabilities": probabilities}
+        typer.echo(json.dumps(record))
+    else:
+        bars = "  ".join(f"{digit}:{p:.3f}" for digit, p in enumerate(probabilities))
+        typer.echo(
+            f"{path}  label={prediction.label}  confidence={prediction.confidence:.3f}  [{bars}]"
+        )
 
 
 @app.command()

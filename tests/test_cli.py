@@ -80,6 +80,28 @@ def test_predict_and_info_commands(
     assert json.loads(info.output)["architecture"] == "conv"
 
 
+def test_predict_batch_sends_one_call_and_reports_bad_items(
+    server: ServerProcess, mnist_test_set: MnistSplit, tmp_path: Path
+) -> None:
+    images, labels = mnist_test_set
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(images[i]).save(path)
+        paths.append(str(path))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    args = ["predict", "--batch", "--json", paths[0], str(bad), *paths[1:]]
+
+    result = runner.invoke(app, [*args, "--address", server.address])
+
+    assert result.exit_code == 1  # one image failed
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["label"] for line in lines] == list(labels[:3])
+    assert [line["image"] for line in lines] == paths
+    assert "bad.png: error:" in result.stderr
+
+
 def test_predict_reports_bad_files_and_exits_non_zero(
     server: ServerProcess, tmp_path: Path
 ) -> None:

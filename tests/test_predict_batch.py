@@ -127,10 +127,43 @@ def test_grpcurl_predict_batch(batch_server: ServerProcess, mnist_test_set: Mnis
 
     assert result.returncode == 0, result.stderr
     items = json.loads(result.stdout)["results"]
-    assert items[0]["prediction"]["label"] == labels[0]
+    assert items[0]["prediction"].get("label", 0) == labels[0]  # proto3 JSON omits a 0
     assert items[1]["index"] == "1"  # uint64 is a string in proto3 JSON
-    assert items[1]["prediction"]["label"] == labels[1]
+    assert items[1]["prediction"].get("label", 0) == labels[1]
     assert items[2]["error"]["code"] == Status.INVALID_ARGUMENT.value
+
+
+def test_grpcurl_predict_stream(batch_server: ServerProcess, mnist_test_set: MnistSplit) -> None:
+    """PredictStream from grpcurl: PNG and raw items, a bad one, answers in request order."""
+    images, labels = mnist_test_set
+    items = [png_bytes(images[0]), images[1].tobytes(), b"", png_bytes(images[2])]
+    stdin = "\n".join(json.dumps({"data": base64.b64encode(item).decode()}) for item in items)
+
+    result = run_grpcurl(
+        "-plaintext",
+        "-import-path",
+        str(ROOT),
+        "-proto",
+        "mnist.proto",
+        "-d",
+        "@",
+        batch_server.address,
+        "mnist.Mnist.PredictStream",
+        stdin=stdin,
+    )
+
+    assert result.returncode == 0, result.stderr
+    decoder = json.JSONDecoder()
+    text, replies = result.stdout.strip(), []
+    while text:
+        reply, end = decoder.raw_decode(text)
+        replies.append(reply)
+        text = text[end:].strip()
+    assert [int(r.get("index", 0)) for r in replies] == [0, 1, 2, 3]
+    assert replies[0]["prediction"].get("label", 0) == labels[0]
+    assert replies[1]["prediction"].get("label", 0) == labels[1]
+    assert replies[2]["error"]["code"] == Status.INVALID_ARGUMENT.value
+    assert replies[3]["prediction"].get("label", 0) == labels[2]
 
 
 def test_grpcio_client_predict_batch(
