@@ -174,6 +174,28 @@ async def test_idle_model_runs_a_lone_caller_without_waiting_for_company() -> No
     assert model.batches == [[7]]
 
 
+async def test_a_lone_caller_on_an_idle_model_is_answered_without_a_loop_turn() -> None:
+    """Relies on CPython's `loop._ready`: if it goes, this fails instead of going slow."""
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=8)
+
+    future = batcher.submit(image(4))
+
+    assert future.done()
+    assert int(future.result().argmax()) == 4
+    assert model.batches == [[4]]
+
+
+async def test_callers_ready_in_the_same_turn_share_a_batch() -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=8)
+
+    calls = [asyncio.ensure_future(batcher.predict(image(i))) for i in range(5)]
+    await asyncio.gather(*calls)
+
+    assert model.batches == [[0, 1, 2, 3, 4]]
+
+
 @pytest.mark.parametrize(("size", "delay"), [(0, 0.0), (4, -1.0)])
 def test_invalid_settings_are_refused(size: int, delay: float) -> None:
     with pytest.raises(ValueError, match="max_"):
