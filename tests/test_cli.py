@@ -57,15 +57,21 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert result.stdout.strip() == mnist_service.__version__
 
 
+def digit_files(images: npt.NDArray[np.uint8], folder: Path) -> list[str]:
+    """The images as PNG files in `folder`; their paths."""
+    paths = []
+    for i, pixels in enumerate(images):
+        path = folder / f"digit{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def test_predict_and_info_commands(
     server: ServerProcess, mnist_test_set: MnistSplit, tmp_path: Path
 ) -> None:
     images, labels = mnist_test_set
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"digit{i}.png"
-        Image.fromarray(images[i]).save(path)
-        paths.append(str(path))
+    paths = digit_files(images[:3], tmp_path)
 
     table = runner.invoke(app, ["predict", *paths, "--address", server.address])
     as_json = runner.invoke(app, ["predict", *paths, "--address", server.address, "--json"])
@@ -84,11 +90,7 @@ def test_predict_batch_sends_one_call_and_reports_bad_items(
     server: ServerProcess, mnist_test_set: MnistSplit, tmp_path: Path
 ) -> None:
     images, labels = mnist_test_set
-    paths = []
-    for i in range(3):
-        path = tmp_path / f"digit{i}.png"
-        Image.fromarray(images[i]).save(path)
-        paths.append(str(path))
+    paths = digit_files(images[:3], tmp_path)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     args = ["predict", "--batch", "--json", paths[0], str(bad), *paths[1:]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -102,6 +103,14 @@ async def test_async_client_over_the_cap(batch_server: ServerProcess) -> None:
     assert caught.value.status is Status.INVALID_ARGUMENT
 
 
+def grpcurl_with_proto(
+    server: ServerProcess, method: str, stdin: str
+) -> subprocess.CompletedProcess[str]:
+    """grpcurl with the shipped proto, the request(s) as JSON on stdin."""
+    proto = ["-import-path", str(ROOT), "-proto", "mnist.proto"]
+    return run_grpcurl("-plaintext", *proto, "-d", "@", server.address, method, stdin=stdin)
+
+
 def test_grpcurl_predict_batch(batch_server: ServerProcess, mnist_test_set: MnistSplit) -> None:
     images, labels = mnist_test_set
     request = {
@@ -112,18 +121,7 @@ def test_grpcurl_predict_batch(batch_server: ServerProcess, mnist_test_set: Mnis
         ]
     }
 
-    result = run_grpcurl(
-        "-plaintext",
-        "-import-path",
-        str(ROOT),
-        "-proto",
-        "mnist.proto",
-        "-d",
-        "@",
-        batch_server.address,
-        "mnist.Mnist.PredictBatch",
-        stdin=json.dumps(request),
-    )
+    result = grpcurl_with_proto(batch_server, "mnist.Mnist.PredictBatch", json.dumps(request))
 
     assert result.returncode == 0, result.stderr
     items = json.loads(result.stdout)["results"]
@@ -139,18 +137,7 @@ def test_grpcurl_predict_stream(batch_server: ServerProcess, mnist_test_set: Mni
     items = [png_bytes(images[0]), images[1].tobytes(), b"", png_bytes(images[2])]
     stdin = "\n".join(json.dumps({"data": base64.b64encode(item).decode()}) for item in items)
 
-    result = run_grpcurl(
-        "-plaintext",
-        "-import-path",
-        str(ROOT),
-        "-proto",
-        "mnist.proto",
-        "-d",
-        "@",
-        batch_server.address,
-        "mnist.Mnist.PredictStream",
-        stdin=stdin,
-    )
+    result = grpcurl_with_proto(batch_server, "mnist.Mnist.PredictStream", stdin)
 
     assert result.returncode == 0, result.stderr
     decoder = json.JSONDecoder()
