@@ -11,6 +11,7 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │   └── BlankImageError          decoded fine, but there is no ink to classify
     ├── MessageTooLargeError         a request message over the size limit (checked before parsing)
     ├── MalformedMessageError        a request message that is not valid protobuf for its type
+    ├── UnsupportedEncodingError     a compressed request message (only identity is accepted)
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
     ├── ServerDrainingError          the server is shutting down and takes no new calls
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
@@ -48,6 +49,10 @@ class MessageTooLargeError(MnistServiceError):
 
 class MalformedMessageError(MnistServiceError):
     """Raised when a request message is not valid protobuf (truncated, a bad wire type...)."""
+
+
+class UnsupportedEncodingError(MnistServiceError):
+    """Raised when a request message is compressed: only the identity encoding is accepted."""
 
 
 class TooManyImagesError(MnistServiceError):

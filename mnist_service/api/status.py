@@ -22,6 +22,7 @@ from ..errors import (
     MnistServiceError,
     ServerDrainingError,
     TooManyImagesError,
+    UnsupportedEncodingError,
 )
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     InvalidImageError: Status.INVALID_ARGUMENT,
     MalformedMessageError: Status.INVALID_ARGUMENT,
     TooManyImagesError: Status.INVALID_ARGUMENT,
+    UnsupportedEncodingError: Status.UNIMPLEMENTED,
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
     ServerDrainingError: Status.UNAVAILABLE,
 }

@@ -1,5 +1,6 @@
-"""A grpclib `Server` whose connections make one socket write per event-loop turn, and whose
-unary calls take the lean path of `transport.unary`.
+"""A grpclib `Server` whose connections make one socket write per event-loop turn, whose
+unary calls take the lean path of `transport.unary`, and whose every call reads its messages
+through `codec.read_message` (the size limit checked from the prefix, before the body).
 
 grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
 concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
@@ -15,12 +16,15 @@ uses (pinned in pyproject.toml; tests/test_transport.py covers them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any, cast
 
 import grpclib.server
 from grpclib.protocol import H2Protocol
 
+from .codec import SizeLimitedCodec, read_message
 from .unary import Handler, UnaryMethod
 
 
@@ -107,6 +111,12 @@ class Server(grpclib.server.Server):
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._unary = dict(unary or {})
+        if isinstance(self._codec, SizeLimitedCodec):
+            # Calls on grpclib's own path read their messages through `read_message` too.
+            self._mapping = {
+                path: handler._replace(func=_with_checked_reads(handler.func))
+                for path, handler in self._mapping.items()
+            }
 
     def _protocol_factory(self) -> CoalescingProtocol:  # type: ignore[override]
         # grpclib's own factory, with our Handler in place of grpclib's.
@@ -120,3 +130,27 @@ class Server(grpclib.server.Server):
         )
         self._handlers.add(handler)
         return CoalescingProtocol(H2Protocol(handler, self._config, self._h2_config))
+
+
+def _with_checked_reads(
+    func: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]],
+) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
+    async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
+        stream.recv_message = partial(_recv_message, stream)  # type: ignore[method-assign]
+        await func(stream)
+
+    return handler
+
+
+async def _recv_message(stream: grpclib.server.Stream[Any, Any]) -> Any:
+    """`grpclib.server.Stream.recv_message`, reading through `codec.read_message`."""
+    codec = stream._codec
+    assert isinstance(codec, SizeLimitedCodec)  # only such servers install this
+    message = await read_message(stream._stream, codec, stream._recv_type)
+    if message is None:
+        return None
+    (message,) = await stream._dispatch.recv_message(message)
+    stream._messages_received += 1
+    stream._stream.connection.messages_received += 1
+    stream._stream.connection.last_message_received = time.monotonic()
+    return message

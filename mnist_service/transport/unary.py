@@ -41,6 +41,8 @@ from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.exceptions import StreamClosedError
 
+from .codec import SizeLimitedCodec, read_message
+
 log = logging.getLogger(__name__)
 
 _CONTENT_TYPES = frozenset({GRPC_CONTENT_TYPE, GRPC_CONTENT_TYPE + "+proto"})
@@ -128,7 +130,7 @@ async def _handle(
             limit = wrapper.start(deadline)
         try:
             with limit, wrapper:
-                request = await recv_message(stream, codec, method.request_type)
+                request = await _read(stream, codec, method.request_type)
                 if request is None:
                     raise GRPCError(Status.INVALID_ARGUMENT, "the call carried no request message")
                 reply = await method.func(request)
@@ -172,6 +174,12 @@ async def _send_status(
     await stream.send_headers(headers, end_stream=True)
     if stream.closable:
         stream.reset_nowait()
+
+
+async def _read(stream: H2Stream, codec: CodecBase, message_type: Any) -> Any:
+    if isinstance(codec, SizeLimitedCodec):
+        return await read_message(stream, codec, message_type)  # refuses oversize from the prefix
+    return await recv_message(stream, codec, message_type)
 
 
 def _content_type(codec: CodecBase) -> str:

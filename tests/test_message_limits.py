@@ -1,0 +1,152 @@
+"""Request messages are checked from their 5-byte gRPC prefix, before the body is read.
+
+A raw HTTP/2 client (the `h2` library) sends what no well-behaved gRPC client would: a prefix
+announcing 1 GiB with no body behind it, the compressed flag, a message cut short. Each gets
+its precise status at once, on both of the server's paths: the lean unary path (log level
+info) and grpclib's own (at debug level, and for streams), and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from urllib.parse import unquote
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from grpclib.const import Status
+
+from mnist_service.client import MnistClient
+
+from .conftest import MnistSplit, ServerProcess, png_bytes
+
+GIB = 1 << 30
+WAIT_S = 10.0
+
+
+def grpc_message(data: bytes, *, compressed: bool = False, announced: int | None = None) -> bytes:
+    """A gRPC length-prefixed MnistImage{data}; `announced` overrides the prefix's length."""
+    body = b"\x0a" + _varint(len(data)) + data
+    return struct.pack(">?I", compressed, len(body) if announced is None else announced) + body
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def raw_call(port: int, method: str, frames: list[bytes], *, end: bool = True) -> dict[str, str]:
+    """Send `frames` as DATA on one call; the response's headers and trailers, merged."""
+    with socket.create_connection(("::1", port), timeout=WAIT_S) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        stream_id = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":authority", f"[::1]:{port}"),
+                (":path", method),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        for index, frame in enumerate(frames):
+            conn.send_data(stream_id, frame, end_stream=end and index == len(frames) - 1)
+        sock.sendall(conn.data_to_send())
+        received: dict[str, str] = {}
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            data = sock.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    received.update(
+                        (k.decode() if isinstance(k, bytes) else k,
+                         v.decode() if isinstance(v, bytes) else v)
+                        for k, v in event.headers
+                    )  # fmt: skip
+                if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    return received
+            sock.sendall(conn.data_to_send())
+        raise AssertionError(f"no end of stream within {WAIT_S} s: {received}")
+
+
+def status_of(received: dict[str, str]) -> tuple[Status, str]:
+    return Status(int(received["grpc-status"])), unquote(received.get("grpc-message", ""))
+
+
+@pytest.fixture(scope="module", params=["info", "debug"], ids=["lean-path", "grpclib-path"])
+def server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    process = ServerProcess("--workers", "1", "--log-level", request.param)
+    yield process
+    assert process.stop() == 0
+
+
+async def assert_still_serving(server: ServerProcess, mnist_test_set: MnistSplit) -> None:
+    async with MnistClient(server.address) as client:
+        prediction = await client.predict(png_bytes(mnist_test_set[0][0]))
+    assert prediction.label == mnist_test_set[1][0]
+
+
+async def test_an_announced_gigabyte_is_refused_before_its_body(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    """Only the prefix is sent, and the call is left open: the answer cannot wait for a body."""
+    prefix = struct.pack(">?I", False, GIB)
+
+    received = raw_call(server.port or 0, "/mnist.Mnist/Predict", [prefix], end=False)
+
+    status, message = status_of(received)
+    assert status is Status.RESOURCE_EXHAUSTED
+    assert f"{GIB} bytes" in message
+    assert "limit is 4194304 bytes" in message
+    await assert_still_serving(server, mnist_test_set)
+
+
+async def test_an_oversize_message_inside_a_stream_ends_the_stream(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    first = grpc_message(png_bytes(mnist_test_set[0][1]))
+    second = struct.pack(">?I", False, GIB)
+
+    received = raw_call(server.port or 0, "/mnist.Mnist/PredictStream", [first, second], end=False)
+
+    assert status_of(received)[0] is Status.RESOURCE_EXHAUSTED
+    await assert_still_serving(server, mnist_test_set)
+
+
+async def test_a_compressed_message_is_unimplemented_not_unknown(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    frame = grpc_message(png_bytes(mnist_test_set[0][2]), compressed=True)
+
+    received = raw_call(server.port or 0, "/mnist.Mnist/Predict", [frame])
+
+    status, message = status_of(received)
+    assert status is Status.UNIMPLEMENTED
+    assert "uncompressed" in message
+    await assert_still_serving(server, mnist_test_set)
+
+
+async def test_a_message_cut_short_is_invalid_argument(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    whole = grpc_message(png_bytes(mnist_test_set[0][3]))
+
+    received = raw_call(server.port or 0, "/mnist.Mnist/Predict", [whole[:40]])
+
+    status, message = status_of(received)
+    assert status is Status.INVALID_ARGUMENT
+    assert "ended" in message
+    await assert_still_serving(server, mnist_test_set)
