@@ -79,8 +79,7 @@ async def read_message(stream: H2Stream, codec: SizeLimitedCodec, message_type: 
             )
         if length > codec.max_message_bytes:
             raise MessageTooLargeError(
-                f"request message is {length} bytes; "
-                f"the limit is {codec.max_message_bytes} bytes"
+                f"request message is {length} bytes; the limit is {codec.max_message_bytes} bytes"
             )
     body = await _read(stream, length, f"a {length}-byte message")
     return codec.decode(body, message_type)
