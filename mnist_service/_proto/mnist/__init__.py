@@ -262,7 +262,10 @@ class MnistStub(betterproto2_grpclib.ServiceStub):
         Classify one image. Errors come back as gRPC statuses:
           INVALID_ARGUMENT    empty data, bytes that are neither an image nor 784 raw pixels,
                               a truncated file, an image over the pixel limit, a blank image;
-          RESOURCE_EXHAUSTED  a request message over the server's size limit;
+          INVALID_ARGUMENT    also: a request that is not valid protobuf, or is cut short;
+          RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
+                              size its gRPC prefix announces, before the body is read);
+          UNIMPLEMENTED       a compressed request message (only identity is accepted);
           UNAVAILABLE         the server is shutting down;
           INTERNAL            anything unexpected (details are logged, not sent).
         """
@@ -359,7 +362,10 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
         Classify one image. Errors come back as gRPC statuses:
           INVALID_ARGUMENT    empty data, bytes that are neither an image nor 784 raw pixels,
                               a truncated file, an image over the pixel limit, a blank image;
-          RESOURCE_EXHAUSTED  a request message over the server's size limit;
+          INVALID_ARGUMENT    also: a request that is not valid protobuf, or is cut short;
+          RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
+                              size its gRPC prefix announces, before the body is read);
+          UNIMPLEMENTED       a compressed request message (only identity is accepted);
           UNAVAILABLE         the server is shutting down;
           INTERNAL            anything unexpected (details are logged, not sent).
         """
