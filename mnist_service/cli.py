@@ -135,6 +135,22 @@ def serve(
     max_message_bytes: Annotated[
         int, typer.Option(envvar="MNIST_MAX_MESSAGE_BYTES", help="Largest request message.")
     ] = _limits.max_message_bytes,
+    max_connection_bytes: Annotated[
+        int | None,
+        typer.Option(
+            envvar="MNIST_MAX_CONNECTION_BYTES",
+            help="Most bytes of request messages one connection may have arriving at once."
+            " [default: 4 × --max-message-bytes]",
+            show_default=False,
+        ),
+    ] = None,
+    max_message_seconds: Annotated[
+        float,
+        typer.Option(
+            envvar="MNIST_MAX_MESSAGE_SECONDS",
+            help="Seconds a request message's body may take to arrive.",
+        ),
+    ] = _limits.max_message_seconds,
     max_image_pixels: Annotated[
         int,
         typer.Option(envvar="MNIST_MAX_IMAGE_PIXELS", help="Largest image (width × height)."),
@@ -166,6 +182,8 @@ def serve(
             grace_period=grace_period,
             limits=Limits(
                 max_message_bytes=max_message_bytes,
+                max_connection_bytes=max_connection_bytes,
+                max_message_seconds=max_message_seconds,
                 max_image_pixels=max_image_pixels,
                 max_batch_images=max_batch_images,
             ),

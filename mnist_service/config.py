@@ -35,6 +35,13 @@ class Limits:
     max_message_bytes: int = 4 * 1024 * 1024
     """Largest request message accepted (gRPC's customary default, 4 MiB)."""
 
+    max_connection_bytes: int | None = None
+    """Most bytes of request messages one connection may have arriving at once (None: four
+    times `max_message_bytes`, 16 MiB by default). See `connection_bytes`."""
+
+    max_message_seconds: float = 10.0
+    """How long a request message's body may take to arrive once its prefix has."""
+
     max_image_pixels: int = 4096 * 4096
     """Largest image (width × height) decoded; checked from the header, before decoding."""
 
@@ -46,8 +53,23 @@ class Limits:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise ConfigError(f"{f.name} must be at least 1, got {getattr(self, f.name)}")
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, float) and value <= 0:
+                raise ConfigError(f"{f.name} must be positive, got {value}")
+            if isinstance(value, int) and value < 1:
+                raise ConfigError(f"{f.name} must be at least 1, got {value}")
+        if self.connection_bytes < self.max_message_bytes:
+            raise ConfigError(
+                f"max_connection_bytes ({self.connection_bytes}) must be at least "
+                f"max_message_bytes ({self.max_message_bytes})"
+            )
+
+    @property
+    def connection_bytes(self) -> int:
+        """`max_connection_bytes`, resolved."""
+        return self.max_connection_bytes or 4 * self.max_message_bytes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -9,7 +9,9 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │   ├── UndecodableImageError    not an image we can decode (or truncated), nor 784 raw pixels
     │   ├── ImageTooLargeError       more pixels than the configured limit (checked before decoding)
     │   └── BlankImageError          decoded fine, but there is no ink to classify
-    ├── MessageTooLargeError         a request message over the size limit (checked before parsing)
+    ├── MessageTooLargeError         a request message over the size limit, or over what its
+    │                                connection may have arriving at once (checked from the prefix)
+    ├── SlowMessageError             a request message that takes too long to arrive
     ├── MalformedMessageError        a request message that is not valid protobuf for its type
     ├── UnsupportedEncodingError     a compressed request message (only identity is accepted)
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
@@ -44,7 +46,12 @@ class BlankImageError(InvalidImageError):
 
 
 class MessageTooLargeError(MnistServiceError):
-    """Raised when a request message is larger than `Limits.max_message_bytes`."""
+    """Raised when a request message is larger than `Limits.max_message_bytes`, or would take
+    its connection over `Limits.max_connection_bytes` of messages arriving at once."""
+
+
+class SlowMessageError(MnistServiceError):
+    """Raised when a request message's body does not arrive within `Limits.max_message_seconds`."""
 
 
 class MalformedMessageError(MnistServiceError):

@@ -92,3 +92,21 @@ def test_config_is_frozen() -> None:
     config = ServerConfig()
     with pytest.raises(AttributeError):
         config.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_message_seconds": 0.0},
+        {"max_message_bytes": 1000, "max_connection_bytes": 999},
+    ],
+    ids=["no-time-for-a-body", "connection-budget-below-one-message"],
+)
+def test_message_limits_must_be_coherent(limits: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        Limits(**limits)  # type: ignore[arg-type]
+
+
+def test_the_connection_budget_defaults_to_four_messages() -> None:
+    assert Limits(max_message_bytes=1000).connection_bytes == 4000
+    assert Limits(max_message_bytes=1000, max_connection_bytes=1500).connection_bytes == 1500

@@ -150,3 +150,84 @@ async def test_a_message_cut_short_is_invalid_argument(
     assert status is Status.INVALID_ARGUMENT
     assert "ended" in message
     await assert_still_serving(server, mnist_test_set)
+
+
+def open_streams(port: int, bodies: list[bytes]) -> dict[int, dict[str, str]]:
+    """One connection, one Predict stream per body (each left open); the answers that come
+    within a second, by stream id."""
+    with socket.create_connection(("::1", port), timeout=WAIT_S) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for body in bodies:
+            stream_id = conn.get_next_available_stream_id()
+            conn.send_headers(
+                stream_id,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":authority", f"[::1]:{port}"),
+                    (":path", "/mnist.Mnist/Predict"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ],
+            )
+            conn.send_data(stream_id, body)
+        sock.sendall(conn.data_to_send())
+        answers: dict[int, dict[str, str]] = {}
+        sock.settimeout(0.2)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    answers.setdefault(event.stream_id, {}).update(
+                        (k.decode() if isinstance(k, bytes) else k,
+                         v.decode() if isinstance(v, bytes) else v)
+                        for k, v in event.headers
+                    )  # fmt: skip
+            sock.sendall(conn.data_to_send())
+        return answers
+
+
+async def test_a_slow_body_is_given_up_on(mnist_test_set: MnistSplit) -> None:
+    server = ServerProcess("--workers", "1", "--log-level", "info", "--max-message-seconds", "0.5")
+    try:
+        started = time.monotonic()
+        partial = struct.pack(">?I", False, 100_000) + b"\x0a" * 10  # 10 of 100 kB, then nothing
+        received = raw_call(server.port or 0, "/mnist.Mnist/Predict", [partial], end=False)
+        waited = time.monotonic() - started
+        await assert_still_serving(server, mnist_test_set)
+    finally:
+        assert server.stop() == 0
+
+    status, message = status_of(received)
+    assert status is Status.RESOURCE_EXHAUSTED
+    assert "did not arrive within 0.5 s" in message
+    assert waited < WAIT_S
+
+
+async def test_one_connection_cannot_multiply_the_message_limit(
+    mnist_test_set: MnistSplit,
+) -> None:
+    """Three streams each announce 100 kB (big enough to count: over 64 KiB); the connection
+    may have 250 kB arriving."""
+    server = ServerProcess(
+        "--workers", "1", "--log-level", "info",
+        "--max-message-bytes", "100000", "--max-connection-bytes", "250000",
+    )  # fmt: skip
+    try:
+        partial = struct.pack(">?I", False, 100_000) + b"\x0a" * 10
+        answers = open_streams(server.port or 0, [partial, partial, partial])
+        await assert_still_serving(server, mnist_test_set)
+    finally:
+        assert server.stop() == 0
+
+    assert list(answers) == [5]  # streams 1 and 3 still wait for their bodies
+    status, message = status_of(answers[5])
+    assert status is Status.RESOURCE_EXHAUSTED
+    assert "already has 200000 bytes of messages arriving" in message

@@ -21,6 +21,7 @@ from ..errors import (
     MessageTooLargeError,
     MnistServiceError,
     ServerDrainingError,
+    SlowMessageError,
     TooManyImagesError,
     UnsupportedEncodingError,
 )
@@ -33,6 +34,7 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     TooManyImagesError: Status.INVALID_ARGUMENT,
     UnsupportedEncodingError: Status.UNIMPLEMENTED,
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
+    SlowMessageError: Status.RESOURCE_EXHAUSTED,
     ServerDrainingError: Status.UNAVAILABLE,
 }
 """Domain error -> gRPC status; the most specific class in an exception's MRO wins."""

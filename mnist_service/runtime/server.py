@@ -200,7 +200,11 @@ class MnistServer:
         self.drain = Drain()
         self.server = Server(
             [self.drain.wrap(s) if s is service else s for s in services],
-            codec=SizeLimitedCodec(config.limits.max_message_bytes),
+            codec=SizeLimitedCodec(
+                config.limits.max_message_bytes,
+                max_connection_bytes=config.limits.connection_bytes,
+                max_message_seconds=config.limits.max_message_seconds,
+            ),
             unary=unary_methods(service, wrap=self.drain.track),
         )
         install_request_log(self.server)
