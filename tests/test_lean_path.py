@@ -114,3 +114,34 @@ async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -
     assert isinstance(answered, Prediction)
     assert answered.label == labels[7]
     assert refused.value.status is Status.UNAVAILABLE
+
+
+async def test_client_cancels_and_deadlines_are_not_logged_as_faults(
+    mnist_test_set: MnistSplit,
+) -> None:
+    """At the default log level, neither a cancelled stream (grpclib's path) nor a missed
+    deadline produces a log line: they are the client's doing, not the server's."""
+    images, _ = mnist_test_set
+    server = ServerProcess("--log-level", "info", "--workers", "1", "--max-batch-delay", "300000")
+    try:
+        async with MnistClient(server.address, timeout=30) as client:
+            stream = client.predict_many(png_bytes(image) for image in images[:50])
+            await anext(stream)
+            await stream.aclose()  # cancels the call mid-stream
+            with pytest.raises((TimeoutError, GRPCError)):
+                await client.predict(png_bytes(images[0]), timeout=0.05)
+            with pytest.raises((TimeoutError, GRPCError)):  # a stream: grpclib's own path
+                async for _ in client.predict_many([png_bytes(images[2])] * 3, timeout=0.05):
+                    pass
+            await asyncio.sleep(0.5)  # let the server finish with both
+            assert (await client.predict(png_bytes(images[1]))).label == mnist_test_set[1][1]
+    finally:
+        assert server.stop() == 0
+
+    lines = [
+        e for e in server.logs if e.get("logger", "").startswith(("grpclib", "mnist_service."))
+    ]
+    noisy = [
+        e for e in lines if e.get("level") not in ("info",) or e["logger"].startswith("grpclib")
+    ]
+    assert noisy == [], noisy

@@ -55,7 +55,9 @@ def configure_logging(level: str, log_format: str) -> None:
     """Send logs to stderr in the chosen format: this package's at `level`, others' from INFO.
 
     Debug logs of the libraries (h2 and hpack frame dumps, Pillow's chunk reader) would drown
-    the one-line-per-call request log, so only this package goes below INFO.
+    the one-line-per-call request log, so only this package goes below INFO. grpclib's INFO
+    lines are per call ("Request was cancelled", "Deadline exceeded": a client's doing, not a
+    fault), so below debug only its warnings and errors are shown.
     """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else PrettyFormatter())
@@ -64,3 +66,6 @@ def configure_logging(level: str, log_format: str) -> None:
     numeric = logging.getLevelName(level.upper())
     root.setLevel(max(numeric, logging.INFO))
     logging.getLogger("mnist_service").setLevel(numeric)
+    logging.getLogger("grpclib").setLevel(
+        logging.INFO if numeric <= logging.DEBUG else logging.WARNING
+    )
