@@ -128,6 +128,13 @@ def serve(
             envvar="MNIST_MAX_BATCH_IMAGES", help="Most images one PredictBatch call may carry."
         ),
     ] = _limits.max_batch_images,
+    max_queue: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_MAX_QUEUE",
+            help="Images a worker may have waiting; past it new work gets RESOURCE_EXHAUSTED.",
+        ),
+    ] = _limits.max_queue,
     grace_period: Annotated[
         float,
         typer.Option(envvar="MNIST_GRACE_PERIOD", help="Seconds to drain on SIGTERM/SIGINT."),
@@ -186,6 +193,7 @@ def serve(
                 max_message_seconds=max_message_seconds,
                 max_image_pixels=max_image_pixels,
                 max_batch_images=max_batch_images,
+                max_queue=max_queue,
             ),
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig

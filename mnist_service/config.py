@@ -51,6 +51,11 @@ class Limits:
     max_batch_images: int = 1024
     """Images one PredictBatch call may carry; more is INVALID_ARGUMENT."""
 
+    max_queue: int = 2048
+    """Images a worker may have accepted and not yet answered; past it, new work is refused
+    at once (RESOURCE_EXHAUSTED) rather than queued: about a second of ConvNet work on one
+    core, so a client that gets through is answered in about a second at worst."""
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -60,6 +65,11 @@ class Limits:
                 raise ConfigError(f"{f.name} must be positive, got {value}")
             if isinstance(value, int) and value < 1:
                 raise ConfigError(f"{f.name} must be at least 1, got {value}")
+        if self.max_queue < self.max_batch_images:
+            raise ConfigError(
+                f"max_queue ({self.max_queue}) must be at least max_batch_images "
+                f"({self.max_batch_images}), or the largest PredictBatch could never be taken"
+            )
         if self.connection_bytes < self.max_message_bytes:
             raise ConfigError(
                 f"max_connection_bytes ({self.connection_bytes}) must be at least "

@@ -12,6 +12,7 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     ├── MessageTooLargeError         a request message over the size limit, or over what its
     │                                connection may have arriving at once (checked from the prefix)
     ├── SlowMessageError             a request message that takes too long to arrive
+    ├── OverloadedError              more images waiting than `--max-queue` allows
     ├── MalformedMessageError        a request message that is not valid protobuf for its type
     ├── UnsupportedEncodingError     a compressed request message (only identity is accepted)
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
@@ -52,6 +53,10 @@ class MessageTooLargeError(MnistServiceError):
 
 class SlowMessageError(MnistServiceError):
     """Raised when a request message's body does not arrive within `Limits.max_message_seconds`."""
+
+
+class OverloadedError(MnistServiceError):
+    """Raised when accepting more images would exceed `Limits.max_queue`."""
 
 
 class MalformedMessageError(MnistServiceError):

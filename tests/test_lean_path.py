@@ -145,3 +145,29 @@ async def test_client_cancels_and_deadlines_are_not_logged_as_faults(
         e for e in lines if e.get("level") not in ("info",) or e["logger"].startswith("grpclib")
     ]
     assert noisy == [], noisy
+
+
+async def test_past_max_queue_calls_are_refused_at_once(mnist_test_set: MnistSplit) -> None:
+    """With 4 images allowed to wait (held by a long batch delay), the 5th to 8th concurrent
+    calls get RESOURCE_EXHAUSTED without waiting; once the 4 are answered, calls go through."""
+    images, labels = mnist_test_set
+    server = ServerProcess(
+        "--log-level", "info", "--workers", "1", "--max-queue", "4",
+        "--max-batch-images", "4", "--max-batch-delay", "500000",
+    )  # fmt: skip
+    try:
+        async with MnistClient(server.address, timeout=30) as client:
+            results = await asyncio.gather(
+                *(client.predict(png_bytes(images[i])) for i in range(8)), return_exceptions=True
+            )
+            after = await client.predict(png_bytes(images[9]))
+    finally:
+        assert server.stop() == 0
+
+    answered = [r for r in results if isinstance(r, Prediction)]
+    refused = [r for r in results if isinstance(r, GRPCError)]
+    assert len(answered) == 4
+    assert len(refused) == 4
+    assert all(r.status is Status.RESOURCE_EXHAUSTED for r in refused)
+    assert "retry later" in (refused[0].message or "")
+    assert after.label == labels[9]

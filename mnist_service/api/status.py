@@ -20,6 +20,7 @@ from ..errors import (
     MalformedMessageError,
     MessageTooLargeError,
     MnistServiceError,
+    OverloadedError,
     ServerDrainingError,
     SlowMessageError,
     TooManyImagesError,
@@ -35,6 +36,7 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     UnsupportedEncodingError: Status.UNIMPLEMENTED,
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
     SlowMessageError: Status.RESOURCE_EXHAUSTED,
+    OverloadedError: Status.RESOURCE_EXHAUSTED,
     ServerDrainingError: Status.UNAVAILABLE,
 }
 """Domain error -> gRPC status; the most specific class in an exception's MRO wins."""

@@ -15,6 +15,7 @@ from typing import Final
 
 import numpy as np
 
+from ..errors import OverloadedError
 from .inference import FloatArray, ModelInfo, Predictor
 from .preprocess import FloatImage, Opened, open_image, pixel_count, to_model_input
 
@@ -34,12 +35,35 @@ class Pipeline:
         *,
         max_image_pixels: int,
         executor: Executor,
+        max_queue: int = 2048,
         inline_max_pixels: int = INLINE_MAX_PIXELS,
     ) -> None:
         self._predictor = predictor
         self._max_image_pixels = max_image_pixels
         self._executor = executor
+        self._max_queue = max_queue
         self._inline_max_pixels = inline_max_pixels
+        self._pending = 0
+
+    @property
+    def pending(self) -> int:
+        """Images accepted and not yet answered."""
+        return self._pending
+
+    def _admit(self, count: int) -> None:
+        """Count `count` more images in, or refuse them all when that would pass `max_queue`."""
+        if self._pending + count > self._max_queue:
+            raise OverloadedError(
+                f"the server has {self._pending} images waiting and takes at most "
+                f"{self._max_queue}; retry later or on another server"
+            )
+        self._pending += count
+
+    def _release(self, count: int) -> None:
+        self._pending -= count
+
+    def _release_one(self, _: object) -> None:
+        self._pending -= 1
 
     @property
     def info(self) -> ModelInfo:
@@ -57,14 +81,23 @@ class Pipeline:
         the future (or the reason it failed). A small image costs no task: it is prepared
         now and goes straight into the batcher's queue."""
         try:
+            self._admit(1)
+        except OverloadedError as exc:
+            return _failed(exc)
+        try:
             opened = open_image(data, self._max_image_pixels)
             if self._is_small(opened):
-                return self._predictor.submit(to_model_input(opened)[np.newaxis])
+                future = self._predictor.submit(to_model_input(opened)[np.newaxis])
+            else:
+                future = asyncio.ensure_future(self._classify_big(opened))
         except Exception as exc:  # the caller gets it from the future, like any other error
-            failed: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
-        return asyncio.ensure_future(self._classify_big(opened))
+            self._release(1)
+            return _failed(exc)
+        if future.done():  # the lone-caller path: answered already
+            self._release(1)
+        else:
+            future.add_done_callback(self._release_one)
+        return future
 
     async def _classify_big(self, opened: Opened) -> FloatArray:
         loop = asyncio.get_running_loop()
@@ -77,6 +110,13 @@ class Pipeline:
         Small images are prepared inline one after another (no task per item), big ones in
         the executor concurrently; the valid ones then go to the predictor as one batch.
         """
+        self._admit(len(items))
+        try:
+            return await self._classify_many(items)
+        finally:
+            self._release(len(items))
+
+    async def _classify_many(self, items: Sequence[bytes]) -> list[ItemResult]:
         prepared: list[FloatImage | Exception] = []
         big: dict[int, Opened] = {}
         for data in items:
@@ -110,6 +150,12 @@ class Pipeline:
 
 
 _PENDING = RuntimeError("not prepared yet")
+
+
+def _failed(exc: Exception) -> asyncio.Future[FloatArray]:
+    future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
 
 
 def _error(outcome: BaseException) -> Exception:

@@ -190,7 +190,10 @@ class MnistServer:
             max_delay=config.max_batch_delay_us / 1e6,
         )
         pipeline = Pipeline(
-            self.batcher, max_image_pixels=config.limits.max_image_pixels, executor=executor
+            self.batcher,
+            max_image_pixels=config.limits.max_image_pixels,
+            executor=executor,
+            max_queue=config.limits.max_queue,
         )
         service = MnistService(pipeline, limits=config.limits)
         self.health_status = ServiceStatus()

@@ -264,7 +264,8 @@ class MnistStub(betterproto2_grpclib.ServiceStub):
                               a truncated file, an image over the pixel limit, a blank image;
           INVALID_ARGUMENT    also: a request that is not valid protobuf, or is cut short;
           RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
-                              size its gRPC prefix announces, before the body is read);
+                              size its gRPC prefix announces, before the body is read), or the
+                              server has as many images waiting as it takes: retry later;
           UNIMPLEMENTED       a compressed request message (only identity is accepted);
           UNAVAILABLE         the server is shutting down;
           INTERNAL            anything unexpected (details are logged, not sent).
@@ -364,7 +365,8 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
                               a truncated file, an image over the pixel limit, a blank image;
           INVALID_ARGUMENT    also: a request that is not valid protobuf, or is cut short;
           RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
-                              size its gRPC prefix announces, before the body is read);
+                              size its gRPC prefix announces, before the body is read), or the
+                              server has as many images waiting as it takes: retry later;
           UNIMPLEMENTED       a compressed request message (only identity is accepted);
           UNAVAILABLE         the server is shutting down;
           INTERNAL            anything unexpected (details are logged, not sent).

@@ -1,0 +1,58 @@
+"""The pipeline in front of the batcher: admission control (`--max-queue`)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mnist_service.engine.batcher import Batcher
+from mnist_service.engine.pipeline import Pipeline
+from mnist_service.errors import OverloadedError
+
+from .test_batcher import RecordingClassifier
+from .test_service import raw_image
+
+
+@pytest.fixture
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(1) as pool:
+        yield pool
+
+
+async def test_work_past_max_queue_is_refused_at_once_and_slots_come_back(
+    executor: ThreadPoolExecutor,
+) -> None:
+    gate = threading.Event()
+    batcher = Batcher(RecordingClassifier(gate=gate), max_batch_size=8, executor=executor)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor, max_queue=4)
+
+    admitted = [pipeline.start(raw_image(n)) for n in range(1, 5)]
+    refused = pipeline.start(raw_image(5))
+    with pytest.raises(OverloadedError, match="4 images waiting"):
+        await pipeline.classify_many([raw_image(6), raw_image(7)])
+    assert pipeline.pending == 4
+    assert refused.done()
+    assert isinstance(refused.exception(), OverloadedError)
+
+    gate.set()
+    await asyncio.gather(*admitted)
+
+    assert pipeline.pending == 0
+    assert len(await pipeline.classify_many([raw_image(1), raw_image(2)])) == 2
+    assert pipeline.pending == 0
+
+
+async def test_a_bad_image_gives_its_slot_back_at_once(executor: ThreadPoolExecutor) -> None:
+    batcher = Batcher(RecordingClassifier(), max_batch_size=8, executor=executor)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor, max_queue=1)
+
+    bad = pipeline.start(b"")
+    good = await pipeline.classify(raw_image(3))
+
+    assert isinstance(bad.exception(), ValueError)
+    assert good.shape == (10,)  # not refused: the bad image gave its one slot back
+    assert pipeline.pending == 0
