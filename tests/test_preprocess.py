@@ -520,3 +520,27 @@ def test_threads_get_the_same_answers_and_pil_globals_are_untouched(digits: Byte
             assert result is expected
     assert limit == Image.MAX_IMAGE_PIXELS
     assert truncated == ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"BM" + b"\xff" * 40, id="bmp-junk-header"),
+        pytest.param(b"RIFF\x00\x00\x00\x00WEBPVP8 " + b"\x00" * 20, id="webp-junk-header"),
+        pytest.param(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, id="png-zeros"),
+        pytest.param(lambda: half(seven_png()), id="truncated-png"),
+        pytest.param(lambda: half(seven_png("JPEG")), id="truncated-jpeg"),
+    ],
+)
+def test_error_messages_carry_no_python_exception_text(data: bytes | Callable[[], bytes]) -> None:
+    """Pillow's own texts ("Truncated File Read", "could not create decoder object", type
+    names) stay in the server's debug log; clients get our sentence."""
+    payload = data() if callable(data) else data
+    with pytest.raises(UndecodableImageError) as caught:
+        preprocess(payload, max_pixels=MAX_PIXELS)
+
+    message = str(caught.value)
+    assert message in {
+        "image header is corrupt",
+        "image data is truncated or corrupt",
+    } or message.startswith("image is not a readable PNG")

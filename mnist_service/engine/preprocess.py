@@ -29,6 +29,7 @@ safe to call from worker threads.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Final
 
 import numpy as np
@@ -54,6 +55,8 @@ __all__ = [
     "preprocess",
     "to_model_input",
 ]
+
+log = logging.getLogger(__name__)
 
 FloatImage = npt.NDArray[np.float32]
 Opened = Image.Image | npt.NDArray[np.uint8]
@@ -149,7 +152,9 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     except MemoryError:
         raise
     except Exception as exc:  # a corrupt header: Pillow raises a zoo of types
-        raise UndecodableImageError(f"image header is corrupt: {exc}") from None
+        # Pillow's text names Python types and internals: it goes to the log, not the client.
+        log.debug("undecodable image header: %r", exc)
+        raise UndecodableImageError("image header is corrupt") from None
 
     width, height = image.size  # from the header: nothing is decoded yet
     if width * height > max_pixels:
@@ -170,7 +175,8 @@ def load(image: Image.Image) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:
-        raise UndecodableImageError(f"image data is truncated or corrupt: {exc}") from None
+        log.debug("undecodable image data: %r", exc)
+        raise UndecodableImageError("image data is truncated or corrupt") from None
 
 
 def _raw(data: bytes) -> npt.NDArray[np.uint8]:
