@@ -52,9 +52,9 @@ class Limits:
     """Images one PredictBatch call may carry; more is INVALID_ARGUMENT."""
 
     max_queue: int = 2048
-    """Images a worker may have accepted and not yet answered; past it, new work is refused
-    at once (RESOURCE_EXHAUSTED) rather than queued: about a second of ConvNet work on one
-    core, so a client that gets through is answered in about a second at worst."""
+    """Images a worker may have taken into preprocessing and inference and not yet answered;
+    past it, new work is refused at once (RESOURCE_EXHAUSTED) rather than queued. About a
+    second of ConvNet work on one core."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

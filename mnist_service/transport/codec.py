@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
+from typing import Any, NoReturn
 from weakref import WeakKeyDictionary
 
 from grpclib.encoding.proto import ProtoCodec
@@ -26,6 +26,7 @@ from ..api.status import as_grpc_errors
 from ..errors import (
     MalformedMessageError,
     MessageTooLargeError,
+    MnistServiceError,
     SlowMessageError,
     UnsupportedEncodingError,
 )
@@ -95,39 +96,51 @@ async def read_message(stream: H2Stream, codec: SizeLimitedCodec, message_type: 
     if not prefix:
         return None
     compressed, length = _PREFIX.unpack(prefix)
-    connection = stream.connection
-    arriving = _arriving.get(connection, 0)
-    with as_grpc_errors():
-        if compressed:
-            raise UnsupportedEncodingError(
+    if compressed:
+        _refuse(
+            UnsupportedEncodingError(
                 "compressed request messages are not supported; send them uncompressed"
                 " (grpc-encoding: identity)"
             )
-        if length > codec.max_message_bytes:
-            raise MessageTooLargeError(
+        )
+    if length > codec.max_message_bytes:
+        _refuse(
+            MessageTooLargeError(
                 f"request message is {length} bytes; the limit is {codec.max_message_bytes} bytes"
             )
-        if arriving + length > codec.max_connection_bytes:
-            raise MessageTooLargeError(
-                f"request message is {length} bytes, and this connection already has {arriving}"
-                f" bytes of messages arriving; the limit is {codec.max_connection_bytes} bytes"
-            )
+        )
     if length <= _UNTRACKED_BYTES:  # a frame or four: arrives at once from any sane client
         body = await _read(stream, length, f"a {length}-byte message")
         return codec.decode(body, message_type)
+    connection = stream.connection
+    arriving = _arriving.get(connection, 0)
+    if arriving + length > codec.max_connection_bytes:
+        _refuse(
+            MessageTooLargeError(
+                f"request message is {length} bytes, and this connection already has {arriving}"
+                f" bytes of messages arriving; the limit is {codec.max_connection_bytes} bytes"
+            )
+        )
     _arriving[connection] = arriving + length
     try:
         async with asyncio.timeout(codec.max_message_seconds):
             body = await _read(stream, length, f"a {length}-byte message")
     except TimeoutError:
-        with as_grpc_errors():
-            raise SlowMessageError(
+        _refuse(
+            SlowMessageError(
                 f"the {length}-byte request message did not arrive within"
                 f" {codec.max_message_seconds:g} s"
-            ) from None
+            )
+        )
     finally:
         _arriving[connection] -= length
     return codec.decode(body, message_type)
+
+
+def _refuse(error: MnistServiceError) -> NoReturn:
+    """Raise `error` as the gRPC error the one error map gives it."""
+    with as_grpc_errors():
+        raise error
 
 
 _UNTRACKED_BYTES = 64 * 1024
@@ -143,5 +156,4 @@ async def _read(stream: H2Stream, size: int, what: str) -> bytes:
     try:
         return await stream.recv_data(size)
     except AssertionError:  # grpclib's Buffer, when the stream ends inside what was asked for
-        with as_grpc_errors():
-            raise MalformedMessageError(f"the request ended inside {what}") from None
+        _refuse(MalformedMessageError(f"the request ended inside {what}"))
