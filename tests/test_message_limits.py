@@ -12,6 +12,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import unquote
 
 import h2.config
@@ -43,23 +44,37 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
+def start_call(conn: h2.connection.H2Connection, port: int, method: str) -> int:
+    """Open a gRPC call on `conn`: its request headers; the new stream's id."""
+    stream_id: int = conn.get_next_available_stream_id()
+    conn.send_headers(
+        stream_id,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":authority", f"[::1]:{port}"),
+            (":path", method),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
+    return stream_id
+
+
+def text_headers(headers: Any) -> dict[str, str]:
+    """h2's header pairs (bytes or str) as a str dict."""
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in headers
+    }
+
+
 def raw_call(port: int, method: str, frames: list[bytes], *, end: bool = True) -> dict[str, str]:
     """Send `frames` as DATA on one call; the response's headers and trailers, merged."""
     with socket.create_connection(("::1", port), timeout=WAIT_S) as sock:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        stream_id = conn.get_next_available_stream_id()
-        conn.send_headers(
-            stream_id,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", f"[::1]:{port}"),
-                (":path", method),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
-        )
+        stream_id = start_call(conn, port, method)
         for index, frame in enumerate(frames):
             conn.send_data(stream_id, frame, end_stream=end and index == len(frames) - 1)
         sock.sendall(conn.data_to_send())
@@ -71,11 +86,7 @@ def raw_call(port: int, method: str, frames: list[bytes], *, end: bool = True) -
                 break
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    received.update(
-                        (k.decode() if isinstance(k, bytes) else k,
-                         v.decode() if isinstance(v, bytes) else v)
-                        for k, v in event.headers
-                    )  # fmt: skip
+                    received.update(text_headers(event.headers))
                 if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                     return received
             sock.sendall(conn.data_to_send())
@@ -159,19 +170,7 @@ def open_streams(port: int, bodies: list[bytes]) -> dict[int, dict[str, str]]:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
         for body in bodies:
-            stream_id = conn.get_next_available_stream_id()
-            conn.send_headers(
-                stream_id,
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":authority", f"[::1]:{port}"),
-                    (":path", "/mnist.Mnist/Predict"),
-                    ("content-type", "application/grpc"),
-                    ("te", "trailers"),
-                ],
-            )
-            conn.send_data(stream_id, body)
+            conn.send_data(start_call(conn, port, "/mnist.Mnist/Predict"), body)
         sock.sendall(conn.data_to_send())
         answers: dict[int, dict[str, str]] = {}
         sock.settimeout(0.2)
@@ -185,11 +184,7 @@ def open_streams(port: int, bodies: list[bytes]) -> dict[int, dict[str, str]]:
                 break
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    answers.setdefault(event.stream_id, {}).update(
-                        (k.decode() if isinstance(k, bytes) else k,
-                         v.decode() if isinstance(v, bytes) else v)
-                        for k, v in event.headers
-                    )  # fmt: skip
+                    answers.setdefault(event.stream_id, {}).update(text_headers(event.headers))
             sock.sendall(conn.data_to_send())
         return answers
 
