@@ -332,8 +332,13 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per call.")] = 30.0,
     max_requests: Annotated[
-        int, typer.Option(help="Stop after this many requests even if time is left.")
-    ] = 100_000_000,
+        int | None,
+        typer.Option(
+            help="Stop after this many requests even if time is left."
+            " [default: no practical bound; the duration ends the run]",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Load a running server; report throughput, latency percentiles and errors."""
     import sys
@@ -353,8 +358,8 @@ def bench(
             stream_window=stream_window,
             connections=connections,
             call_timeout_s=timeout,
-            max_requests=max_requests,
             model_check=model_check,
+            **({"max_requests": max_requests} if max_requests is not None else {}),
         )
     except (MnistServiceError, OSError) as exc:
         _fail(str(exc))

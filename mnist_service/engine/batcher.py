@@ -72,11 +72,6 @@ class Batcher:
         return self._classifier.info
 
     @property
-    def max_batch_size(self) -> int:
-        """The most images one model run takes."""
-        return self._max_batch_size
-
-    @property
     def stats(self) -> BatchStats:
         """Totals since start."""
         return BatchStats(

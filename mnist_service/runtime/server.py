@@ -184,13 +184,13 @@ class MnistServer:
     def __init__(self, config: ServerConfig, classifier: Classifier, executor: Executor) -> None:
         self.config = config
         self.classifier = classifier
-        self.batcher = Batcher(
+        batcher = Batcher(
             classifier,
             max_batch_size=config.max_batch_size,
             max_delay=config.max_batch_delay_us / 1e6,
         )
         pipeline = Pipeline(
-            self.batcher,
+            batcher,
             max_image_pixels=config.limits.max_image_pixels,
             executor=executor,
             max_queue=config.limits.max_queue,

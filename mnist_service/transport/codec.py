@@ -23,6 +23,7 @@ from grpclib.protocol import Connection
 from grpclib.protocol import Stream as H2Stream
 
 from ..api.status import as_grpc_errors
+from ..config import Limits
 from ..errors import (
     MalformedMessageError,
     MessageTooLargeError,
@@ -44,11 +45,13 @@ class SizeLimitedCodec(ProtoCodec):
         max_message_bytes: int,
         *,
         max_connection_bytes: int | None = None,
-        max_message_seconds: float = 10.0,
+        max_message_seconds: float | None = None,
     ) -> None:
+        # Unset limits take `Limits`' own defaults, so the rules live in one place.
+        defaults = Limits(max_message_bytes=max_message_bytes)
         self._max_message_bytes = max_message_bytes
-        self.max_connection_bytes = max_connection_bytes or 4 * max_message_bytes
-        self.max_message_seconds = max_message_seconds
+        self.max_connection_bytes = max_connection_bytes or defaults.connection_bytes
+        self.max_message_seconds = max_message_seconds or defaults.max_message_seconds
 
     @property
     def max_message_bytes(self) -> int:
