@@ -122,6 +122,14 @@ def serve(
             help="Microseconds an incomplete batch may wait for more requests (0: never).",
         ),
     ] = _config.max_batch_delay_us,
+    busy_poll: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_BUSY_POLL",
+            help="Microseconds an idle worker polls for more calls before it sleeps, while"
+            " traffic is dense (0: always sleep; saves CPU under a CPU quota).",
+        ),
+    ] = _config.busy_poll_us,
     max_batch_images: Annotated[
         int,
         typer.Option(
@@ -186,6 +194,7 @@ def serve(
             decode_threads=decode_threads,
             max_batch_size=max_batch_size,
             max_batch_delay_us=max_batch_delay,
+            busy_poll_us=busy_poll,
             grace_period=grace_period,
             limits=Limits(
                 max_message_bytes=max_message_bytes,

@@ -105,6 +105,9 @@ class ServerConfig:
     """Most images one model run takes; concurrent requests are batched up to it."""
     max_batch_delay_us: int = 0
     """How long an incomplete batch may wait for more requests (0: never wait)."""
+    busy_poll_us: int = 200
+    """How long an idle event loop polls for more work before it sleeps, in microseconds, when
+    traffic is dense (0: always sleep). See `runtime/eventloop.py`."""
     grace_period: float = 10.0
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
     limits: Limits = field(default_factory=Limits)
@@ -128,10 +131,9 @@ class ServerConfig:
         for name in ("workers", "intra_op_threads", "decode_threads", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_batch_delay_us < 0:
-            raise ConfigError(
-                f"max_batch_delay_us must not be negative, got {self.max_batch_delay_us}"
-            )
+        for name in ("max_batch_delay_us", "busy_poll_us"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.grace_period < 0:
             raise ConfigError(f"grace period must not be negative, got {self.grace_period}")
 

@@ -34,6 +34,7 @@ from ..errors import ConfigError, ServerDrainingError
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
+from .eventloop import loop_factory
 from .telemetry import install_request_log
 
 if TYPE_CHECKING:
@@ -314,7 +315,10 @@ def run(
         device=config.device,
         threads=config.intra_op_threads,
     )
-    with ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode") as executor:
-        asyncio.run(
+    with (
+        ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode") as executor,
+        asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner,
+    ):
+        runner.run(
             serve(config, classifier, executor, sock=sock, lifeline=lifeline, on_ready=on_ready)
         )
