@@ -1,7 +1,7 @@
 """The domain exceptions of mnist-service.
 
 Nothing here knows about gRPC: the service maps these to status codes in one table
-(`mnist_service.service.STATUS_FOR_ERROR`). The tree::
+(`mnist_service.api.status.STATUS_FOR_ERROR`). The tree::
 
     MnistServiceError
     ├── InvalidImageError            the request's image cannot be classified
@@ -13,6 +13,7 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │                                connection may have arriving at once (checked from the prefix)
     ├── SlowMessageError             a request message that takes too long to arrive
     ├── OverloadedError              more images waiting than `--max-queue` allows
+    ├── DeadlineExpiredError         the caller's deadline passed before its image was worked on
     ├── MalformedMessageError        a request message that is not valid protobuf for its type
     ├── UnsupportedEncodingError     a compressed request message (only identity is accepted)
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
@@ -57,6 +58,11 @@ class SlowMessageError(MnistServiceError):
 
 class OverloadedError(MnistServiceError):
     """Raised when accepting more images would exceed `Limits.max_queue`."""
+
+
+class DeadlineExpiredError(MnistServiceError):
+    """Raised for an image whose caller's deadline passed while it waited for preprocessing or
+    for a batch: it is dropped, not worked on."""
 
 
 class MalformedMessageError(MnistServiceError):

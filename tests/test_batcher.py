@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,7 @@ from mnist_service.config import shipped_weights
 from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.inference import FloatArray, ModelInfo, OnnxClassifier
+from mnist_service.errors import DeadlineExpiredError
 
 from .conftest import MnistSplit
 from .test_service import FAKE_INFO
@@ -130,6 +132,30 @@ async def test_cancelled_callers_are_dropped_before_inference(
     assert model.batches == [[1]]  # neither the cancelled nor the expired image was inferred
     assert batcher.stats.dropped == 2
     assert batcher.queued == 0
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "executor"])
+async def test_images_whose_deadline_passes_in_the_queue_are_dropped(
+    executor: ThreadPoolExecutor, inline: bool
+) -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(
+        model, max_batch_size=8, max_delay=0.05, executor=None if inline else executor
+    )
+    now = time.monotonic()
+
+    done = await asyncio.gather(
+        batcher.predict(image(1), expires_at=now + 30),
+        batcher.predict(image(2), expires_at=now + 0.01),  # passes while the batch is held
+        batcher.predict(image(3)),
+        return_exceptions=True,
+    )
+
+    assert int(done[0].argmax()) == 1  # type: ignore[union-attr]
+    assert isinstance(done[1], DeadlineExpiredError)
+    assert int(done[2].argmax()) == 3  # type: ignore[union-attr]
+    assert model.batches == [[1, 3]]
+    assert batcher.stats.dropped == 1
 
 
 async def test_greedy_batches_what_queues_while_the_model_runs(

@@ -1,6 +1,6 @@
 """A real server at `--log-level info`, where unary calls take the lean path of
-`transport.unary` (at debug, the request log listens to grpclib's events and every call takes
-grpclib's own path; the rest of the end-to-end suite runs there). Real clients only."""
+`transport.unary` (as they do at debug, where the rest of the end-to-end suite runs; streams
+and calls with unusual headers take grpclib's own path). Real clients only."""
 
 from __future__ import annotations
 

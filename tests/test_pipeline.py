@@ -1,9 +1,10 @@
-"""The pipeline in front of the batcher: admission control (`--max-queue`)."""
+"""The pipeline in front of the batcher: admission control (`--max-queue`) and deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,7 @@ import pytest
 
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.pipeline import Pipeline
-from mnist_service.errors import OverloadedError
+from mnist_service.errors import DeadlineExpiredError, OverloadedError
 
 from .test_batcher import RecordingClassifier
 from .test_service import raw_image
@@ -55,4 +56,23 @@ async def test_a_bad_image_gives_its_slot_back_at_once(executor: ThreadPoolExecu
 
     assert isinstance(bad.exception(), ValueError)
     assert good.shape == (10,)  # not refused: the bad image gave its one slot back
+    assert pipeline.pending == 0
+
+
+async def test_an_expired_deadline_is_refused_before_preprocessing(
+    executor: ThreadPoolExecutor,
+) -> None:
+    model = RecordingClassifier()
+    batcher = Batcher(model, max_batch_size=8, executor=executor)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor, max_queue=4)
+    past = time.monotonic() - 1
+
+    expired = pipeline.start(b"not even an image", past)  # refused before decoding is tried
+    with pytest.raises(DeadlineExpiredError):
+        await pipeline.classify_many([raw_image(1), raw_image(2)], past)
+    in_time = await pipeline.classify(raw_image(3), time.monotonic() + 30)
+
+    assert isinstance(expired.exception(), DeadlineExpiredError)
+    assert in_time.shape == (10,)
+    assert [len(batch) for batch in model.batches] == [1]  # only the call in time
     assert pipeline.pending == 0

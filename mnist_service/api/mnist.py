@@ -27,7 +27,7 @@ from ..config import Limits
 from ..engine.inference import FloatArray
 from ..engine.pipeline import ItemResult, Pipeline
 from ..errors import MnistServiceError, TooManyImagesError
-from ..runtime.telemetry import annotate_request
+from .calls import annotate, current_expiry
 from .status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ class MnistService(MnistBase):
     async def predict(self, message: MnistImage) -> MnistPrediction:
         """Classify one image."""
         with as_grpc_errors():
-            prediction = _prediction(await self._pipeline.classify(message.data))
-        annotate_request(label=prediction.label)
+            prediction = _prediction(await self._pipeline.classify(message.data, current_expiry()))
+        annotate(label=prediction.label)
         return prediction
 
     async def predict_batch(self, message: PredictBatchRequest) -> PredictBatchResponse:
@@ -56,8 +56,10 @@ class MnistService(MnistBase):
                     f"PredictBatch holds {len(images)} images; the limit is "
                     f"{self._limits.max_batch_images} per call"
                 )
-            results = await self._pipeline.classify_many([image.data for image in images])
-        annotate_request(items=len(results))
+            results = await self._pipeline.classify_many(
+                [image.data for image in images], current_expiry()
+            )
+        annotate(items=len(results))
         return PredictBatchResponse(
             results=[_item(index, result) for index, result in enumerate(results)]
         )
@@ -72,13 +74,14 @@ class MnistService(MnistBase):
         pushes back on the client.
         """
         in_flight = asyncio.Semaphore(self._limits.max_stream_in_flight)
+        expires_at = current_expiry()
         started: asyncio.Queue[asyncio.Future[FloatArray] | None] = asyncio.Queue()
 
         async def read_requests() -> None:
             try:
                 async for message in messages:
                     await in_flight.acquire()
-                    started.put_nowait(self._pipeline.start(message.data))
+                    started.put_nowait(self._pipeline.start(message.data, expires_at))
             finally:
                 started.put_nowait(None)
 
@@ -103,7 +106,7 @@ class MnistService(MnistBase):
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: nobody is left to answer, nothing to log
                 future.cancel()
-            annotate_request(items=index)
+            annotate(items=index)
 
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
         """Describe the served model."""

@@ -16,6 +16,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..errors import (
+    DeadlineExpiredError,
     InvalidImageError,
     MalformedMessageError,
     MessageTooLargeError,
@@ -38,6 +39,7 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     SlowMessageError: Status.RESOURCE_EXHAUSTED,
     OverloadedError: Status.RESOURCE_EXHAUSTED,
     ServerDrainingError: Status.UNAVAILABLE,
+    DeadlineExpiredError: Status.DEADLINE_EXCEEDED,
 }
 """Domain error -> gRPC status; the most specific class in an exception's MRO wins."""
 

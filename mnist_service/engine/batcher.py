@@ -9,19 +9,22 @@ incomplete batch open for at most that long (the idea of Triton's
 The model runs either inline on the event loop (`executor=None`: no thread hand-off at all,
 the right choice when the process owns one core) or in `executor`, one hand-off per batch,
 with the loop free to gather the next batch meanwhile. A caller that is cancelled (client
-cancel, deadline) before its batch starts is dropped from the batch; a failed model run fails
-only the callers in that batch. Nothing here knows about gRPC.
+cancel) or whose deadline (`expires_at`) passes before its batch starts is dropped from the
+batch (the latter with `DeadlineExpiredError`); a failed model run fails only the callers in
+that batch. Nothing here knows about gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import DeadlineExpiredError
 from .inference import Classifier, FloatArray, ModelInfo
 
 
@@ -29,6 +32,8 @@ from .inference import Classifier, FloatArray, ModelInfo
 class _Pending:
     images: FloatArray
     future: asyncio.Future[FloatArray]
+    expires_at: float | None = None
+    """`time.monotonic()` after which nobody waits for the answer (None: no deadline)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,20 +91,24 @@ class Batcher:
         """Images waiting for a batch."""
         return self._queued_images
 
-    async def predict(self, batch: FloatArray) -> FloatArray:
+    async def predict(self, batch: FloatArray, expires_at: float | None = None) -> FloatArray:
         """Float32 [N, 1, 28, 28] -> [N, 10], run together with other callers' images."""
         if len(batch) > self._max_batch_size:
             chunks = [
-                self.submit(batch[start : start + self._max_batch_size])
+                self.submit(batch[start : start + self._max_batch_size], expires_at)
                 for start in range(0, len(batch), self._max_batch_size)
             ]
             return np.concatenate(await asyncio.gather(*chunks))
-        return await self.submit(batch)
+        return await self.submit(batch, expires_at)
 
-    def submit(self, batch: FloatArray) -> asyncio.Future[FloatArray]:
+    def submit(
+        self, batch: FloatArray, expires_at: float | None = None
+    ) -> asyncio.Future[FloatArray]:
         """Queue up to `max_batch_size` images; the future gets their probabilities [N, 10].
 
-        Cancelling the future before its batch starts drops the images from the batch.
+        Cancelling the future before its batch starts drops the images from the batch, and so
+        does reaching `expires_at` (a `time.monotonic()` value) first: the future then gets a
+        `DeadlineExpiredError`.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[FloatArray] = loop.create_future()
@@ -108,7 +117,7 @@ class Batcher:
             # batch, so run it now rather than after another trip round the loop.
             self._run_inline([_Pending(batch, future)])
             return future
-        self._queue.append(_Pending(batch, future))
+        self._queue.append(_Pending(batch, future, expires_at))
         self._queued_images += len(batch)
         self._schedule()
         return future
@@ -155,11 +164,18 @@ class Batcher:
         """Up to `max_batch_size` images from the head of the queue, skipping cancelled callers."""
         taken: list[_Pending] = []
         size = 0
+        now = time.monotonic()
         while self._queue and size + len(self._queue[0].images) <= self._max_batch_size:
             pending = self._queue.popleft()
             self._queued_images -= len(pending.images)
             if pending.future.done():  # the caller was cancelled while queued
                 self._dropped += len(pending.images)
+                continue
+            if pending.expires_at is not None and pending.expires_at <= now:
+                self._dropped += len(pending.images)
+                pending.future.set_exception(
+                    DeadlineExpiredError("the call's deadline passed while it waited for the model")
+                )
                 continue
             taken.append(pending)
             size += len(pending.images)

@@ -62,11 +62,17 @@ class Predictor(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    async def predict(self, batch: FloatArray) -> FloatArray:
-        """Float32 [N, 1, 28, 28] in [0, 1] -> float32 [N, 10] probabilities."""
+    async def predict(self, batch: FloatArray, expires_at: float | None = None) -> FloatArray:
+        """Float32 [N, 1, 28, 28] in [0, 1] -> float32 [N, 10] probabilities.
+
+        Images still waiting at `expires_at` (a `time.monotonic()` value) are not run: the
+        call raises `DeadlineExpiredError` instead.
+        """
         ...
 
-    def submit(self, batch: FloatArray) -> asyncio.Future[FloatArray]:
+    def submit(
+        self, batch: FloatArray, expires_at: float | None = None
+    ) -> asyncio.Future[FloatArray]:
         """Like `predict` without waiting: the probabilities arrive in the future."""
         ...
 

@@ -9,13 +9,14 @@ here knows about gRPC.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from typing import Final
 
 import numpy as np
 
-from ..errors import OverloadedError
+from ..errors import DeadlineExpiredError, OverloadedError
 from .inference import FloatArray, ModelInfo, Predictor
 from .preprocess import FloatImage, Opened, open_image, pixel_count, to_model_input
 
@@ -70,26 +71,31 @@ class Pipeline:
         """What is being served."""
         return self._predictor.info
 
-    async def classify(self, data: bytes) -> FloatArray:
+    async def classify(self, data: bytes, expires_at: float | None = None) -> FloatArray:
         """One image's bytes -> its probabilities, float32 [10]."""
-        probabilities = await self.start(data)
+        probabilities = await self.start(data, expires_at)
         row: FloatArray = probabilities[0]
         return row
 
-    def start(self, data: bytes) -> asyncio.Future[FloatArray]:
+    def start(self, data: bytes, expires_at: float | None = None) -> asyncio.Future[FloatArray]:
         """Start classifying one image without waiting: its probabilities [1, 10] arrive in
         the future (or the reason it failed). A small image costs no task: it is prepared
-        now and goes straight into the batcher's queue."""
+        now and goes straight into the batcher's queue.
+
+        `expires_at` (a `time.monotonic()` value) is the caller's deadline: an image still
+        waiting for preprocessing or for a batch then is dropped with `DeadlineExpiredError`.
+        """
         try:
+            _check_deadline(expires_at)
             self._admit(1)
-        except OverloadedError as exc:
+        except (DeadlineExpiredError, OverloadedError) as exc:
             return _failed(exc)
         try:
             opened = open_image(data, self._max_image_pixels)
             if self._is_small(opened):
-                future = self._predictor.submit(to_model_input(opened)[np.newaxis])
+                future = self._predictor.submit(to_model_input(opened)[np.newaxis], expires_at)
             else:
-                future = asyncio.ensure_future(self._classify_big(opened))
+                future = asyncio.ensure_future(self._classify_big(opened, expires_at))
         except Exception as exc:  # the caller gets it from the future, like any other error
             self._release(1)
             return _failed(exc)
@@ -99,24 +105,30 @@ class Pipeline:
             future.add_done_callback(self._release_one)
         return future
 
-    async def _classify_big(self, opened: Opened) -> FloatArray:
+    async def _classify_big(self, opened: Opened, expires_at: float | None) -> FloatArray:
         loop = asyncio.get_running_loop()
         image = await loop.run_in_executor(self._executor, to_model_input, opened)
-        return await self._predictor.predict(image[np.newaxis])
+        return await self._predictor.predict(image[np.newaxis], expires_at)
 
-    async def classify_many(self, items: Sequence[bytes]) -> list[ItemResult]:
+    async def classify_many(
+        self, items: Sequence[bytes], expires_at: float | None = None
+    ) -> list[ItemResult]:
         """Many images -> one result each, in order; a bad image fails only itself.
 
         Small images are prepared inline one after another (no task per item), big ones in
-        the executor concurrently; the valid ones then go to the predictor as one batch.
+        the executor concurrently; the valid ones then go to the predictor as one batch. A
+        deadline (`expires_at`) that passes first fails the whole call.
         """
+        _check_deadline(expires_at)
         self._admit(len(items))
         try:
-            return await self._classify_many(items)
+            return await self._classify_many(items, expires_at)
         finally:
             self._release(len(items))
 
-    async def _classify_many(self, items: Sequence[bytes]) -> list[ItemResult]:
+    async def _classify_many(
+        self, items: Sequence[bytes], expires_at: float | None
+    ) -> list[ItemResult]:
         prepared: list[FloatImage | Exception] = []
         big: dict[int, Opened] = {}
         for data in items:
@@ -141,7 +153,8 @@ class Pipeline:
         valid = [i for i, item in enumerate(prepared) if isinstance(item, np.ndarray)]
         if valid:
             batch = np.stack([prepared[i] for i in valid])  # type: ignore[misc]
-            for i, row in zip(valid, await self._predictor.predict(batch), strict=True):
+            probabilities = await self._predictor.predict(batch, expires_at)
+            for i, row in zip(valid, probabilities, strict=True):
                 results[i] = row
         return results
 
@@ -150,6 +163,11 @@ class Pipeline:
 
 
 _PENDING = RuntimeError("not prepared yet")
+
+
+def _check_deadline(expires_at: float | None) -> None:
+    if expires_at is not None and expires_at <= time.monotonic():
+        raise DeadlineExpiredError("the call's deadline passed before its image was worked on")
 
 
 def _failed(exc: Exception) -> asyncio.Future[FloatArray]:

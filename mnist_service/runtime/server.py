@@ -35,7 +35,7 @@ from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
 from .eventloop import loop_factory
-from .telemetry import install_request_log
+from .telemetry import log_call
 
 if TYPE_CHECKING:
     from grpclib._typing import IServable
@@ -196,6 +196,7 @@ class MnistServer:
             executor=executor,
             max_queue=config.limits.max_queue,
         )
+        self.pipeline = pipeline
         service = MnistService(pipeline, limits=config.limits)
         self.health_status = ServiceStatus()
         health = Health({service: [self.health_status]})
@@ -210,8 +211,8 @@ class MnistServer:
                 max_message_seconds=config.limits.max_message_seconds,
             ),
             unary=unary_methods(service, wrap=self.drain.track),
+            observer=log_call,
         )
-        install_request_log(self.server)
         self.port: int | None = None
 
     async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:

@@ -1,66 +1,46 @@
-"""Canonical request log lines, from grpclib server events (no decorators on handlers).
+"""Canonical request log lines: one per call, from the `api.calls.Call` the transport records.
 
-`RecvRequest` opens a per-call context (a `ContextVar`, so it follows the handler's task);
-handlers add fields with `annotate_request`; `SendTrailingMetadata` writes one line per call
-with method, peer, status, duration and those fields.
+The transport opens a call before its handler runs and hands it here when it ends (no event
+listeners, no decorators on handlers); handlers add fields with `api.calls.annotate`. A line
+carries method, peer, status, duration and those fields. Client cancels (CANCELLED) and
+expired deadlines (DEADLINE_EXCEEDED) are ordinary outcomes, logged like OK; only server faults
+are warnings.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from contextvars import ContextVar
 from typing import Any
 
 from grpclib.const import Status
-from grpclib.events import RecvRequest, SendTrailingMetadata, listen
-from grpclib.server import Server
+
+from ..api.calls import Call
 
 log = logging.getLogger("mnist_service.requests")
 
-_call: ContextVar[dict[str, Any] | None] = ContextVar("mnist_service_call", default=None)
-_SERVER_FAULTS = frozenset({Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS})
+SERVER_FAULTS = frozenset({Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS})
 
 
-def annotate_request(**fields: Any) -> None:
-    """Add fields to the current call's log line (a no-op outside a call)."""
-    call = _call.get()
-    if call is not None:
-        call.update(fields)
-
-
-async def _on_recv_request(event: RecvRequest) -> None:
-    peer = event.peer.addr()
-    _call.set(
-        {
-            "method": event.method_name,
-            "peer": f"{peer[0]}:{peer[1]}" if peer else None,
-            "started": time.perf_counter(),
-        }
-    )
-
-
-async def _on_send_trailing_metadata(event: SendTrailingMetadata) -> None:
-    call = _call.get()
-    if call is None:
+def log_call(call: Call) -> None:
+    """Log `call`: at debug, or as a warning when the server failed it."""
+    level = logging.WARNING if call.status in SERVER_FAULTS else logging.DEBUG
+    if not log.isEnabledFor(level):
         return
-    fields = dict(call)
-    duration_ms = (time.perf_counter() - fields.pop("started")) * 1000
-    fields.update(status=event.status.name, duration_ms=round(duration_ms, 3))
-    if event.status is not Status.OK and event.status_message:
-        fields["error"] = event.status_message
-    level = logging.WARNING if event.status in _SERVER_FAULTS else logging.DEBUG
-    log.log(level, "call %s %s", fields["method"], event.status.name, extra={"fields": fields})
+    fields: dict[str, Any] = {
+        "method": call.method,
+        "peer": _peer(call.peer),
+        "status": call.status.name,
+        "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+        **call.fields,
+    }
+    if call.status is not Status.OK and call.message:
+        fields["error"] = call.message
+    log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
 
 
-def install_request_log(server: Server) -> None:
-    """Log one line per call handled by `server`, when debug logging is on.
-
-    Below debug the listeners would build and drop a record per call: two event dispatches
-    and a dict for nothing. Server faults are logged anyway, with their traceback, by
-    `api.status.as_grpc_errors` (INTERNAL) and by grpclib itself (UNKNOWN).
-    """
-    if not log.isEnabledFor(logging.DEBUG):
-        return
-    listen(server, RecvRequest, _on_recv_request)
-    listen(server, SendTrailingMetadata, _on_send_trailing_metadata)
+def _peer(address: Any) -> str | None:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return None if address is None else str(address)

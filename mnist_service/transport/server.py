@@ -1,6 +1,7 @@
 """A grpclib `Server` whose connections make one socket write per event-loop turn, whose
-unary calls take the lean path of `transport.unary`, and whose every call reads its messages
-through `codec.read_message` (the size limit checked from the prefix, before the body).
+unary calls take the lean path of `transport.unary`, whose every call reads its messages
+through `codec.read_message` (the size limit checked from the prefix, before the body), and
+whose every call is recorded as an `api.calls.Call` for the request log.
 
 grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
 concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
@@ -22,10 +23,13 @@ from functools import partial
 from typing import Any, cast
 
 import grpclib.server
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
+from ..api.calls import Call, CallObserver, enter, expiry, ignore
 from .codec import SizeLimitedCodec, read_message
-from .unary import Handler, UnaryMethod
+from .unary import Handler, UnaryMethod, observe
 
 
 class CoalescingTransport:
@@ -103,20 +107,26 @@ class CoalescingProtocol(asyncio.Protocol):
 
 
 class Server(grpclib.server.Server):
-    """`grpclib.server.Server` with write coalescing on every connection, and the lean path
-    of `transport.unary` for the `unary` methods given."""
+    """`grpclib.server.Server` with write coalescing on every connection, the lean path of
+    `transport.unary` for the `unary` methods given, and a `Call` record for every call,
+    handed to `observer` when the call ends."""
 
     def __init__(
-        self, handlers: Any, *, unary: Mapping[str, UnaryMethod] | None = None, **kwargs: Any
+        self,
+        handlers: Any,
+        *,
+        unary: Mapping[str, UnaryMethod] | None = None,
+        observer: CallObserver = ignore,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._unary = dict(unary or {})
-        if isinstance(self._codec, SizeLimitedCodec):
-            # Calls on grpclib's own path read their messages through `read_message` too.
-            self._mapping = {
-                path: handler._replace(func=_with_checked_reads(handler.func))
-                for path, handler in self._mapping.items()
-            }
+        self._observer = observer
+        checked = isinstance(self._codec, SizeLimitedCodec)
+        self._mapping = {
+            path: handler._replace(func=_observed(path, handler.func, observer, checked=checked))
+            for path, handler in self._mapping.items()
+        }
 
     def _protocol_factory(self) -> CoalescingProtocol:  # type: ignore[override]
         # grpclib's own factory, with our Handler in place of grpclib's.
@@ -127,17 +137,42 @@ class Server(grpclib.server.Server):
             self._status_details_codec,
             self.__dispatch__,
             unary=self._unary,
+            observer=self._observer,
         )
         self._handlers.add(handler)
         return CoalescingProtocol(H2Protocol(handler, self._config, self._h2_config))
 
 
-def _with_checked_reads(
-    func: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]],
-) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
+GrpclibHandler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
+
+
+def _observed(
+    path: str, func: GrpclibHandler, observer: CallObserver, *, checked: bool
+) -> GrpclibHandler:
+    """A handler on grpclib's own path, with the call recorded (and, when `checked`, its
+    messages read through `read_message`, as on the lean path)."""
+
     async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
-        stream.recv_message = partial(_recv_message, stream)  # type: ignore[method-assign]
-        await func(stream)
+        if checked:
+            stream.recv_message = partial(_recv_message, stream)  # type: ignore[method-assign]
+        call = Call(path, expiry(stream.deadline), peer=stream.peer.addr())
+        enter(call)
+        try:
+            if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
+                raise GRPCError(Status.DEADLINE_EXCEEDED)
+            await func(stream)
+        except GRPCError as exc:
+            call.end(exc.status, exc.message)
+            raise
+        except (asyncio.CancelledError, TimeoutError, StreamTerminatedError):
+            # grpclib cancels the handler at the deadline and on the client's RST_STREAM.
+            call.end(Status.DEADLINE_EXCEEDED if call.expired else Status.CANCELLED)
+            raise
+        except Exception:
+            call.end(Status.UNKNOWN, "Internal Server Error")  # grpclib answers so, and logs it
+            raise
+        finally:
+            observe(observer, call)
 
     return handler
 

@@ -9,7 +9,9 @@ to the HTTP/2 stream. Every other call takes grpclib's own path, so its behaviou
 reference:
 
 - deadlines (`grpc-timeout`) are honoured as grpclib does: the handler is cancelled at the
-  deadline and the call ends with DEADLINE_EXCEEDED;
+  deadline and the call ends with DEADLINE_EXCEEDED. Unlike grpclib, the deadline runs from
+  the call's arrival, not from its task's start, and a call that has waited past it is
+  answered without running its handler at all;
 - a client's cancel (RST_STREAM) or a lost connection cancels the handler, and nothing is
   sent;
 - `GRPCError` becomes a trailers-only answer with its status and message; anything else is
@@ -17,16 +19,22 @@ reference:
 - a call without a request message is INVALID_ARGUMENT (grpclib's generated code would fail
   an assertion and answer UNKNOWN).
 
+Every call, on either path, is recorded as an `api.calls.Call` and handed to the server's
+observer when it ends (the request log): its status is what the client was told, CANCELLED
+when the client cancelled, DEADLINE_EXCEEDED when its deadline passed.
+
 It relies on grpclib 0.4.9's `Handler` (`_tasks`, `__gc_step__`, `dispatch._listeners`) and
-`protocol.Stream` (`wrapper`, `send_headers`, `send_data`, `closable`, `reset_nowait`);
-tests/test_transport.py pins them.
+`protocol.Stream` (`_transport`, `wrapper`, `send_headers`, `send_data`, `closable`,
+`reset_nowait`); tests/test_transport.py and tests/test_lean_path.py exercise them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import nullcontext
 from typing import Any, NamedTuple
@@ -41,6 +49,7 @@ from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.exceptions import StreamClosedError
 
+from ..api.calls import Call, CallObserver, enter, expiry, ignore
 from .codec import SizeLimitedCodec, read_message
 
 log = logging.getLogger(__name__)
@@ -77,26 +86,37 @@ def unary_methods(
 class Handler(grpclib.server.Handler):
     """grpclib's per-connection handler, with the lean path for the given unary methods."""
 
-    def __init__(self, *args: Any, unary: Mapping[str, UnaryMethod]) -> None:
+    def __init__(
+        self, *args: Any, unary: Mapping[str, UnaryMethod], observer: CallObserver = ignore
+    ) -> None:
         super().__init__(*args)
         self._unary = unary
+        self._observer = observer
 
     def accept(
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
     ) -> None:
         """Start the call: on the lean path when it qualifies, else grpclib's."""
-        method = self._lean_method(headers)
+        path, method = self._lean_method(headers)
         if method is None:
             super().accept(stream, headers, release_stream)
             return
+        # The deadline runs from now, when the call arrived, not from when its task starts:
+        # under load a call can wait its whole deadline away before that.
+        call = Call(path, None, peer=stream._transport.get_extra_info("peername"))
+        try:
+            call.expires_at = expiry(Deadline.from_headers(headers))
+        except ValueError:
+            call.end(Status.INVALID_ARGUMENT, "the grpc-timeout header is malformed")
         self.__gc_step__()
         self._tasks[stream] = self.loop.create_task(
-            _handle(method, stream, headers, self.codec, release_stream)
+            _handle(call, method, stream, self.codec, release_stream, self._observer)
         )
 
-    def _lean_method(self, headers: list[tuple[str, str]]) -> UnaryMethod | None:
+    def _lean_method(self, headers: list[tuple[str, str]]) -> tuple[str, UnaryMethod | None]:
         fields = dict(headers)
-        method = self._unary.get(fields.get(":path", ""))
+        path = fields.get(":path", "")
+        method = self._unary.get(path)
         if (
             method is None
             or fields.get(":method") != "POST"
@@ -104,30 +124,34 @@ class Handler(grpclib.server.Handler):
             or fields.get("te") != "trailers"
             or any(self.dispatch._listeners.values())  # events promised to listeners
         ):
-            return None
-        return method
+            return path, None
+        return path, method
 
 
 async def _handle(
+    call: Call,
     method: UnaryMethod,
     stream: H2Stream,
-    headers: list[tuple[str, str]],
     codec: CodecBase,
     release_stream: Callable[[], Any],
+    observer: CallObserver,
 ) -> None:
     try:
-        try:
-            deadline = Deadline.from_headers(headers)
-        except ValueError:
-            await _send_status(stream, codec, Status.UNKNOWN, "Invalid grpc-timeout header")
+        if call.status is not Status.OK:  # refused on arrival
+            await _send_status(stream, codec, call)
             return
+        if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
+            call.end(Status.DEADLINE_EXCEEDED)
+            await _send_status(stream, codec, call)
+            return
+        enter(call)
         wrapper: Wrapper
-        if deadline is None:
+        if call.expires_at is None:
             wrapper = stream.wrapper = Wrapper()
             limit: Any = nullcontext()
         else:
             wrapper = stream.wrapper = DeadlineWrapper()
-            limit = wrapper.start(deadline)
+            limit = wrapper.start(Deadline.from_timeout(call.expires_at - time.monotonic()))
         try:
             with limit, wrapper:
                 request = await _read(stream, codec, method.request_type)
@@ -136,18 +160,22 @@ async def _handle(
                 reply = await method.func(request)
                 body = codec.encode(reply, method.reply_type)
         except GRPCError as exc:
-            await _send_status(stream, codec, exc.status, exc.message)
+            call.end(exc.status, exc.message)
+            await _send_status(stream, codec, call)
             return
         except TimeoutError:
             if not wrapper.cancelled:
                 raise
-            await _send_status(stream, codec, Status.DEADLINE_EXCEEDED, None)
+            call.end(Status.DEADLINE_EXCEEDED)
+            await _send_status(stream, codec, call)
             return
         except StreamTerminatedError:
+            call.end(Status.CANCELLED)
             return  # the client cancelled, or the connection is gone: nobody to answer
         except Exception:
             log.exception("Application error")
-            await _send_status(stream, codec, Status.UNKNOWN, "Internal Server Error")
+            call.end(Status.UNKNOWN, "Internal Server Error")
+            await _send_status(stream, codec, call)
             return
         await stream.send_headers([(":status", "200"), ("content-type", _content_type(codec))])
         await stream.send_data(_FRAME.pack(False, len(body)) + body)
@@ -155,22 +183,32 @@ async def _handle(
         if stream.closable:
             stream.reset_nowait()
     except (StreamClosedError, StreamTerminatedError):
-        pass  # the client reset the stream or left while we answered
+        call.end(Status.CANCELLED)  # the client reset the stream or left while we answered
+    except asyncio.CancelledError:
+        call.end(Status.CANCELLED)  # the server is closing
+        raise
     finally:
         release_stream()
+        observe(observer, call)
 
 
-async def _send_status(
-    stream: H2Stream, codec: CodecBase, status: Status, message: str | None
-) -> None:
-    """A trailers-only answer."""
+def observe(observer: CallObserver, call: Call) -> None:
+    """Hand a finished call to the observer; its failure is logged, never the call's."""
+    try:
+        observer(call)
+    except Exception:
+        log.exception("call observer failed")
+
+
+async def _send_status(stream: H2Stream, codec: CodecBase, call: Call) -> None:
+    """A trailers-only answer with the call's status."""
     headers = [
         (":status", "200"),
         ("content-type", _content_type(codec)),
-        ("grpc-status", str(status.value)),
+        ("grpc-status", str(call.status.value)),
     ]
-    if message is not None:
-        headers.append(("grpc-message", encode_grpc_message(message)))
+    if call.message is not None:
+        headers.append(("grpc-message", encode_grpc_message(call.message)))
     await stream.send_headers(headers, end_stream=True)
     if stream.closable:
         stream.reset_nowait()

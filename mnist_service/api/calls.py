@@ -1,0 +1,84 @@
+"""The call being served: what its handler can read and add to, and what is recorded at its end.
+
+The transport opens a `Call` for every RPC before the handler runs (on the lean unary path
+and on grpclib's own), makes it current in a `ContextVar` (so it follows the handler's task
+and nothing else), sets its final status when the call ends, and hands it to the server's
+observer: the request log, and anything else that counts calls. A client's cancel is recorded
+as CANCELLED and an expired deadline as DEADLINE_EXCEEDED, never as a server fault.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpclib.const import Status
+from grpclib.metadata import Deadline
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One RPC, from its handler's start to its status."""
+
+    method: str
+    """The gRPC path, e.g. `/mnist.Mnist/Predict`."""
+    expires_at: float | None
+    """The client's deadline as a `time.monotonic()` value (None: none was sent)."""
+    peer: Any = None
+    """The client's socket address as the transport reports it (a tuple), if known."""
+    started: float = field(default_factory=time.perf_counter)
+    status: Status = Status.OK
+    message: str | None = None
+    """The status message sent with a non-OK status."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """What the handler added with `annotate` (e.g. the label, the item count)."""
+
+    @property
+    def expired(self) -> bool:
+        """Whether the client's deadline has passed."""
+        return self.expires_at is not None and self.expires_at <= time.monotonic()
+
+    def end(self, status: Status, message: str | None = None) -> None:
+        self.status = status
+        self.message = message
+
+
+CallObserver = Callable[[Call], None]
+
+
+def expiry(deadline: Deadline | None) -> float | None:
+    """grpclib's `Deadline` as a `time.monotonic()` value."""
+    return None if deadline is None else time.monotonic() + deadline.time_remaining()
+
+
+def current_expiry() -> float | None:
+    """The current call's deadline as a `time.monotonic()` value (None: none, or no call)."""
+    call = _current.get()
+    return None if call is None else call.expires_at
+
+
+_current: ContextVar[Call | None] = ContextVar("mnist_service_call", default=None)
+
+
+def current_call() -> Call | None:
+    """The call the running task serves (None outside a call)."""
+    return _current.get()
+
+
+def enter(call: Call) -> None:
+    """Make `call` the current one for the rest of this task (the transport calls this)."""
+    _current.set(call)
+
+
+def annotate(**fields: Any) -> None:
+    """Add fields to the current call's record (a no-op outside a call)."""
+    call = _current.get()
+    if call is not None:
+        call.fields.update(fields)
+
+
+def ignore(call: Call) -> None:
+    """An observer that records nothing."""
