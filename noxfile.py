@@ -69,6 +69,16 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """A minute of mixed, hostile traffic; statuses, p50/p99, RSS and fds (not a test).
+
+    e.g. `nox -s soak -- --seconds 300 --clients 4`; exits 1 when an acceptance bound breaks.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "bench/soak.py", *session.posargs)
+
+
+@nox.session
 def profile(session: nox.Session) -> None:
     """Where a request's CPU goes (py-spy), e.g. `nox -s profile -- --root ../old-checkout`."""
     session.install("-e", ".[test]", "py-spy")

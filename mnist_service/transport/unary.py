@@ -164,7 +164,9 @@ async def _handle(
             await _send_status(stream, codec, call)
             return
         except TimeoutError:
-            if not wrapper.cancelled:
+            # `wrapper.cancelled`: the deadline fired while the handler ran; `call.expired`:
+            # it passed just before the timer could start (grpclib's `start` raises then).
+            if not (wrapper.cancelled or call.expired):
                 raise
             call.end(Status.DEADLINE_EXCEEDED)
             await _send_status(stream, codec, call)
