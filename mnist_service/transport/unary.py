@@ -41,7 +41,7 @@ from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.exceptions import StreamClosedError
 
-from .codec import SizeLimitedCodec, read_message
+from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,9 @@ class Handler(grpclib.server.Handler):
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
     ) -> None:
         """Start the call: on the lean path when it qualifies, else grpclib's."""
+        # The request headers, for `codec.read_message` to find a compressed message's
+        # grpc-encoding (a server-side stream's `headers` is otherwise unused).
+        stream.headers = headers
         method = self._lean_method(headers)
         if method is None:
             super().accept(stream, headers, release_stream)
@@ -149,7 +152,9 @@ async def _handle(
             log.exception("Application error")
             await _send_status(stream, codec, Status.UNKNOWN, "Internal Server Error")
             return
-        await stream.send_headers([(":status", "200"), ("content-type", _content_type(codec))])
+        await stream.send_headers(
+            [(":status", "200"), ("content-type", _content_type(codec)), ACCEPT_ENCODING]
+        )
         await stream.send_data(_FRAME.pack(False, len(body)) + body)
         await stream.send_headers([("grpc-status", "0")], end_stream=True)
         if stream.closable:
@@ -167,6 +172,7 @@ async def _send_status(
     headers = [
         (":status", "200"),
         ("content-type", _content_type(codec)),
+        ACCEPT_ENCODING,
         ("grpc-status", str(status.value)),
     ]
     if message is not None:
