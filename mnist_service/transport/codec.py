@@ -222,6 +222,11 @@ def _inflate(body: bytes, limit: int) -> bytes:
             return b"".join(parts) if len(parts) > 1 else parts[0]
 
 
+def refuse_missing_message() -> NoReturn:
+    """Answer a unary-request call whose client ended its stream without a message."""
+    _refuse(MalformedMessageError("the call carried no request message"))
+
+
 def _refuse(error: MnistServiceError) -> NoReturn:
     """Raise `error` as the gRPC error the one error map gives it."""
     with as_grpc_errors():

@@ -25,7 +25,7 @@ from typing import Any, cast
 import grpclib.server
 from grpclib.protocol import H2Protocol
 
-from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message
+from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .unary import Handler, UnaryMethod
 
 
@@ -165,6 +165,9 @@ async def _recv_message(stream: grpclib.server.Stream[Any, Any]) -> Any:
     assert isinstance(codec, SizeLimitedCodec)  # only such servers install this
     message = await read_message(stream._stream, codec, stream._recv_type)
     if message is None:
+        if not stream._cardinality.client_streaming:
+            # The generated handler would fail an assertion: UNKNOWN and a traceback.
+            refuse_missing_message()
         return None
     (message,) = await stream._dispatch.recv_message(message)
     stream._messages_received += 1

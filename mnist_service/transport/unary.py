@@ -41,7 +41,7 @@ from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.exceptions import StreamClosedError
 
-from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message
+from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ async def _handle(
             with limit, wrapper:
                 request = await _read(stream, codec, method.request_type)
                 if request is None:
-                    raise GRPCError(Status.INVALID_ARGUMENT, "the call carried no request message")
+                    refuse_missing_message()
                 reply = await method.func(request)
                 body = codec.encode(reply, method.reply_type)
         except GRPCError as exc:
