@@ -15,7 +15,9 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     ├── OverloadedError              more images waiting than `--max-queue` allows
     ├── DeadlineExpiredError         the caller's deadline passed before its image was worked on
     ├── MalformedMessageError        a request message that is not valid protobuf for its type
-    ├── UnsupportedEncodingError     a compressed request message (only identity is accepted)
+    ├── UnsupportedEncodingError     a request message compressed with an encoding other than gzip
+    ├── CompressionError             a compressed request message that breaks gRPC's rules: the
+    │                                compressed flag without a grpc-encoding, or a corrupt gzip body
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
     ├── ServerDrainingError          the server is shutting down and takes no new calls
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
@@ -70,7 +72,12 @@ class MalformedMessageError(MnistServiceError):
 
 
 class UnsupportedEncodingError(MnistServiceError):
-    """Raised when a request message is compressed: only the identity encoding is accepted."""
+    """Raised when a request message is compressed with an encoding other than gzip."""
+
+
+class CompressionError(MnistServiceError):
+    """Raised when a request message has the compressed flag but the call names no
+    grpc-encoding (or identity), or its gzip body does not inflate (corrupt or cut short)."""
 
 
 class TooManyImagesError(MnistServiceError):

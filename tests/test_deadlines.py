@@ -233,3 +233,39 @@ async def test_client_cancels_leave_nothing_behind(
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     # And the server still answers.
     assert await call_status(stub, data[1], 10) is Status.OK
+
+
+@pytest.mark.parametrize("method", ["/mnist.Mnist/Predict", "/mnist.Mnist/PredictStream"])
+async def test_a_malformed_grpc_timeout_is_invalid_argument_on_both_paths(
+    served: tuple[MnistServer, CountingClassifier, Channel], method: str
+) -> None:
+    app, classifier, _ = served
+    assert app.port is not None
+
+    def call() -> dict[bytes, bytes]:
+        with socket.create_connection(("::1", app.port), timeout=WAIT_S) as sock:
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            stream_id = conn.get_next_available_stream_id()
+            conn.send_headers(
+                stream_id,
+                [(":method", "POST"), (":scheme", "http"), (":authority", "x"),
+                 (":path", method), ("content-type", "application/grpc"), ("te", "trailers"),
+                 ("grpc-timeout", "soon")],
+            )  # fmt: skip
+            conn.send_data(stream_id, grpc_message(b"\x00" * 784), end_stream=True)
+            sock.sendall(conn.data_to_send())
+            answer: dict[bytes, bytes] = {}
+            while b"grpc-status" not in answer:
+                data = sock.recv(65536)
+                assert data, "the server closed the connection without an answer"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                        answer.update(dict(event.headers))
+            return answer
+
+    answer = await asyncio.to_thread(call)
+
+    assert Status(int(answer[b"grpc-status"])) is Status.INVALID_ARGUMENT
+    assert answer[b"grpc-message"] == b"the grpc-timeout header is malformed"
+    assert classifier.images == 0

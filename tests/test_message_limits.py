@@ -1,13 +1,15 @@
 """Request messages are checked from their 5-byte gRPC prefix, before the body is read.
 
 A raw HTTP/2 client (the `h2` library) sends what no well-behaved gRPC client would: a prefix
-announcing 1 GiB with no body behind it, the compressed flag, a message cut short. Each gets
+announcing 1 GiB with no body behind it, the compressed flag without an encoding, a message
+cut short. Each gets
 its precise status at once, on both of the server's paths: the lean unary path (log level
 info) and grpclib's own (at debug level, and for streams), and the server keeps serving.
 """
 
 from __future__ import annotations
 
+import gzip
 import socket
 import struct
 import time
@@ -26,6 +28,7 @@ from mnist_service.client import MnistClient
 from .conftest import MnistSplit, ServerProcess, png_bytes
 
 GIB = 1 << 30
+GZIP_ENCODING = (("grpc-encoding", "gzip"),)
 WAIT_S = 10.0
 
 
@@ -44,7 +47,12 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def start_call(conn: h2.connection.H2Connection, port: int, method: str) -> int:
+def start_call(
+    conn: h2.connection.H2Connection,
+    port: int,
+    method: str,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> int:
     """Open a gRPC call on `conn`: its request headers; the new stream's id."""
     stream_id: int = conn.get_next_available_stream_id()
     conn.send_headers(
@@ -56,6 +64,7 @@ def start_call(conn: h2.connection.H2Connection, port: int, method: str) -> int:
             (":path", method),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
+            *extra_headers,
         ],
     )
     return stream_id
@@ -69,12 +78,19 @@ def text_headers(headers: Any) -> dict[str, str]:
     }
 
 
-def raw_call(port: int, method: str, frames: list[bytes], *, end: bool = True) -> dict[str, str]:
+def raw_call(
+    port: int,
+    method: str,
+    frames: list[bytes],
+    *,
+    end: bool = True,
+    extra_headers: tuple[tuple[str, str], ...] = (),
+) -> dict[str, str]:
     """Send `frames` as DATA on one call; the response's headers and trailers, merged."""
     with socket.create_connection(("::1", port), timeout=WAIT_S) as sock:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
-        stream_id = start_call(conn, port, method)
+        stream_id = start_call(conn, port, method, extra_headers)
         for index, frame in enumerate(frames):
             conn.send_data(stream_id, frame, end_stream=end and index == len(frames) - 1)
         sock.sendall(conn.data_to_send())
@@ -137,16 +153,50 @@ async def test_an_oversize_message_inside_a_stream_ends_the_stream(
     await assert_still_serving(server, mnist_test_set)
 
 
-async def test_a_compressed_message_is_unimplemented_not_unknown(
+async def test_a_gzip_message_is_inflated_and_gzip_is_advertised(
     server: ServerProcess, mnist_test_set: MnistSplit
 ) -> None:
+    body = gzip.compress(grpc_message(png_bytes(mnist_test_set[0][2]))[5:])
+    frame = struct.pack(">?I", True, len(body)) + body
+
+    received = raw_call(
+        server.port or 0, "/mnist.Mnist/Predict", [frame], extra_headers=GZIP_ENCODING
+    )
+
+    assert status_of(received) == (Status.OK, "")
+    assert received["grpc-accept-encoding"] == "gzip"
+
+
+async def test_an_unsupported_encoding_is_unimplemented_naming_gzip(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    frame = grpc_message(png_bytes(mnist_test_set[0][2]), compressed=True)
+
+    received = raw_call(
+        server.port or 0,
+        "/mnist.Mnist/Predict",
+        [frame],
+        extra_headers=(("grpc-encoding", "snappy"),),
+    )
+
+    status, message = status_of(received)
+    assert status is Status.UNIMPLEMENTED
+    assert "'snappy' are not supported; this server accepts gzip and identity" in message
+    assert received["grpc-accept-encoding"] == "gzip"
+    await assert_still_serving(server, mnist_test_set)
+
+
+async def test_the_compressed_flag_without_an_encoding_is_internal_not_unknown(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    """What grpc-go and grpc-java answer: the client broke the protocol."""
     frame = grpc_message(png_bytes(mnist_test_set[0][2]), compressed=True)
 
     received = raw_call(server.port or 0, "/mnist.Mnist/Predict", [frame])
 
     status, message = status_of(received)
-    assert status is Status.UNIMPLEMENTED
-    assert "uncompressed" in message
+    assert status is Status.INTERNAL
+    assert "grpc-encoding is missing" in message
     await assert_still_serving(server, mnist_test_set)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import re
 import struct
+import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
-from mnist_service.engine.preprocess import preprocess
+from mnist_service.engine.preprocess import limit_pillow, preprocess
 from mnist_service.errors import (
     BlankImageError,
     EmptyImageError,
@@ -422,7 +423,12 @@ ERRORS: list[tuple[str, Callable[[], bytes], type[InvalidImageError], str]] = [
     ),
     ("truncated-png", lambda: half(seven_png()), UndecodableImageError, "truncated"),
     ("truncated-jpeg", lambda: half(seven_png("JPEG")), UndecodableImageError, "truncated"),
-    ("bomb-100000x100000", lambda: png_declaring(100_000, 100_000), ImageTooLargeError, "limit"),
+    (
+        "bomb-100000x100000",  # over Pillow's own default limit too: still our sentence
+        lambda: png_declaring(100_000, 100_000),
+        ImageTooLargeError,
+        "image is 100000×100000 = 10000000000 pixels; the limit is 16777216",
+    ),
     (
         "bomb-5000x5000",
         lambda: png_declaring(5000, 5000),
@@ -467,6 +473,48 @@ def test_the_pixel_limit_is_the_callers() -> None:
     run(data, max_pixels=60_000)
     with pytest.raises(ImageTooLargeError, match=r"300×200 = 60000 pixels; the limit is 59999"):
         preprocess(data, max_pixels=59_999)
+
+
+@pytest.fixture
+def pillow_limited_to_1000() -> Iterator[None]:
+    """`limit_pillow(1000)`, as the server does at startup; Pillow's globals restored after."""
+    default = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        limit_pillow(1000)
+        yield
+    Image.MAX_IMAGE_PIXELS = default
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"])
+@pytest.mark.parametrize("side", [40, 50, 400], ids=["1.6x", "2.5x", "160x"])
+@pytest.mark.usefixtures("pillow_limited_to_1000")
+def test_pillows_own_limit_is_ours_and_its_refusal_reads_like_ours(fmt: str, side: int) -> None:
+    """Pillow refuses first (it warns over 1x its limit and raises over 2x, inside
+    Image.open); the client still gets our sentence, with the size where Pillow lets us read
+    it (a WebP's own check fires before its size can be read again)."""
+    data = encode(Image.new("L", (side, side), 255), fmt)
+
+    with pytest.raises(ImageTooLargeError) as caught:
+        preprocess(data, max_pixels=1000)
+
+    if fmt == "WEBP" and side * side > 2000:
+        assert str(caught.value) == f"image is {side * side} pixels; the limit is 1000"
+    else:
+        assert str(caught.value) == (
+            f"image is {side}×{side} = {side * side} pixels; the limit is 1000"
+        )
+
+
+@pytest.mark.usefixtures("pillow_limited_to_1000")
+def test_pillows_limit_guards_a_gif_frame_that_grows_the_canvas() -> None:
+    """A GIF whose logical screen is 10x10 while its first frame's descriptor reaches
+    2000x2000: Pillow grows the canvas while opening, under its (our) limit."""
+    small = encode(Image.new("L", (10, 10), 255), "GIF")
+    descriptor = small.index(b"\x2c\x00\x00\x00\x00\x0a\x00\x0a\x00")
+    grown = small[: descriptor + 5] + struct.pack("<HH", 2000, 2000) + small[descriptor + 9 :]
+
+    with pytest.raises(ImageTooLargeError, match=r"the limit is 1000$"):
+        preprocess(grown, max_pixels=1000)
 
 
 def test_arbitrary_bytes_raise_nothing_but_invalid_image_errors() -> None:

@@ -16,6 +16,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from ..errors import (
+    CompressionError,
     DeadlineExpiredError,
     InvalidImageError,
     MalformedMessageError,
@@ -35,6 +36,9 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     MalformedMessageError: Status.INVALID_ARGUMENT,
     TooManyImagesError: Status.INVALID_ARGUMENT,
     UnsupportedEncodingError: Status.UNIMPLEMENTED,
+    # What grpc-go, grpc-java and grpc core answer for a compressed flag they cannot honour
+    # or a body that does not inflate: the client broke the protocol, so no retry helps.
+    CompressionError: Status.INTERNAL,
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
     SlowMessageError: Status.RESOURCE_EXHAUSTED,
     OverloadedError: Status.RESOURCE_EXHAUSTED,

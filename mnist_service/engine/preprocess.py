@@ -21,15 +21,17 @@ into that same form, so the pipeline is::
 
 An image that is already in MNIST format (28x28 8-bit grey on a black background, as are raw
 784-byte requests) passes through untouched, so MNIST's own test images score exactly the
-offline accuracy. Everything here is a pure function of its arguments: no PIL globals
-(``MAX_IMAGE_PIXELS``, ``LOAD_TRUNCATED_IMAGES``) or warning filters are touched, so it is
-safe to call from worker threads.
+offline accuracy. Everything here is a pure function of its arguments, safe to call from
+worker threads, except `limit_pillow`: the server calls it once at startup, before any decode,
+to set Pillow's own bomb limit (``MAX_IMAGE_PIXELS``) from ``--max-image-pixels``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import re
+import warnings
 from typing import Final
 
 import numpy as np
@@ -49,6 +51,7 @@ __all__ = [
     "decode",
     "ink_map",
     "is_mnist_format",
+    "limit_pillow",
     "load",
     "open_image",
     "pixel_count",
@@ -89,6 +92,23 @@ _MAGIC: Final = (b"\x89PNG", b"\xff\xd8", b"BM", b"GIF8", b"RIFF", b"II*\x00", b
 """How the files of FORMATS start; 784 bytes starting otherwise are raw pixels, unopened."""
 
 _SIXTEEN_BIT: Final = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+_PILLOW_BOMB: Final = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_PILLOW_PIXELS: Final = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def limit_pillow(max_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb check enforce `max_pixels` (once, at startup).
+
+    Pillow checks ``MAX_IMAGE_PIXELS`` at places our header check does not reach (a GIF
+    frame that grows the canvas, TIFF tiles, crops), so its limit is ours rather than its
+    unrelated default (89 M pixels: above it a bigger ``--max-image-pixels`` would be refused
+    with Pillow's words, below it Pillow would not guard at all). Its warning between 1x and
+    2x the limit becomes an error, so every refusal is an exception `open_image` turns into
+    our message, and nothing is printed outside the log.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
 def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
@@ -142,13 +162,10 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
             f"image is not a readable {', '.join(FORMATS[:-1])} or {FORMATS[-1]} file, "
             f"nor {PIXELS} raw pixels (got {len(data)} bytes)"
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow's own, much higher limit (the warning only arrives here when warnings are
-        # errors, as under pytest). Our check below is the one that normally fires.
-        raise ImageTooLargeError(
-            f"image has more pixels than Pillow will decode ({Image.MAX_IMAGE_PIXELS});"
-            f" the limit is {max_pixels}"
-        ) from None
+    except _PILLOW_BOMB as exc:
+        # Pillow's own check, run inside `Image.open` before ours can see the size (see
+        # `limit_pillow`): the same precise answer, from the header read again without it.
+        raise ImageTooLargeError(_too_many_pixels(data, max_pixels, exc)) from None
     except MemoryError:
         raise
     except Exception as exc:  # a corrupt header: Pillow raises a zoo of types
@@ -158,10 +175,34 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
 
     width, height = image.size  # from the header: nothing is decoded yet
     if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
-        )
+        raise ImageTooLargeError(_pixels_message(width, height, max_pixels))
     return image
+
+
+def _pixels_message(width: int, height: int, max_pixels: int) -> str:
+    return f"image is {width}×{height} = {width * height} pixels; the limit is {max_pixels}"
+
+
+def _too_many_pixels(data: bytes, max_pixels: int, refusal: Exception) -> str:
+    """Our message for an image Pillow's bomb check refused while opening it.
+
+    The format's own plugin reads the header again, without `Image.open`'s check, for the
+    width and height; where the plugin checks by itself (WebP, a GIF frame beyond its
+    canvas), the count comes from Pillow's message.
+    """
+    Image.preinit()  # registers the plugins of FORMATS (done already: Image.open ran)
+    for name in FORMATS:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and accept(data[:16]) is not True:
+            continue
+        try:
+            width, height = factory(io.BytesIO(data), "").size
+        except Exception:
+            continue
+        return _pixels_message(width, height, max_pixels)
+    found = _PILLOW_PIXELS.search(str(refusal))
+    count = f"{found[1]} pixels" if found else "too many pixels"
+    return f"image is {count}; the limit is {max_pixels}"
 
 
 def load(image: Image.Image) -> Image.Image:
@@ -174,6 +215,12 @@ def load(image: Image.Image) -> Image.Image:
         return _shrink(_canonical(ImageOps.exif_transpose(image)))
     except MemoryError:
         raise
+    except _PILLOW_BOMB as exc:  # Pillow's check while decoding (a TIFF tile, say)
+        found = _PILLOW_PIXELS.search(str(exc))
+        count = f"{found[1]} pixels" if found else "more pixels than the limit"
+        raise ImageTooLargeError(
+            f"image needs {count} to decode; the limit is {Image.MAX_IMAGE_PIXELS}"
+        ) from None
     except Exception as exc:
         log.debug("undecodable image data: %r", exc)
         raise UndecodableImageError("image data is truncated or corrupt") from None

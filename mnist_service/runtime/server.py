@@ -30,6 +30,7 @@ from ..config import ServerConfig, format_address
 from ..engine.batcher import Batcher
 from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
+from ..engine.preprocess import limit_pillow
 from ..errors import ConfigError, ServerDrainingError
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
@@ -190,6 +191,7 @@ class MnistServer:
             max_batch_size=config.max_batch_size,
             max_delay=config.max_batch_delay_us / 1e6,
         )
+        limit_pillow(config.limits.max_image_pixels)
         pipeline = Pipeline(
             batcher,
             max_image_pixels=config.limits.max_image_pixels,

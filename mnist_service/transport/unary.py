@@ -50,7 +50,7 @@ from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.exceptions import StreamClosedError
 
 from ..api.calls import Call, CallObserver, enter, expiry, ignore
-from .codec import SizeLimitedCodec, read_message
+from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +97,21 @@ class Handler(grpclib.server.Handler):
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
     ) -> None:
         """Start the call: on the lean path when it qualifies, else grpclib's."""
+        # The request headers, for `codec.read_message` to find a compressed message's
+        # grpc-encoding (a server-side stream's `headers` is otherwise unused).
+        stream.headers = headers
         path, method = self._lean_method(headers)
-        if method is None:
-            super().accept(stream, headers, release_stream)
-            return
         # The deadline runs from now, when the call arrived, not from when its task starts:
         # under load a call can wait its whole deadline away before that.
         call = Call(path, None, peer=stream._transport.get_extra_info("peername"))
         try:
             call.expires_at = expiry(Deadline.from_headers(headers))
-        except ValueError:
+        except ValueError:  # grpclib would answer UNKNOWN: refused here, on either path
             call.end(Status.INVALID_ARGUMENT, "the grpc-timeout header is malformed")
+        else:
+            if method is None:
+                super().accept(stream, headers, release_stream)
+                return
         self.__gc_step__()
         self._tasks[stream] = self.loop.create_task(
             _handle(call, method, stream, self.codec, release_stream, self._observer)
@@ -130,14 +134,14 @@ class Handler(grpclib.server.Handler):
 
 async def _handle(
     call: Call,
-    method: UnaryMethod,
+    method: UnaryMethod | None,
     stream: H2Stream,
     codec: CodecBase,
     release_stream: Callable[[], Any],
     observer: CallObserver,
 ) -> None:
     try:
-        if call.status is not Status.OK:  # refused on arrival
+        if call.status is not Status.OK or method is None:  # refused on arrival
             await _send_status(stream, codec, call)
             return
         if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
@@ -156,7 +160,7 @@ async def _handle(
             with limit, wrapper:
                 request = await _read(stream, codec, method.request_type)
                 if request is None:
-                    raise GRPCError(Status.INVALID_ARGUMENT, "the call carried no request message")
+                    refuse_missing_message()
                 reply = await method.func(request)
                 body = codec.encode(reply, method.reply_type)
         except GRPCError as exc:
@@ -179,7 +183,9 @@ async def _handle(
             call.end(Status.UNKNOWN, "Internal Server Error")
             await _send_status(stream, codec, call)
             return
-        await stream.send_headers([(":status", "200"), ("content-type", _content_type(codec))])
+        await stream.send_headers(
+            [(":status", "200"), ("content-type", _content_type(codec)), ACCEPT_ENCODING]
+        )
         await stream.send_data(_FRAME.pack(False, len(body)) + body)
         await stream.send_headers([("grpc-status", "0")], end_stream=True)
         if stream.closable:
@@ -207,6 +213,7 @@ async def _send_status(stream: H2Stream, codec: CodecBase, call: Call) -> None:
     headers = [
         (":status", "200"),
         ("content-type", _content_type(codec)),
+        ACCEPT_ENCODING,
         ("grpc-status", str(call.status.value)),
     ]
     if call.message is not None:

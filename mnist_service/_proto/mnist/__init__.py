@@ -266,9 +266,12 @@ class MnistStub(betterproto2_grpclib.ServiceStub):
           RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
                               size its gRPC prefix announces, before the body is read), or the
                               server has as many images waiting as it takes: retry later;
-          UNIMPLEMENTED       a compressed request message (only identity is accepted);
+          UNIMPLEMENTED       a request message compressed with other than gzip (gzip and
+                              identity are accepted);
           UNAVAILABLE         the server is shutting down;
-          INTERNAL            anything unexpected (details are logged, not sent).
+          INTERNAL            the compressed flag without grpc-encoding, a corrupt gzip body;
+                              anything unexpected (details are logged, not sent).
+        docs/status-codes.md lists every status, with what a client should do.
         """
 
         return await self._unary_unary(
@@ -367,9 +370,12 @@ class MnistBase(betterproto2_grpclib.ServiceBase):
           RESOURCE_EXHAUSTED  a request message over the server's size limit (refused from the
                               size its gRPC prefix announces, before the body is read), or the
                               server has as many images waiting as it takes: retry later;
-          UNIMPLEMENTED       a compressed request message (only identity is accepted);
+          UNIMPLEMENTED       a request message compressed with other than gzip (gzip and
+                              identity are accepted);
           UNAVAILABLE         the server is shutting down;
-          INTERNAL            anything unexpected (details are logged, not sent).
+          INTERNAL            the compressed flag without grpc-encoding, a corrupt gzip body;
+                              anything unexpected (details are logged, not sent).
+        docs/status-codes.md lists every status, with what a client should do.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
