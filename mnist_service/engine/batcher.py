@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -34,6 +35,21 @@ class _Pending:
     future: asyncio.Future[FloatArray]
     expires_at: float | None = None
     """`time.monotonic()` after which nobody waits for the answer (None: no deadline)."""
+    queued_at: float = 0.0
+    """`time.monotonic()` when it joined the queue (0: it never waited)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """One model run, for metrics: its images, how long each caller's images waited for it,
+    and how long the model took."""
+
+    images: int
+    waits: list[float]
+    seconds: float
+
+
+BatchObserver = Callable[[BatchRecord], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +72,7 @@ class Batcher:
         max_batch_size: int = 32,
         max_delay: float = 0.0,
         executor: Executor | None = None,
+        observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -65,6 +82,7 @@ class Batcher:
         self._max_batch_size = max_batch_size
         self._max_delay = max_delay
         self._executor = executor
+        self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
         self._scheduled: asyncio.Handle | None = None
@@ -117,7 +135,7 @@ class Batcher:
             # batch, so run it now rather than after another trip round the loop.
             self._run_inline([_Pending(batch, future)])
             return future
-        self._queue.append(_Pending(batch, future, expires_at))
+        self._queue.append(_Pending(batch, future, expires_at, time.monotonic()))
         self._queued_images += len(batch)
         self._schedule()
         return future
@@ -182,12 +200,16 @@ class Batcher:
         return taken
 
     def _run_inline(self, pending: list[_Pending]) -> None:
+        batch = self._stack(pending)
+        started = time.monotonic()
         try:
-            probabilities = self._classifier.classify(self._stack(pending))
+            probabilities = self._classifier.classify(batch)
         except Exception as exc:
             self._fail(pending, exc)
         else:
             self._deliver(pending, probabilities)
+        if self._observer is not None:
+            _observe(self._observer, pending, len(batch), started)
 
     async def _run_in_executor(self) -> None:
         loop = asyncio.get_running_loop()
@@ -197,6 +219,7 @@ class Batcher:
                 if not pending:
                     continue
                 batch = self._stack(pending)
+                started = time.monotonic()
                 try:
                     probabilities = await loop.run_in_executor(
                         self._executor, self._classifier.classify, batch
@@ -205,6 +228,8 @@ class Batcher:
                     self._fail(pending, exc)
                 else:
                     self._deliver(pending, probabilities)
+                if self._observer is not None:
+                    _observe(self._observer, pending, len(batch), started)
         finally:
             self._running = False
             if self._queue:
@@ -238,3 +263,8 @@ class Batcher:
         for p in pending:
             if not p.future.done():
                 p.future.set_exception(exc)
+
+
+def _observe(observer: BatchObserver, pending: list[_Pending], images: int, started: float) -> None:
+    waits = [started - p.queued_at if p.queued_at else 0.0 for p in pending]
+    observer(BatchRecord(images, waits, time.monotonic() - started))

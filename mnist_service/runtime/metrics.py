@@ -1,0 +1,165 @@
+"""Prometheus metrics, served on their own HTTP port (`--metrics-address`; off unless asked).
+
+Every server process records into prometheus-client's multiprocess mode: each process writes
+its values to memory-mapped files in one directory, and the process that serves `/metrics`
+(the supervisor with `--workers N`, else the server itself) sums them at scrape time. So one
+scrape covers every worker: counters and histograms add up across workers (and keep what a
+restarted worker counted before it died), gauges of in-flight and queued work are the sum
+over live workers, and the model-info gauge is the same in every worker.
+
+The multiprocess directory must be known before prometheus-client is imported: `prepare`
+sets it (a fresh temporary directory unless PROMETHEUS_MULTIPROC_DIR is set), and only then
+does anything import this module's users. Recording costs a few microseconds per call and is
+done only when metrics are on.
+
+Names follow Triton's (`..._request_success`, `..._inference_count`, `..._exec_count`,
+`..._queue_duration_...`) and the Prometheus conventions (base units in the name, `_total`
+on counters). docs/operations.md has the table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from grpclib.const import Status
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+"""Seconds, from half a millisecond (one image on an idle server) to ten (a big batch)."""
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def prepare() -> Path:
+    """Choose the multiprocess directory (before prometheus-client is imported anywhere)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        directory = tempfile.mkdtemp(prefix="mnist-metrics-")
+        os.environ[MULTIPROC_ENV] = directory
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):  # a previous run's values would be summed in
+        stale.unlink()
+    return path
+
+
+def serve_metrics(host: str, port: int) -> Callable[[], None]:
+    """Serve `/metrics` for every process recording into the multiprocess directory, from a
+    thread of this process; the function that stops it."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    server, thread = start_http_server(port, addr=host, registry=registry)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
+
+
+def process_gone(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay: they count what it did)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """What one server process records. Create it after `prepare`, in the process that
+    records (a forked worker creates its own)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.request_success = Counter(
+            "mnist_request_success_total", "Calls answered OK, by RPC.", ["method"]
+        )
+        self.request_failure = Counter(
+            "mnist_request_failure_total",
+            "Calls that ended with a status other than OK, by RPC and status code.",
+            ["method", "code"],
+        )
+        self.request_duration = Histogram(
+            "mnist_request_duration_seconds",
+            "From a call's arrival to its status, by RPC.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+        )
+        self.queue_duration = Histogram(
+            "mnist_inference_queue_duration_seconds",
+            "How long a caller's images waited in the batcher's queue for a model run.",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.compute_duration = Histogram(
+            "mnist_inference_compute_duration_seconds",
+            "How long one model run (one batch) took.",
+            buckets=LATENCY_BUCKETS,
+        )
+        self.inference_count = Counter(
+            "mnist_inference_count_total", "Images inferred (each image of a batch counts)."
+        )
+        self.exec_count = Counter(
+            "mnist_inference_exec_count_total", "Model runs (batches); images / runs = batch fill."
+        )
+        self.batch_size = Histogram(
+            "mnist_inference_batch_size", "Images per model run.", buckets=BATCH_BUCKETS
+        )
+        self.in_flight = Gauge(
+            "mnist_requests_in_flight",
+            "Mnist calls being handled now (all workers).",
+            multiprocess_mode="livesum",
+        )
+        self.queued = Gauge(
+            "mnist_inference_queue_images",
+            "Images accepted and not yet answered (all workers; --max-queue bounds each).",
+            multiprocess_mode="livesum",
+        )
+        self.model_info = Gauge(
+            "mnist_model_info",
+            "The model served: 1, labelled with what it is.",
+            ["architecture", "provider", "weights_sha256"],
+            multiprocess_mode="max",
+        )
+        self._success: dict[str, Any] = {}
+        self._duration: dict[str, Any] = {}
+
+    def describe_model(self, architecture: str, provider: str, weights_sha256: str) -> None:
+        self.model_info.labels(architecture, provider, weights_sha256).set(1)
+
+    def record_call(self, method: str, status: Status, seconds: float) -> None:
+        """One finished call."""
+        if status is Status.OK:
+            counter = self._success.get(method)
+            if counter is None:
+                counter = self._success[method] = self.request_success.labels(method)
+            counter.inc()
+        else:
+            self.request_failure.labels(method, status.name).inc()
+        duration = self._duration.get(method)
+        if duration is None:
+            duration = self._duration[method] = self.request_duration.labels(method)
+        duration.observe(seconds)
+
+    def record_batch(self, images: int, waits: list[float], seconds: float) -> None:
+        """One model run."""
+        self.inference_count.inc(images)
+        self.exec_count.inc()
+        self.batch_size.observe(images)
+        self.compute_duration.observe(seconds)
+        for wait in waits:
+            self.queue_duration.observe(wait)
+
+    def sample(self, in_flight: int, queued: int) -> None:
+        """The gauges of work in progress (sampled, not counted per call)."""
+        self.in_flight.set(in_flight)
+        self.queued.set(queued)
