@@ -2,7 +2,8 @@
 
 `RecvRequest` opens a per-call context (a `ContextVar`, so it follows the handler's task);
 handlers add fields with `annotate_request`; `SendTrailingMetadata` writes one line per call
-with method, peer, status, duration and those fields.
+with method, peer, status, duration and those fields. Streams a draining server refuses before
+any call starts (REFUSED_STREAM) get their line from `log_refused_stream`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,19 @@ async def _on_send_trailing_metadata(event: SendTrailingMetadata) -> None:
         fields["error"] = event.status_message
     level = logging.WARNING if event.status in _SERVER_FAULTS else logging.DEBUG
     log.log(level, "call %s %s", fields["method"], event.status.name, extra={"fields": fields})
+
+
+def log_refused_stream(method: str, peer: tuple[str, int] | None) -> None:
+    """The log line of a call refused with REFUSED_STREAM (opened after the final GOAWAY)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    fields = {
+        "method": method,
+        "peer": f"{peer[0]}:{peer[1]}" if peer else None,
+        "status": "REFUSED_STREAM",
+        "error": "opened after the final GOAWAY of a drain; the client may retry it elsewhere",
+    }
+    log.debug("call %s REFUSED_STREAM", method, extra={"fields": fields})
 
 
 def install_request_log(server: Server) -> None:

@@ -9,23 +9,45 @@ end of the loop turn in which they were made: all the calls answered in that tur
 one `send`. Ordering is kept (one buffer per connection), and flow control is untouched (the
 real transport still calls `pause_writing`/`resume_writing` on grpclib's protocol).
 
+The server keeps its connections, for the drain (`transport.drain`): `stop_accepting` closes
+the listening socket, `goaway` sends the two-step GOAWAY on every connection (after which
+late streams are refused), `stop_stream_reads` ends streaming calls' requests, `calls` are
+the calls still running, and `close_connections` ends what is left.
+
 This relies on grpclib 0.4.9's `Server._protocol_factory` and the private attributes it
-uses (pinned in pyproject.toml; tests/test_transport.py covers them).
+uses, `Server._server`, and `H2Protocol.processor.processors` (the drain's PING ack is
+recognised there); pinned in pyproject.toml, tests/test_transport.py covers them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, cast
 
 import grpclib.server
+from grpclib.const import Cardinality
 from grpclib.protocol import H2Protocol
+from h2.events import PingAckReceived
 
 from .codec import SizeLimitedCodec, read_message
-from .unary import Handler, UnaryMethod
+from .drain import (
+    DRAIN_PING,
+    DRAINING_TRAILER,
+    MAX_STREAM_ID,
+    StreamReads,
+    goaway_frame,
+    ping_frame,
+)
+from .unary import Handler, RefusedCallback, UnaryMethod
+
+log = logging.getLogger(__name__)
+
+_CLOSE_WAIT_S = 1.0
+"""How long closing connections may take to send what they hold before they are aborted."""
 
 
 class CoalescingTransport:
@@ -68,18 +90,31 @@ class CoalescingTransport:
 
 
 class CoalescingProtocol(asyncio.Protocol):
-    """grpclib's `H2Protocol`, given a `CoalescingTransport` instead of the socket's own."""
+    """grpclib's `H2Protocol`, given a `CoalescingTransport` instead of the socket's own;
+    registered in `connections` while connected."""
 
-    def __init__(self, inner: H2Protocol) -> None:
+    transport: CoalescingTransport | None = None
+
+    def __init__(
+        self, inner: H2Protocol, connections: set[CoalescingProtocol] | None = None
+    ) -> None:
         self.inner = inner
+        self._connections = connections if connections is not None else set()
+        self.lost = asyncio.Event()
+
+    @property
+    def handler(self) -> Handler:
+        """The connection's call handler."""
+        return cast(Handler, self.inner.handler)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wrap the transport, then let grpclib set up HTTP/2."""
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
-        wrapped = CoalescingTransport(
+        self.transport = CoalescingTransport(
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
         )
-        self.inner.connection_made(wrapped)  # type: ignore[arg-type]
+        self.inner.connection_made(self.transport)  # type: ignore[arg-type]
+        self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         """Feed HTTP/2 frames to grpclib."""
@@ -99,7 +134,53 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: grpclib ends its streams."""
+        self._connections.discard(self)
+        self.lost.set()
         self.inner.connection_lost(exc)
+
+    async def goaway(self, ping_timeout: float) -> None:
+        """The two-step GOAWAY: 2^31-1 and a PING; on its ack (or after `ping_timeout`) the
+        real last stream id, above which the handler refuses streams."""
+        if self.transport is None or self.lost.is_set():
+            return
+        acked = asyncio.get_running_loop().create_future()
+        processors = self.inner.processor.processors
+        on_ping_ack = cast(Callable[[PingAckReceived], None], processors[PingAckReceived])
+
+        def on_drain_ping_ack(event: PingAckReceived) -> None:
+            on_ping_ack(event)
+            if event.ping_data == DRAIN_PING and not acked.done():
+                acked.set_result(None)
+
+        processors[PingAckReceived] = on_drain_ping_ack
+        self.transport.write(goaway_frame(MAX_STREAM_ID) + ping_frame())
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait({acked, lost}, timeout=ping_timeout)
+        finally:
+            lost.cancel()
+            acked.cancel()
+        if self.lost.is_set():
+            return
+        handler = self.handler
+        handler.last_stream_id = handler.highest_stream_id
+        self.transport.write(goaway_frame(handler.last_stream_id))
+
+    async def close(self) -> None:
+        """Cancel what still runs here, then close the connection (aborted if it cannot send
+        what it holds within a second)."""
+        self.handler.close()
+        try:
+            await asyncio.wait_for(self.handler.wait_closed(), _CLOSE_WAIT_S)
+        except TimeoutError:
+            log.warning("calls did not end when cancelled")
+        if self.transport is None or self.lost.is_set():
+            return
+        self.transport.close()
+        try:
+            await asyncio.wait_for(self.lost.wait(), _CLOSE_WAIT_S)
+        except TimeoutError:
+            self.transport.abort()
 
 
 class Server(grpclib.server.Server):
@@ -107,16 +188,33 @@ class Server(grpclib.server.Server):
     of `transport.unary` for the `unary` methods given."""
 
     def __init__(
-        self, handlers: Any, *, unary: Mapping[str, UnaryMethod] | None = None, **kwargs: Any
+        self,
+        handlers: Any,
+        *,
+        unary: Mapping[str, UnaryMethod] | None = None,
+        on_refused: RefusedCallback | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._unary = dict(unary or {})
-        if isinstance(self._codec, SizeLimitedCodec):
-            # Calls on grpclib's own path read their messages through `read_message` too.
-            self._mapping = {
-                path: handler._replace(func=_with_checked_reads(handler.func))
-                for path, handler in self._mapping.items()
-            }
+        self._on_refused = on_refused
+        self._connections: set[CoalescingProtocol] = set()
+        self._stream_reads = StreamReads()
+        # Calls on grpclib's own path read their messages through `read_message` too, and
+        # streaming calls' reads end when the drain starts.
+        checked = isinstance(self._codec, SizeLimitedCodec)
+        self._mapping = {
+            path: handler._replace(
+                func=_with_reads(
+                    handler.func,
+                    checked=checked,
+                    stream_reads=self._stream_reads
+                    if handler.cardinality in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
+                    else None,
+                )
+            )
+            for path, handler in self._mapping.items()
+        }
 
     def _protocol_factory(self) -> CoalescingProtocol:  # type: ignore[override]
         # grpclib's own factory, with our Handler in place of grpclib's.
@@ -127,19 +225,78 @@ class Server(grpclib.server.Server):
             self._status_details_codec,
             self.__dispatch__,
             unary=self._unary,
+            on_refused=self._on_refused,
         )
         self._handlers.add(handler)
-        return CoalescingProtocol(H2Protocol(handler, self._config, self._h2_config))
+        return CoalescingProtocol(
+            H2Protocol(handler, self._config, self._h2_config), self._connections
+        )
+
+    @property
+    def connections(self) -> int:
+        """How many connections are open."""
+        return len(self._connections)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections are untouched."""
+        if self._server is not None:
+            self._server.close()
+
+    def stop_stream_reads(self) -> None:
+        """Streaming calls see the end of their requests now; each answers what it has read
+        and ends OK with `mnist-draining: true` in its trailers."""
+        self._stream_reads.stop()
+
+    async def goaway(self, ping_timeout: float) -> None:
+        """The two-step GOAWAY on every connection, at once."""
+        await asyncio.gather(*(c.goaway(ping_timeout) for c in list(self._connections)))
+
+    def calls(self) -> set[asyncio.Task[None]]:
+        """The calls running on every connection."""
+        return {task for c in self._connections for task in c.handler.running()}
+
+    @property
+    def refused_streams(self) -> int:
+        """Streams refused on open connections after their final GOAWAY."""
+        return sum(c.handler.refused for c in self._connections)
+
+    async def close_connections(self) -> None:
+        """Cancel whatever still runs and close every connection."""
+        await asyncio.gather(*(c.close() for c in list(self._connections)))
 
 
-def _with_checked_reads(
+def _with_reads(
     func: Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]],
+    *,
+    checked: bool,
+    stream_reads: StreamReads | None,
 ) -> Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]:
+    """`func` reading through `codec.read_message` when `checked`, its reads ended by the
+    drain when `stream_reads` is given (then its trailers say it was drained)."""
+
     async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
         stream.recv_message = partial(_recv_message, stream)  # type: ignore[method-assign]
         await func(stream)
 
-    return handler
+    async def streaming_handler(stream: grpclib.server.Stream[Any, Any]) -> None:
+        assert stream_reads is not None
+        read = partial(_recv_message, stream) if checked else stream.recv_message
+        drained = False
+
+        async def recv_message() -> Any:
+            nonlocal drained
+            message = await stream_reads.read(read)
+            drained = message is None and stream_reads.stopped
+            return message
+
+        stream.recv_message = recv_message  # type: ignore[method-assign]
+        await func(stream)
+        if drained:  # the drain, not the client, ended the requests: say so
+            await stream.send_trailing_metadata(metadata={DRAINING_TRAILER: "true"})
+
+    if stream_reads is not None:
+        return streaming_handler
+    return handler if checked else func
 
 
 async def _recv_message(stream: grpclib.server.Stream[Any, Any]) -> Any:
