@@ -127,6 +127,9 @@ async def test_sigterm_drains_every_worker_and_exits_zero(mnist_test_set: MnistS
     assert code == 0
     assert all(isinstance(r, Prediction) and r.label == mnist_test_set[1][2] for r in results)
     assert not any(alive(pid) for pid in workers)
+    drained = [e for e in server.logs if e.get("message") == "drained"]
+    assert {e["pid"] for e in drained} == workers  # every worker drained, none cut a call
+    assert all(e["calls_cut_off"] == 0 for e in drained)
 
 
 async def test_after_sigterm_no_worker_takes_new_connections_while_calls_finish(

@@ -156,7 +156,9 @@ class CoalescingProtocol(asyncio.Protocol):
         self.transport.write(goaway_frame(MAX_STREAM_ID) + ping_frame())
         lost = asyncio.ensure_future(self.lost.wait())
         try:
-            await asyncio.wait({acked, lost}, timeout=ping_timeout)
+            await asyncio.wait(
+                {acked, lost}, timeout=ping_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             lost.cancel()
             acked.cancel()
