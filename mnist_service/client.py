@@ -22,7 +22,6 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
-from grpclib.client import Channel
 from grpclib.const import Status
 from PIL import Image
 
@@ -36,6 +35,7 @@ from ._proto.mnist import (
 )
 from .config import DEFAULT_HOST, DEFAULT_PORT, format_address, parse_address
 from .constants import IMAGE_SIZE
+from .transport.channel import Channel
 
 ImageLike = bytes | str | os.PathLike[str] | Image.Image | npt.NDArray[Any]
 DEFAULT_TIMEOUT = 30.0

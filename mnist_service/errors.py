@@ -19,7 +19,6 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     ├── CompressionError             a compressed request message that breaks gRPC's rules: the
     │                                compressed flag without a grpc-encoding, or a corrupt gzip body
     ├── TooManyImagesError           a PredictBatch request with more images than allowed
-    ├── ServerDrainingError          the server is shutting down and takes no new calls
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
     └── ConfigError                  a setting is invalid (raised while building the config)
 """
@@ -82,10 +81,6 @@ class CompressionError(MnistServiceError):
 
 class TooManyImagesError(MnistServiceError):
     """Raised when a PredictBatch request holds more images than `Limits.max_batch_images`."""
-
-
-class ServerDrainingError(MnistServiceError):
-    """Raised for calls that arrive while the server drains before exiting."""
 
 
 class ModelError(MnistServiceError):

@@ -12,7 +12,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,10 +27,10 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from PIL import Image
 
 from export.evaluate import to_model_input
-from mnist_service._proto.mnist import MnistImage
 from mnist_service.client import ItemFailure, MnistClient, Prediction
 from mnist_service.config import shipped_weights
 from mnist_service.constants import INPUT_NAME, PROBABILITIES_NAME
+from mnist_service.transport.channel import Channel as DrainChannel
 
 from .conftest import MnistSplit, ServerProcess, png_bytes, run_grpcurl
 
@@ -264,76 +263,65 @@ def test_grpcio_client_unary_and_stream(
 
 
 async def test_sigterm_drains_in_flight_calls_then_exits_zero(mnist_test_set: MnistSplit) -> None:
+    """A health Watch sees NOT_SERVING and holds the drain open (streams in flight are in
+    test_drain); the port takes no new connection; once the Watch ends, the process exits 0."""
     images, labels = mnist_test_set
     process = ServerProcess("--grace-period", "20")
-    sent_after_signal = 5
-    signalled = asyncio.Event()
 
-    async def requests() -> AsyncIterator[bytes]:
-        yield png_bytes(images[0])
-        await signalled.wait()
-        for i in range(1, 1 + sent_after_signal):
-            await asyncio.sleep(0.05)
-            yield png_bytes(images[i])
+    health_channel = DrainChannel("::1", process.port)
+    try:
+        async with (
+            HealthStub(health_channel).Watch.open() as watch,
+            MnistClient(process.address) as client,
+        ):
+            await watch.send_message(HealthCheckRequest(), end=True)
+            serving = await watch.recv_message()
+            first = await client.predict(images[0])
+            process.process.send_signal(15)
+            draining = await asyncio.wait_for(watch.recv_message(), 10)
+            with pytest.raises(ConnectionRefusedError):
+                async with MnistClient(process.address) as late:
+                    await late.predict(images[0])
+            assert process.process.poll() is None  # the Watch holds the drain
+            await watch.cancel()  # and ending it ends the drain
+    finally:
+        health_channel.close()
 
-    async with MnistClient(process.address) as client:
-        stream = client._stub.predict_stream(  # the raw stub: we need an async request iterator
-            (MnistImage(data=data) async for data in requests()), timeout=60
-        )
-        first = await anext(stream)
-        process.process.send_signal(15)
-        await asyncio.sleep(0.5)  # the server is draining now
-        async with MnistClient(process.address) as late:
-            with pytest.raises(GRPCError) as refused:
-                await late.predict(images[0])
-        health_channel = Channel("::1", process.port)
-        try:
-            draining_health = await HealthStub(health_channel).Check(HealthCheckRequest())
-        finally:
-            health_channel.close()
-        signalled.set()
-        rest = [item async for item in stream]
-
-    assert first.prediction is not None
-    assert first.prediction.label == labels[0]
-    assert [item.prediction.label for item in rest if item.prediction] == list(
-        labels[1 : 1 + sent_after_signal]
-    )
-    assert refused.value.status is Status.UNAVAILABLE
-    assert draining_health.status == HealthCheckResponse.NOT_SERVING
+    assert serving is not None
+    assert serving.status == HealthCheckResponse.SERVING
+    assert draining is not None
+    assert draining.status == HealthCheckResponse.NOT_SERVING
+    assert first.label == labels[0]
     assert process.wait() == 0  # it drained and exited on the first signal
     messages = [entry.get("message") for entry in process.logs]
     assert "draining" in messages
-    assert "stopped" in messages
+    assert "drained" in messages
+    assert messages[-1] == "stopped"
 
 
-async def test_second_signal_stops_without_waiting_for_the_grace_period(
-    mnist_test_set: MnistSplit,
-) -> None:
-    images, _ = mnist_test_set
+async def test_second_signal_stops_without_waiting_for_the_grace_period() -> None:
+    """A health Watch would hold the drain for ten minutes; the second signal ends it."""
     process = ServerProcess("--grace-period", "600")
-    never = asyncio.Event()
-
-    async def requests() -> AsyncIterator[MnistImage]:
-        yield MnistImage(data=png_bytes(images[0]))
-        await never.wait()  # a stream that would keep the drain waiting for ten minutes
-        yield MnistImage()
-
-    async with MnistClient(process.address) as client:
-        stream = client._stub.predict_stream(requests(), timeout=60)
-        await anext(stream)
-        process.process.send_signal(15)
-        await asyncio.sleep(0.5)
-        assert process.process.poll() is None  # still draining
-        code = process.stop(sig=15, timeout=20)
-        never.set()
-        with pytest.raises(StreamTerminatedError):  # the server went away mid-stream
-            async for _ in stream:
-                pass
+    channel = DrainChannel("::1", process.port)
+    try:
+        async with HealthStub(channel).Watch.open() as watch:
+            await watch.send_message(HealthCheckRequest(), end=True)
+            await watch.recv_message()
+            process.process.send_signal(15)
+            await watch.recv_message()  # NOT_SERVING: the drain has begun
+            await asyncio.sleep(0.3)
+            assert process.process.poll() is None  # still draining
+            code = process.stop(sig=15, timeout=20)
+            with pytest.raises(StreamTerminatedError):  # the server went away mid-stream
+                await watch.recv_message()
+    finally:
+        channel.close()
 
     assert code == 0
     messages = [entry.get("message") for entry in process.logs]
-    assert "second signal: stopping now" in messages
+    assert "second signal: cutting off calls" in messages
+    drained = [entry for entry in process.logs if entry.get("message") == "drained"]
+    assert sum(entry["calls_cut_off"] for entry in drained) == 1  # the Watch, in one worker
     assert messages[-1] == "stopped"
 
 

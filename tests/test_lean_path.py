@@ -94,7 +94,8 @@ def test_grpcio_client_unary_calls_and_statuses(
 
 async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -> None:
     """A call whose deadline passes while it waits for its batch is cut short, the server
-    goes on serving, and during a drain new calls are UNAVAILABLE while queued ones finish."""
+    goes on serving, and during a drain queued calls finish while the port takes no new
+    connection (the client's GOAWAY-tolerant channel tries a new one for its next call)."""
     images, labels = mnist_test_set
     server = ServerProcess(
         "--log-level", "info", "--workers", "1", "--max-batch-delay", "400000"
@@ -106,14 +107,13 @@ async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -
         await asyncio.sleep(0.1)
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.1)
-        with pytest.raises(GRPCError) as refused:
+        with pytest.raises(ConnectionRefusedError):
             await client.predict(png_bytes(images[8]))
         answered = await queued
     assert server.wait(30) == 0
 
     assert isinstance(answered, Prediction)
     assert answered.label == labels[7]
-    assert refused.value.status is Status.UNAVAILABLE
 
 
 async def test_client_cancels_and_deadlines_are_not_logged_as_faults(

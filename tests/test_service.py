@@ -28,13 +28,14 @@ from mnist_service.engine.inference import FloatArray, ModelInfo
 from mnist_service.engine.pipeline import Pipeline
 from mnist_service.errors import (
     BlankImageError,
+    CompressionError,
+    DeadlineExpiredError,
     EmptyImageError,
     ImageTooLargeError,
     InvalidImageError,
     MessageTooLargeError,
     MnistServiceError,
     ModelError,
-    ServerDrainingError,
     UndecodableImageError,
 )
 from mnist_service.transport.codec import SizeLimitedCodec
@@ -185,7 +186,8 @@ async def test_model_info_reports_the_predictor(stub: MnistStub) -> None:
         (BlankImageError("x"), Status.INVALID_ARGUMENT),
         (InvalidImageError("x"), Status.INVALID_ARGUMENT),
         (MessageTooLargeError("x"), Status.RESOURCE_EXHAUSTED),
-        (ServerDrainingError("x"), Status.UNAVAILABLE),
+        (DeadlineExpiredError("x"), Status.DEADLINE_EXCEEDED),
+        (CompressionError("x"), Status.INTERNAL),
         (ModelError("x"), Status.INTERNAL),
         (MnistServiceError("x"), Status.INTERNAL),
     ],

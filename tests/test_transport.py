@@ -244,3 +244,117 @@ async def test_a_client_cancel_cancels_the_handler() -> None:
         after = await stub.predict(MnistImage(data=b"x"))
 
     assert after.label == 1
+
+
+# -- the drain (transport.drain, Server.goaway) and the GOAWAY-tolerant Channel ----------------
+
+
+class HeldService(MnistBase):
+    """Predict waits until released, so a call stays in flight across a GOAWAY."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def predict(self, message: MnistImage) -> MnistPrediction:
+        self.entered.set()
+        await self.release.wait()
+        return MnistPrediction(label=1, probabilities=[0.5, 0.5])
+
+
+async def test_private_names_the_drain_relies_on() -> None:
+    """grpclib's processor table, h2's frame dispatch table and the channel's factory."""
+    from grpclib.protocol import EventsProcessor
+    from h2.connection import H2Connection
+    from h2.events import ConnectionTerminated, PingAckReceived
+    from hyperframe.frame import GoAwayFrame
+
+    from mnist_service.transport.channel import Channel as DrainChannel
+
+    h2_connection = H2Connection()
+    assert GoAwayFrame in h2_connection._frame_dispatch_table
+    assert callable(h2_connection._receive_goaway_frame)
+    processor = EventsProcessor.__new__(EventsProcessor)
+    EventsProcessor.__init__(processor, Handler.__new__(Handler), None)  # type: ignore[arg-type]
+    assert PingAckReceived in processor.processors
+    assert ConnectionTerminated in processor.processors
+    channel = DrainChannel("::1", 1)
+    assert channel._config is not None
+    assert channel._h2_config is not None
+    channel.close()
+
+
+async def test_calls_survive_a_graceful_goaway_and_late_streams_are_refused() -> None:
+    """Server.goaway on a real connection: the held call is still answered over it, the
+    client's next call opens a new connection, and the old one closes when its call ends."""
+    from mnist_service.transport.channel import Channel as DrainChannel
+
+    service = HeldService()
+    refused: list[str] = []
+    server = Server(
+        [service],
+        unary=unary_methods(service),
+        on_refused=lambda method, peer: refused.append(method),
+    )
+    await server.start("::1", 0)
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    channel = DrainChannel("::1", port)
+    try:
+        stub = MnistStub(channel)
+        held = asyncio.ensure_future(stub.predict(MnistImage(data=b"x"), timeout=10))
+        await asyncio.wait_for(service.entered.wait(), 5)
+        first_connection = channel._protocol
+        server.stop_accepting()
+        await asyncio.wait_for(server.goaway(ping_timeout=5), 5)  # returns on the PING ack
+        assert len(server.calls()) == 1
+        service.release.set()
+        reply = await asyncio.wait_for(held, 5)
+        with pytest.raises(ConnectionRefusedError):  # not listening any more
+            await stub.predict(MnistImage(data=b"x"), timeout=5)
+    finally:
+        channel.close()
+        await server.close_connections()
+
+    assert reply.label == 1
+    assert first_connection is not None
+    assert first_connection.handler.connection_lost  # retired, then closed
+    assert server.connections == 0
+    assert refused == []
+
+
+async def test_stream_reads_end_a_waiting_read_and_every_later_one() -> None:
+    from mnist_service.transport.drain import StreamReads
+
+    reads = StreamReads()
+    never = asyncio.Event()
+
+    async def wait_forever() -> bytes:
+        await never.wait()
+        return b"never"
+
+    async def ready() -> bytes:
+        return b"message"
+
+    assert await reads.read(ready) == b"message"
+    waiting = asyncio.ensure_future(reads.read(wait_forever))
+    await asyncio.sleep(0)
+    reads.stop()
+
+    assert await asyncio.wait_for(waiting, 5) is None
+    assert await reads.read(ready) is None
+
+
+async def test_a_read_cancelled_by_someone_else_stays_cancelled() -> None:
+    from mnist_service.transport.drain import StreamReads
+
+    reads = StreamReads()
+    never = asyncio.Event()
+
+    async def wait_forever() -> None:
+        await never.wait()
+
+    waiting = asyncio.ensure_future(reads.read(wait_forever))
+    await asyncio.sleep(0)
+    waiting.cancel()  # a client's cancel, not the drain
+    with pytest.raises(asyncio.CancelledError):
+        await waiting

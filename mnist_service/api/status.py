@@ -23,7 +23,6 @@ from ..errors import (
     MessageTooLargeError,
     MnistServiceError,
     OverloadedError,
-    ServerDrainingError,
     SlowMessageError,
     TooManyImagesError,
     UnsupportedEncodingError,
@@ -42,7 +41,6 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     MessageTooLargeError: Status.RESOURCE_EXHAUSTED,
     SlowMessageError: Status.RESOURCE_EXHAUSTED,
     OverloadedError: Status.RESOURCE_EXHAUSTED,
-    ServerDrainingError: Status.UNAVAILABLE,
     DeadlineExpiredError: Status.DEADLINE_EXCEEDED,
 }
 """Domain error -> gRPC status; the most specific class in an exception's MRO wins."""

@@ -1,9 +1,19 @@
 """The server's lifecycle: bind, serve `Mnist` + health + reflection, drain, stop.
 
 Startup order keeps health truthful: the model is loaded and warmed up before `serve` is
-called, health turns SERVING only once the socket listens. On SIGTERM/SIGINT health turns
-NOT_SERVING, new `Mnist` calls get UNAVAILABLE, in-flight calls get `grace_period` seconds to
-finish, then the server closes. A second signal skips the wait.
+called, health turns SERVING only once the socket listens. On SIGTERM/SIGINT (`MnistServer.
+stop`):
+
+1. health turns NOT_SERVING and the listening socket closes (no new connections);
+2. streaming calls stop reading requests: each answers what it has read and ends OK with
+   `mnist-draining: true` in its trailers;
+3. every connection gets the two-step GOAWAY (`transport.drain`); calls opened before the
+   final one are served, streams opened after it get REFUSED_STREAM (grpcio retries them);
+4. the calls still running get what is left of `grace_period` to finish; then what still
+   runs is cancelled, every connection closes, a log line counts calls finished, cut off and
+   refused, and `serve` returns (the process exits 0).
+
+A second signal skips the waiting: what still runs is cut off at once.
 """
 
 from __future__ import annotations
@@ -13,11 +23,10 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from grpclib.const import Handler
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.health.v1 import health_pb2
@@ -25,87 +34,22 @@ from grpclib.reflection.service import ServerReflection
 
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ..api.mnist import MnistService
-from ..api.status import as_grpc_errors
 from ..config import ServerConfig, format_address
 from ..engine.batcher import Batcher
 from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
 from ..engine.preprocess import limit_pillow
-from ..errors import ConfigError, ServerDrainingError
+from ..errors import ConfigError
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
 from .eventloop import loop_factory
-from .telemetry import log_call
-
-if TYPE_CHECKING:
-    from grpclib._typing import IServable
+from .telemetry import log_call, log_refused_stream
 
 log = logging.getLogger(__name__)
 
-
-class Drain:
-    """Counts in-flight calls of the services it wraps, and refuses new ones once draining.
-
-    It wraps the services' handlers rather than listening to grpclib's `RecvRequest` event:
-    no event object or dispatch per call, and a refused call still reaches the request log.
-    Health and reflection are not wrapped, so they keep answering while draining.
-    """
-
-    def __init__(self) -> None:
-        self.draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def wrap(self, service: IServable) -> IServable:
-        """`service`, with every handler tracked (and refused while draining)."""
-        mapping = {
-            name: handler._replace(func=self.track(handler.func))
-            for name, handler in service.__mapping__().items()
-        }
-        return _Servable(mapping)
-
-    def track(self, func: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
-        """`func` (a handler of one argument), counted while it runs, refused while draining."""
-
-        async def tracked(argument: Any) -> Any:
-            if self.draining:
-                with as_grpc_errors():
-                    raise ServerDrainingError("the server is shutting down; retry on another")
-            self._in_flight += 1
-            self._idle.clear()
-            try:
-                return await func(argument)
-            finally:
-                self._in_flight -= 1
-                if not self._in_flight:
-                    self._idle.set()
-
-        return tracked
-
-    @property
-    def in_flight(self) -> int:
-        """How many tracked calls are running."""
-        return self._in_flight
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no tracked call runs; False if `timeout` passed first."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-
-class _Servable:
-    """A ready-made handler mapping, in the shape grpclib's `Server` takes services."""
-
-    def __init__(self, mapping: dict[str, Handler]) -> None:
-        self._mapping = mapping
-
-    def __mapping__(self) -> dict[str, Handler]:
-        return self._mapping
+_GOAWAY_PING_TIMEOUT_S = 1.0
+"""How long the first GOAWAY's PING may go unanswered before the final GOAWAY is sent."""
 
 
 def bind_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -204,16 +148,16 @@ class MnistServer:
         health = Health({service: [self.health_status]})
         # extend() returns the services given plus reflection's own.
         services = ServerReflection.extend([service, health], pool=_descriptor_pool())
-        self.drain = Drain()
         self.server = Server(
-            [self.drain.wrap(s) if s is service else s for s in services],
+            services,
             codec=SizeLimitedCodec(
                 config.limits.max_message_bytes,
                 max_connection_bytes=config.limits.connection_bytes,
                 max_message_seconds=config.limits.max_message_seconds,
             ),
-            unary=unary_methods(service, wrap=self.drain.track),
+            unary=unary_methods(service),
             observer=log_call,
+            on_refused=log_refused_stream,
         )
         self.port: int | None = None
 
@@ -229,22 +173,56 @@ class MnistServer:
         else:
             log.debug("worker ready")
 
-    async def stop(self, *, grace_period: float) -> None:
-        """Drain: NOT_SERVING, refuse new calls, let in-flight ones finish, then close."""
+    async def stop(self, *, grace_period: float, hurry: asyncio.Event | None = None) -> None:
+        """Drain (see the module's docstring); `hurry`, once set, cuts the waiting short."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_period
+        server = self.server
         self.health_status.set(False)
-        self.drain.draining = True
+        server.stop_accepting()
+        server.stop_stream_reads()
+        calls = server.calls()
         log.info(
             "draining",
-            extra={"fields": {"in_flight": self.drain.in_flight, "grace_s": grace_period}},
+            extra={
+                "fields": {
+                    "in_flight": len(calls),
+                    "connections": server.connections,
+                    "grace_s": grace_period,
+                }
+            },
         )
-        if not await self.drain.wait_idle(grace_period):
+        hurried = asyncio.ensure_future((hurry or asyncio.Event()).wait())
+        goaway = asyncio.ensure_future(server.goaway(min(_GOAWAY_PING_TIMEOUT_S, grace_period)))
+        try:
+            await asyncio.wait({goaway, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            calls |= server.calls()  # with those that arrived before the final GOAWAY
+            pending: set[asyncio.Future[Any]] = {c for c in calls if not c.done()}
+            while pending and not hurried.done() and (left := deadline - loop.time()) > 0:
+                _, pending = await asyncio.wait(
+                    pending | {hurried}, timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending.discard(hurried)
+        finally:
+            goaway.cancel()
+            hurried.cancel()
+        if pending:
+            reason = "second signal" if hurried.done() else "grace period over"
             log.warning(
-                "grace period over; cancelling calls",
-                extra={"fields": {"in_flight": self.drain.in_flight}},
+                "%s: cutting off calls", reason, extra={"fields": {"in_flight": len(pending)}}
             )
-        self.server.close()
-        await self.server.wait_closed()
-        log.info("stopped")
+        refused = server.refused_streams
+        await server.close_connections()
+        log.info(
+            "drained",
+            extra={
+                "fields": {
+                    "calls_finished": len(calls) - len(pending),
+                    "calls_cut_off": len(pending),
+                    "streams_refused": refused,
+                }
+            },
+        )
 
 
 async def serve(
@@ -286,17 +264,9 @@ async def serve(
             on_ready(classifier.info)
         await stop.wait()
         log.info("shutdown requested")
-        stop.clear()
-        drained = asyncio.create_task(app.stop(grace_period=config.grace_period))
-        second_signal = asyncio.create_task(stop.wait())
-        await asyncio.wait({drained, second_signal}, return_when=asyncio.FIRST_COMPLETED)
-        if not drained.done():
-            log.warning("second signal: stopping now")
-            drained.cancel()
-            app.server.close()
-            await app.server.wait_closed()
-            log.info("stopped")
-        second_signal.cancel()
+        stop.clear()  # set again by a second signal, which cuts the drain short
+        await app.stop(grace_period=config.grace_period, hurry=stop)
+        log.info("stopped")
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)

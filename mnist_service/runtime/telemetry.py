@@ -4,7 +4,8 @@ The transport opens a call before its handler runs and hands it here when it end
 listeners, no decorators on handlers); handlers add fields with `api.calls.annotate`. A line
 carries method, peer, status, duration and those fields. Client cancels (CANCELLED) and
 expired deadlines (DEADLINE_EXCEEDED) are ordinary outcomes, logged like OK; only server faults
-are warnings.
+are warnings. Streams a draining server refuses before any call starts (REFUSED_STREAM) get
+their line from `log_refused_stream`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,19 @@ def log_call(call: Call) -> None:
     if call.status is not Status.OK and call.message:
         fields["error"] = call.message
     log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
+
+
+def log_refused_stream(method: str, peer: tuple[str, int] | None) -> None:
+    """The log line of a call refused with REFUSED_STREAM (opened after the final GOAWAY)."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    fields = {
+        "method": method,
+        "peer": _peer(peer),
+        "status": "REFUSED_STREAM",
+        "error": "opened after the final GOAWAY of a drain; the client may retry it elsewhere",
+    }
+    log.debug("call %s REFUSED_STREAM", method, extra={"fields": fields})
 
 
 def _peer(address: Any) -> str | None:

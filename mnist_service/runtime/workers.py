@@ -8,7 +8,10 @@ becomes the supervisor:
   pool (one Python process saturates one core; the GIL makes threads no substitute);
 - the workers share the port in one of two ways. With `reuse_port` (the default where the OS
   has it), each gets its own SO_REUSEPORT socket and the kernel spreads new connections over
-  them by a hash of the addresses. Otherwise they all accept on one inherited socket, which
+  them by a hash of the addresses. The supervisor holds the port with a bound socket that
+  never listens and opens a fresh listening socket for each worker it starts, keeping no
+  copy: when a worker drains and closes its socket, the kernel at once sends new connections
+  to the other workers only. Otherwise they all accept on one inherited socket, which
   balances badly: asyncio accepts every pending connection on a wake-up, so whichever worker
   wakes first takes them all (measured: 4 and 8 connections all on one of 2 workers);
 - it reports SERVING (the "serving" log line) once every worker is ready, and restarts a
@@ -85,11 +88,9 @@ class Supervisor:
         """Bind, start the workers, supervise them; return once all have exited after a stop."""
         config = self.config
         first = server.bind_socket(config.host, config.port, reuse_port=config.reuse_port)
-        self._sockets = [first]
-        if config.reuse_port:
-            self._sockets += [server.reuse_port_sibling(first) for _ in range(config.workers - 1)]
-        for sock in self._sockets:
-            sock.listen(_BACKLOG)  # connections queue in the kernel while workers start
+        self._sockets = [first]  # with reuse_port: the port's anchor, never listening
+        if not config.reuse_port:
+            first.listen(_BACKLOG)  # connections queue in the kernel while workers start
         port = first.getsockname()[1]
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -113,7 +114,11 @@ class Supervisor:
             self._forward(signal.SIGTERM)
 
     def _start(self, index: int) -> None:
-        sock = self._sockets[index if self.config.reuse_port else 0]
+        if self.config.reuse_port:
+            sock = server.reuse_port_sibling(self._sockets[0])
+            sock.listen(_BACKLOG)  # connections queue in the kernel while the worker starts
+        else:
+            sock = self._sockets[0]
         others = [s for s in self._sockets if s is not sock]
         ready_read, ready_write = self._context.Pipe(duplex=False)
         process = self._context.Process(
@@ -131,6 +136,8 @@ class Supervisor:
         )
         process.start()
         ready_write.close()
+        if self.config.reuse_port:
+            sock.close()  # the worker's alone: it stops listening when the worker drains
         self._workers[index] = _Worker(index, process, ready_read)
 
     def _wait_all_ready(self) -> ModelInfo:
@@ -194,9 +201,7 @@ class Supervisor:
             log.info("stopping workers", extra={"fields": {"workers": len(self._workers)}})
         self._forward(signal.SIGTERM)
         for sock in self._sockets:
-            # Our copies would keep an exited worker's SO_REUSEPORT socket listening, and the
-            # kernel would keep queueing connections there that nobody accepts.
-            sock.close()
+            sock.close()  # a shared listening socket: workers close their own copies
         deadline = time.monotonic() + self.config.grace_period + _STOP_MARGIN_S
         for worker in self._workers.values():
             worker.process.join(max(0.0, deadline - time.monotonic()))
@@ -224,7 +229,7 @@ def _worker_main(
     """A worker process: serve on the inherited socket until SIGTERM or the supervisor dies."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor only
     os.close(lifeline_write)  # else our own copy would keep the pipe open forever
-    for other in others:  # other workers' sockets: holding them would outlive those workers
+    for other in others:  # the supervisor's anchor: not ours to hold
         other.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)

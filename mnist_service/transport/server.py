@@ -11,26 +11,47 @@ end of the loop turn in which they were made: all the calls answered in that tur
 one `send`. Ordering is kept (one buffer per connection), and flow control is untouched (the
 real transport still calls `pause_writing`/`resume_writing` on grpclib's protocol).
 
+The server keeps its connections, for the drain (`transport.drain`): `stop_accepting` closes
+the listening socket, `goaway` sends the two-step GOAWAY on every connection (after which
+late streams are refused), `stop_stream_reads` ends streaming calls' requests, `calls` are
+the calls still running, and `close_connections` ends what is left.
+
 This relies on grpclib 0.4.9's `Server._protocol_factory` and the private attributes it
-uses (pinned in pyproject.toml; tests/test_transport.py covers them).
+uses, `Server._server`, and `H2Protocol.processor.processors` (the drain's PING ack is
+recognised there); pinned in pyproject.toml, tests/test_transport.py covers them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import Any, cast
 
 import grpclib.server
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
+from h2.events import PingAckReceived
 
 from ..api.calls import Call, CallObserver, enter, expiry, ignore
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
-from .unary import Handler, UnaryMethod, observe
+from .drain import (
+    DRAIN_PING,
+    DRAINING_TRAILER,
+    MAX_STREAM_ID,
+    StreamReads,
+    goaway_frame,
+    ping_frame,
+)
+from .unary import Handler, RefusedCallback, UnaryMethod, observe
+
+log = logging.getLogger(__name__)
+
+_CLOSE_WAIT_S = 1.0
+"""How long closing connections may take to send what they hold before they are aborted."""
 
 
 class CoalescingTransport:
@@ -73,18 +94,31 @@ class CoalescingTransport:
 
 
 class CoalescingProtocol(asyncio.Protocol):
-    """grpclib's `H2Protocol`, given a `CoalescingTransport` instead of the socket's own."""
+    """grpclib's `H2Protocol`, given a `CoalescingTransport` instead of the socket's own;
+    registered in `connections` while connected."""
 
-    def __init__(self, inner: H2Protocol) -> None:
+    transport: CoalescingTransport | None = None
+
+    def __init__(
+        self, inner: H2Protocol, connections: set[CoalescingProtocol] | None = None
+    ) -> None:
         self.inner = inner
+        self._connections = connections if connections is not None else set()
+        self.lost = asyncio.Event()
+
+    @property
+    def handler(self) -> Handler:
+        """The connection's call handler."""
+        return cast(Handler, self.inner.handler)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Wrap the transport, then let grpclib set up HTTP/2."""
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
-        wrapped = CoalescingTransport(
+        self.transport = CoalescingTransport(
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
         )
-        self.inner.connection_made(wrapped)  # type: ignore[arg-type]
+        self.inner.connection_made(self.transport)  # type: ignore[arg-type]
+        self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
         """Feed HTTP/2 frames to grpclib."""
@@ -104,7 +138,55 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: grpclib ends its streams."""
+        self._connections.discard(self)
+        self.lost.set()
         self.inner.connection_lost(exc)
+
+    async def goaway(self, ping_timeout: float) -> None:
+        """The two-step GOAWAY: 2^31-1 and a PING; on its ack (or after `ping_timeout`) the
+        real last stream id, above which the handler refuses streams."""
+        if self.transport is None or self.lost.is_set():
+            return
+        acked = asyncio.get_running_loop().create_future()
+        processors = self.inner.processor.processors
+        on_ping_ack = cast(Callable[[PingAckReceived], None], processors[PingAckReceived])
+
+        def on_drain_ping_ack(event: PingAckReceived) -> None:
+            on_ping_ack(event)
+            if event.ping_data == DRAIN_PING and not acked.done():
+                acked.set_result(None)
+
+        processors[PingAckReceived] = on_drain_ping_ack
+        self.transport.write(goaway_frame(MAX_STREAM_ID) + ping_frame())
+        lost = asyncio.ensure_future(self.lost.wait())
+        try:
+            await asyncio.wait(
+                {acked, lost}, timeout=ping_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            lost.cancel()
+            acked.cancel()
+        if self.lost.is_set():
+            return
+        handler = self.handler
+        handler.last_stream_id = handler.highest_stream_id
+        self.transport.write(goaway_frame(handler.last_stream_id))
+
+    async def close(self) -> None:
+        """Cancel what still runs here, then close the connection (aborted if it cannot send
+        what it holds within a second)."""
+        self.handler.close()
+        try:
+            await asyncio.wait_for(self.handler.wait_closed(), _CLOSE_WAIT_S)
+        except TimeoutError:
+            log.warning("calls did not end when cancelled")
+        if self.transport is None or self.lost.is_set():
+            return
+        self.transport.close()
+        try:
+            await asyncio.wait_for(self.lost.wait(), _CLOSE_WAIT_S)
+        except TimeoutError:
+            self.transport.abort()
 
 
 class Server(grpclib.server.Server):
@@ -118,14 +200,30 @@ class Server(grpclib.server.Server):
         *,
         unary: Mapping[str, UnaryMethod] | None = None,
         observer: CallObserver = ignore,
+        on_refused: RefusedCallback | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._unary = dict(unary or {})
         self._observer = observer
+        self._on_refused = on_refused
+        self._connections: set[CoalescingProtocol] = set()
+        self._stream_reads = StreamReads()
+        # Every call is recorded; calls on grpclib's own path read their messages through
+        # `read_message` too, and streaming calls' reads end when the drain starts.
         checked = isinstance(self._codec, SizeLimitedCodec)
         self._mapping = {
-            path: handler._replace(func=_observed(path, handler.func, observer, checked=checked))
+            path: handler._replace(
+                func=_observed(
+                    path,
+                    handler.func,
+                    observer,
+                    checked=checked,
+                    stream_reads=self._stream_reads
+                    if handler.cardinality in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
+                    else None,
+                )
+            )
             for path, handler in self._mapping.items()
         }
 
@@ -139,23 +237,75 @@ class Server(grpclib.server.Server):
             self.__dispatch__,
             unary=self._unary,
             observer=self._observer,
+            on_refused=self._on_refused,
         )
         self._handlers.add(handler)
-        return CoalescingProtocol(H2Protocol(handler, self._config, self._h2_config))
+        return CoalescingProtocol(
+            H2Protocol(handler, self._config, self._h2_config), self._connections
+        )
+
+    @property
+    def connections(self) -> int:
+        """How many connections are open."""
+        return len(self._connections)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; open connections are untouched."""
+        if self._server is not None:
+            self._server.close()
+
+    def stop_stream_reads(self) -> None:
+        """Streaming calls see the end of their requests now; each answers what it has read
+        and ends OK with `mnist-draining: true` in its trailers."""
+        self._stream_reads.stop()
+
+    async def goaway(self, ping_timeout: float) -> None:
+        """The two-step GOAWAY on every connection, at once."""
+        await asyncio.gather(*(c.goaway(ping_timeout) for c in list(self._connections)))
+
+    def calls(self) -> set[asyncio.Task[None]]:
+        """The calls running on every connection."""
+        return {task for c in self._connections for task in c.handler.running()}
+
+    @property
+    def refused_streams(self) -> int:
+        """Streams refused on open connections after their final GOAWAY."""
+        return sum(c.handler.refused for c in self._connections)
+
+    async def close_connections(self) -> None:
+        """Cancel whatever still runs and close every connection."""
+        await asyncio.gather(*(c.close() for c in list(self._connections)))
 
 
 GrpclibHandler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
 
 
 def _observed(
-    path: str, func: GrpclibHandler, observer: CallObserver, *, checked: bool
+    path: str,
+    func: GrpclibHandler,
+    observer: CallObserver,
+    *,
+    checked: bool,
+    stream_reads: StreamReads | None,
 ) -> GrpclibHandler:
-    """A handler on grpclib's own path, with the call recorded (and, when `checked`, its
-    messages read through `read_message`, as on the lean path)."""
+    """A handler on grpclib's own path, with the call recorded; reading through
+    `codec.read_message` when `checked`; its reads ended by the drain when `stream_reads` is
+    given (then its trailers say it was drained)."""
 
     async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
-        if checked:
-            stream.recv_message = partial(_recv_message, stream)  # type: ignore[method-assign]
+        read = partial(_recv_message, stream) if checked else stream.recv_message
+        drained = False
+        if stream_reads is not None:
+
+            async def recv_message() -> Any:
+                nonlocal drained
+                message = await stream_reads.read(read)
+                drained = message is None and stream_reads.stopped
+                return message
+
+            stream.recv_message = recv_message  # type: ignore[method-assign]
+        elif checked:
+            stream.recv_message = read  # type: ignore[method-assign]
         # grpclib refuses grpc-* names as metadata, so the header joins at the HTTP/2 stream.
         h2_stream = stream._stream
         h2_stream.send_headers = partial(  # type: ignore[method-assign]
@@ -167,6 +317,8 @@ def _observed(
             if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
                 raise GRPCError(Status.DEADLINE_EXCEEDED)
             await func(stream)
+            if drained:  # the drain, not the client, ended the requests: say so
+                await stream.send_trailing_metadata(metadata={DRAINING_TRAILER: "true"})
         except GRPCError as exc:
             call.end(exc.status, exc.message)
             raise

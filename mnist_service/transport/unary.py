@@ -23,6 +23,9 @@ Every call, on either path, is recorded as an `api.calls.Call` and handed to the
 observer when it ends (the request log): its status is what the client was told, CANCELLED
 when the client cancelled, DEADLINE_EXCEEDED when its deadline passed.
 
+The handler is also where a draining connection refuses streams opened after its final GOAWAY
+(RST_STREAM REFUSED_STREAM, before any call starts; see `transport.drain`).
+
 It relies on grpclib 0.4.9's `Handler` (`_tasks`, `__gc_step__`, `dispatch._listeners`) and
 `protocol.Stream` (`_transport`, `wrapper`, `send_headers`, `send_data`, `closable`,
 `reset_nowait`); tests/test_transport.py and tests/test_lean_path.py exercise them.
@@ -47,10 +50,12 @@ from grpclib.metadata import Deadline, encode_grpc_message
 from grpclib.protocol import Stream as H2Stream
 from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
+from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 
 from ..api.calls import Call, CallObserver, enter, expiry, ignore
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
+from .drain import MAX_STREAM_ID
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +88,42 @@ def unary_methods(
     return methods
 
 
+RefusedCallback = Callable[[str, tuple[str, int] | None], None]
+"""Told of each stream refused after the final GOAWAY: its method and the peer's address."""
+
+
 class Handler(grpclib.server.Handler):
-    """grpclib's per-connection handler, with the lean path for the given unary methods."""
+    """grpclib's per-connection handler, with the lean path for the given unary methods, and
+    the stream refusal of a draining connection."""
+
+    last_stream_id = MAX_STREAM_ID
+    """Streams above this id are refused (lowered by the final GOAWAY of a drain)."""
+    highest_stream_id = 0
+    refused = 0
 
     def __init__(
-        self, *args: Any, unary: Mapping[str, UnaryMethod], observer: CallObserver = ignore
+        self,
+        *args: Any,
+        unary: Mapping[str, UnaryMethod],
+        observer: CallObserver = ignore,
+        on_refused: RefusedCallback | None = None,
     ) -> None:
         super().__init__(*args)
         self._unary = unary
         self._observer = observer
+        self._on_refused = on_refused
 
     def accept(
         self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
     ) -> None:
-        """Start the call: on the lean path when it qualifies, else grpclib's."""
+        """Start the call: on the lean path when it qualifies, else grpclib's; or refuse it
+        (REFUSED_STREAM) when the client opened it after this connection's final GOAWAY."""
+        stream_id = stream.id
+        assert stream_id is not None
+        if stream_id > self.last_stream_id:
+            self._refuse(stream, headers, release_stream)
+            return
+        self.highest_stream_id = stream_id  # h2 makes sure ids only grow
         # The request headers, for `codec.read_message` to find a compressed message's
         # grpc-encoding (a server-side stream's `headers` is otherwise unused).
         stream.headers = headers
@@ -116,6 +143,19 @@ class Handler(grpclib.server.Handler):
         self._tasks[stream] = self.loop.create_task(
             _handle(call, method, stream, self.codec, release_stream, self._observer)
         )
+
+    def running(self) -> set[asyncio.Task[None]]:
+        """This connection's calls that have not finished."""
+        return {task for task in self._tasks.values() if not task.done()}
+
+    def _refuse(
+        self, stream: H2Stream, headers: list[tuple[str, str]], release_stream: Callable[[], Any]
+    ) -> None:
+        self.refused += 1
+        stream.reset_nowait(ErrorCodes.REFUSED_STREAM)
+        release_stream()
+        if self._on_refused is not None:
+            self._on_refused(dict(headers).get(":path", ""), stream.connection.get_peer().addr())
 
     def _lean_method(self, headers: list[tuple[str, str]]) -> tuple[str, UnaryMethod | None]:
         fields = dict(headers)
