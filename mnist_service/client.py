@@ -26,7 +26,6 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
-from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
 from PIL import Image
@@ -42,6 +41,7 @@ from ._proto.mnist import (
 from .config import DEFAULT_HOST, DEFAULT_PORT, format_address, parse_address
 from .constants import IMAGE_SIZE
 from .tls import ClientTls
+from .transport.channel import Channel
 
 ImageLike = bytes | str | os.PathLike[str] | Image.Image | npt.NDArray[Any]
 DEFAULT_TIMEOUT = 30.0
@@ -101,11 +101,16 @@ class MnistClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        await self.aclose()
 
     def close(self) -> None:
-        """Close the underlying connection."""
+        """Start closing the underlying connection (`aclose` also waits until it is closed)."""
         self._channel.close()
+
+    async def aclose(self) -> None:
+        """Close the underlying connection, and wait until it is closed (a TLS connection
+        takes a round trip to the server)."""
+        await self._channel.aclose()
 
     async def predict(self, image: ImageLike, *, timeout: float | None = None) -> Prediction:
         """Classify one image."""

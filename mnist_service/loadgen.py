@@ -538,8 +538,7 @@ async def run_load(
             rec.references = await _references(clients[0], payloads, config.call_timeout_s)
         elapsed, cpu = await _drive(config, clients, rec, on_progress, progress_interval_s, stop)
     finally:
-        for client in clients:
-            client.close()
+        await asyncio.gather(*(client.aclose() for client in clients))
 
     return LoadReport(
         mode=config.mode,
