@@ -155,9 +155,10 @@ def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
     """
     address = format_address(config.host, port)
     if not config.tls and not is_loopback(config.host):
+        # Not worded "serving ...": tools take the line that starts so for the serving line.
         log.warning(
-            "serving plaintext on %s, which other machines can reach; use --tls-cert and"
-            " --tls-key, or bind a loopback address behind a TLS proxy",
+            "no TLS on %s, which other machines can reach: calls and images travel in the"
+            " clear; pass --tls-cert and --tls-key, or listen on loopback behind a TLS proxy",
             address,
         )
     log.info(
