@@ -309,6 +309,20 @@ def test_grpcio_client_with_a_certificate_predicts_under_mutual_tls(
     assert reply.label == labels[7]
 
 
+def test_bench_loads_a_mutual_tls_server(mtls_server: ServerProcess, pki: Pki) -> None:
+    tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client.cert)]
+    tls += ["--tls-key", str(pki.client.key)]
+
+    result = runner.invoke(
+        app, ["bench", "-a", mtls_server.address, "-d", "0.5", "-c", "2", "--raw", "--json", *tls]
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["requests"] > 0
+    assert report["errors"] == {}
+
+
 def test_grpcurl_with_cert_and_key_under_mutual_tls(
     mtls_server: ServerProcess, pki: Pki, mnist_test_set: MnistSplit
 ) -> None:
