@@ -280,8 +280,7 @@ async def test_every_worker_serves_mutual_tls(
         try:
             results += await asyncio.gather(*(c.predict(png_bytes(images[6])) for c in clients))
         finally:
-            for client in clients:
-                client.close()
+            await asyncio.gather(*(client.aclose() for client in clients))
         if worker_pids_in_request_log(mtls_server) == workers:
             break
 
