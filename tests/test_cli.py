@@ -45,6 +45,9 @@ def test_serve_help_documents_every_option() -> None:
         "--grace-period",
         "--max-message-bytes",
         "--max-image-pixels",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
         "--log-level",
         "--log-format",
     ):
