@@ -11,5 +11,6 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 from .client import ItemFailure, MnistClient, Prediction
+from .tls import ClientTls
 
-__all__ = ["ItemFailure", "MnistClient", "Prediction", "__version__"]
+__all__ = ["ClientTls", "ItemFailure", "MnistClient", "Prediction", "__version__"]

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from . import __version__
 from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, format_address, parse_address
 from .constants import Architecture
 from .errors import MnistServiceError
+from .tls import ClientTls
 
 if TYPE_CHECKING:
     from .client import Prediction
@@ -36,11 +38,67 @@ _config = ServerConfig()
 AddressOption = Annotated[
     str, typer.Option("--address", "-a", envvar="MNIST_ADDRESS", help="Server HOST:PORT.")
 ]
+TlsOption = Annotated[
+    bool,
+    typer.Option(
+        "--tls", help="Connect over TLS, trusting the system's CAs (implied by --tls-ca etc.)."
+    ),
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option("--tls-ca", help="PEM CA bundle to trust for the server's certificate."),
+]
+TlsCertOption = Annotated[
+    Path | None,
+    typer.Option("--tls-cert", help="PEM client certificate, for mutual TLS (with --tls-key)."),
+]
+TlsKeyOption = Annotated[
+    Path | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")
+]
+TlsServerNameOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tls-server-name",
+        help="Name the server's certificate must carry. [default: the host of --address]",
+        show_default=False,
+    ),
+]
 
 
 def _fail(message: str) -> NoReturn:
     typer.echo(f"mnist-service: error: {message}", err=True)
     raise typer.Exit(code=1)
+
+
+def _client_tls(
+    tls: bool, ca: Path | None, cert: Path | None, key: Path | None, server_name: str | None
+) -> ClientTls | None:
+    """The client's TLS settings from its options; None (plaintext) when none is given."""
+    if not (tls or ca or cert or key or server_name):
+        return None
+    try:
+        return ClientTls(ca=ca, cert=cert, key=key, server_name=server_name)
+    except MnistServiceError as exc:
+        _fail(str(exc))
+
+
+def _connection_error(exc: Exception, tls: ClientTls | None) -> str:
+    """A client-side failure in one line, with a hint where TLS is the likely cause."""
+    if isinstance(exc, GRPCError):
+        return exc.message or exc.status.name
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"cannot verify the server's certificate: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}; does the server serve TLS?"
+    if isinstance(exc, StreamTerminatedError):
+        if tls is None:
+            hint = "if it serves TLS, pass --tls-ca (or --tls)"
+        elif tls.cert is None:
+            hint = "if it requires a client certificate, pass --tls-cert and --tls-key"
+        else:
+            hint = "it may not accept this client certificate"
+        return f"the server closed the connection; {hint}"
+    return str(exc)
 
 
 def _version(value: bool) -> None:
@@ -170,6 +228,25 @@ def serve(
         int,
         typer.Option(envvar="MNIST_MAX_IMAGE_PIXELS", help="Largest image (width × height)."),
     ] = _limits.max_image_pixels,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MNIST_TLS_CERT",
+            help="PEM certificate chain: serve TLS only (with --tls-key). [default: plaintext]",
+            show_default=False,
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option(envvar="MNIST_TLS_KEY", help="PEM private key of --tls-cert."),
+    ] = None,
+    tls_client_ca: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="MNIST_TLS_CLIENT_CA",
+            help="PEM CA bundle: require client certificates it signed (mutual TLS).",
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug (one line per call), info...")
     ] = "info",
@@ -204,6 +281,9 @@ def serve(
                 max_batch_images=max_batch_images,
                 max_queue=max_queue,
             ),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig
             **({"workers": workers} if workers is not None else {}),
@@ -223,9 +303,16 @@ def predict(
         bool, typer.Option("--batch", help="Send all images in one PredictBatch call.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds per call.")] = 30.0,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
 ) -> None:
     """Classify image files with a running server."""
     from .client import ItemFailure, MnistClient
+
+    client_tls = _client_tls(tls, tls_ca, tls_cert, tls_key, tls_server_name)
 
     def failed(path: Path, reason: str | None) -> None:
         typer.echo(f"{path}: error: {reason}", err=True)
@@ -239,7 +326,7 @@ def predict(
             except OSError as exc:
                 failures += 1
                 failed(path, exc.strerror)
-        async with MnistClient(address, timeout=timeout) as client:
+        async with MnistClient(address, timeout=timeout, tls=client_tls) as client:
             if batch:
                 results = await client.predict_batch([data for _, data in readable])
             else:
@@ -259,8 +346,8 @@ def predict(
 
     try:
         failures = asyncio.run(run())
-    except (MnistServiceError, OSError, GRPCError) as exc:
-        _fail((exc.message or exc.status.name) if isinstance(exc, GRPCError) else str(exc))
+    except (MnistServiceError, OSError, GRPCError, StreamTerminatedError) as exc:
+        _fail(_connection_error(exc, client_tls))
     if failures:
         raise typer.Exit(code=1)
 
@@ -281,18 +368,25 @@ def _print_prediction(path: Path, prediction: Prediction, *, as_json: bool) -> N
 def info(
     address: AddressOption = DEFAULT_ADDRESS,
     timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 10.0,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
 ) -> None:
     """Print what a running server serves, as JSON."""
     from .client import MnistClient
 
+    client_tls = _client_tls(tls, tls_ca, tls_cert, tls_key, tls_server_name)
+
     async def run() -> str:
-        async with MnistClient(address, timeout=timeout) as client:
+        async with MnistClient(address, timeout=timeout, tls=client_tls) as client:
             return (await client.model_info()).to_json(indent=2)
 
     try:
         typer.echo(asyncio.run(run()))
-    except (MnistServiceError, OSError, GRPCError) as exc:
-        _fail(str(exc))
+    except (MnistServiceError, OSError, GRPCError, StreamTerminatedError) as exc:
+        _fail(_connection_error(exc, client_tls))
 
 
 @app.command()
@@ -348,11 +442,18 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
 ) -> None:
     """Load a running server; report throughput, latency percentiles and errors."""
     import sys
 
     from . import loadgen
+
+    client_tls = _client_tls(tls, tls_ca, tls_cert, tls_key, tls_server_name)
 
     if raw and images:
         _fail("--raw applies to the drawn digits; --images files are sent as they are")
@@ -368,6 +469,7 @@ def bench(
             connections=connections,
             call_timeout_s=timeout,
             model_check=model_check,
+            tls=client_tls,
             **({"max_requests": max_requests} if max_requests is not None else {}),
         )
     except (MnistServiceError, OSError) as exc:
@@ -385,8 +487,8 @@ def bench(
 
     try:
         report = loadgen.run(config, on_progress=show, progress_interval_s=0.25 if live else 5.0)
-    except (MnistServiceError, OSError, GRPCError) as exc:
-        _fail(f"cannot load {address}: {exc}")
+    except (MnistServiceError, OSError, GRPCError, StreamTerminatedError) as exc:
+        _fail(f"cannot load {address}: {_connection_error(exc, client_tls)}")
     finally:
         if live:
             sys.stderr.write("\r\x1b[K")

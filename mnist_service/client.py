@@ -8,6 +8,10 @@ Images may be encoded bytes, a path, a PIL image or a numpy array (a 28x28 uint8
 floats in [0, 1], travels as 784 raw MNIST-format bytes; any other array as a PNG file). Call
 failures raise `grpclib.exceptions.GRPCError`; `predict_many` (a stream) and `predict_batch`
 (one call) report per-image failures as `ItemFailure` values instead, in request order.
+
+Over TLS, say whom to trust (and, for mutual TLS, which certificate to show):
+
+    MnistClient("mnist.example.com:443", tls=ClientTls(ca=Path("ca.pem")))
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any, Self
 
 import numpy as np
 import numpy.typing as npt
+from grpclib.config import Configuration
 from grpclib.const import Status
 from PIL import Image
 
@@ -35,6 +40,7 @@ from ._proto.mnist import (
 )
 from .config import DEFAULT_HOST, DEFAULT_PORT, format_address, parse_address
 from .constants import IMAGE_SIZE
+from .tls import ClientTls
 from .transport.channel import Channel
 
 ImageLike = bytes | str | os.PathLike[str] | Image.Image | npt.NDArray[Any]
@@ -70,9 +76,19 @@ class MnistClient:
         address: str = format_address(DEFAULT_HOST, DEFAULT_PORT),
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
+        tls: ClientTls | None = None,
     ) -> None:
+        """Connect lazily to `address`; over TLS when `tls` is given, else plaintext."""
         host, port = parse_address(address)
-        self._channel = Channel(host, port)
+        if tls is None:
+            self._channel = Channel(host, port)
+        else:
+            self._channel = Channel(
+                host,
+                port,
+                ssl=tls.context(),
+                config=Configuration(ssl_target_name_override=tls.server_name),
+            )
         self._stub = MnistStub(self._channel)
         self._timeout = timeout
 
@@ -85,11 +101,16 @@ class MnistClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        await self.aclose()
 
     def close(self) -> None:
-        """Close the underlying connection."""
+        """Start closing the underlying connection (`aclose` also waits until it is closed)."""
         self._channel.close()
+
+    async def aclose(self) -> None:
+        """Close the underlying connection, and wait until it is closed (a TLS connection
+        takes a round trip to the server)."""
+        await self._channel.aclose()
 
     async def predict(self, image: ImageLike, *, timeout: float | None = None) -> Prediction:
         """Classify one image."""

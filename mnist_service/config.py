@@ -111,6 +111,12 @@ class ServerConfig:
     grace_period: float = 10.0
     """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
     limits: Limits = field(default_factory=Limits)
+    tls_cert: Path | None = None
+    """PEM certificate chain the server presents; with `tls_key`, the server speaks only TLS."""
+    tls_key: Path | None = None
+    """PEM private key of `tls_cert`."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
     log_level: str = "info"
     log_format: LogFormat = "pretty"
 
@@ -136,6 +142,29 @@ class ServerConfig:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.grace_period < 0:
             raise ConfigError(f"grace period must not be negative, got {self.grace_period}")
+        self._check_tls_files()
+
+    def _check_tls_files(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(
+                "TLS needs both a certificate and its private key (tls_cert, tls_key)"
+            )
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                "a client CA (mutual TLS) needs the server's own certificate and key as well"
+            )
+        for what, path in (
+            ("TLS certificate", self.tls_cert),
+            ("TLS key", self.tls_key),
+            ("TLS client CA", self.tls_client_ca),
+        ):
+            if path is not None:
+                _check_readable(path, what)
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks TLS (else plaintext HTTP/2)."""
+        return self.tls_cert is not None
 
     @property
     def weights_path(self) -> Path:
@@ -153,6 +182,29 @@ def usable_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def _check_readable(path: Path, what: str) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from exc
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an IP address or a name) reaches only this machine."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos
+    )
 
 
 def parse_address(address: str) -> tuple[str, int]:

@@ -48,6 +48,7 @@ from .client import ItemFailure, MnistClient, Prediction
 from .config import parse_address
 from .constants import IMAGE_SIZE
 from .errors import ConfigError
+from .tls import ClientTls
 
 Mode = Literal["unary", "batch", "stream"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -96,6 +97,8 @@ class LoadConfig:
     max_requests: int = DEFAULT_MAX_REQUESTS
     model_check: bool = False
     """Classify each payload once first, then count answers under load that disagree."""
+    tls: ClientTls | None = None
+    """Connect over TLS (None: plaintext)."""
 
     def __post_init__(self) -> None:
         parse_address(self.address)
@@ -522,7 +525,7 @@ async def run_load(
     """
     payloads = config.payloads
     clients = [
-        MnistClient(config.address, timeout=config.call_timeout_s)
+        MnistClient(config.address, timeout=config.call_timeout_s, tls=config.tls)
         for _ in range(config.connection_count)
     ]
     rec = _Recorder(max_requests=config.max_requests)
@@ -535,8 +538,7 @@ async def run_load(
             rec.references = await _references(clients[0], payloads, config.call_timeout_s)
         elapsed, cpu = await _drive(config, clients, rec, on_progress, progress_interval_s, stop)
     finally:
-        for client in clients:
-            client.close()
+        await asyncio.gather(*(client.aclose() for client in clients))
 
     return LoadReport(
         mode=config.mode,

@@ -23,7 +23,13 @@ MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 
 def test_public_api_is_small_and_sorted() -> None:
     assert mnist_service.__all__ == sorted(mnist_service.__all__)
-    assert set(mnist_service.__all__) == {"ItemFailure", "MnistClient", "Prediction", "__version__"}
+    assert set(mnist_service.__all__) == {
+        "ClientTls",
+        "ItemFailure",
+        "MnistClient",
+        "Prediction",
+        "__version__",
+    }
 
 
 def test_serve_help_documents_every_option() -> None:
@@ -39,6 +45,9 @@ def test_serve_help_documents_every_option() -> None:
         "--grace-period",
         "--max-message-bytes",
         "--max-image-pixels",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
         "--log-level",
         "--log-format",
     ):

@@ -34,12 +34,13 @@ from grpclib.reflection.service import ServerReflection
 
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ..api.mnist import MnistService
-from ..config import ServerConfig, format_address
+from ..config import ServerConfig, format_address, is_loopback
 from ..engine.batcher import Batcher
 from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
 from ..engine.preprocess import limit_pillow
 from ..errors import ConfigError
+from ..tls import server_context
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
@@ -93,8 +94,19 @@ def reuse_port_sibling(sock: socket.socket) -> socket.socket:
 
 
 def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
-    """The startup summary line (tools wait for its "serving" and read its port)."""
+    """The startup summary line (tools wait for its "serving" and read its port).
+
+    Logged once per server (by the supervisor, or the only process), so it also carries the
+    warning about plaintext on an address other machines can reach.
+    """
     address = format_address(config.host, port)
+    if not config.tls and not is_loopback(config.host):
+        # Not worded "serving ...": tools take the line that starts so for the serving line.
+        log.warning(
+            "no TLS on %s, which other machines can reach: calls and images travel in the"
+            " clear; pass --tls-cert and --tls-key, or listen on loopback behind a TLS proxy",
+            address,
+        )
     log.info(
         "serving %s model on %s",
         info.architecture,
@@ -109,6 +121,7 @@ def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
                 "provider": info.execution_provider,
                 "workers": config.workers,
                 "max_batch_size": config.max_batch_size,
+                "tls": "mutual" if config.tls_client_ca else "on" if config.tls else "off",
             }
         },
     )
@@ -162,11 +175,15 @@ class MnistServer:
         self.port: int | None = None
 
     async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
-        """Listen on `sock` (or bind the configured address) and report SERVING."""
+        """Listen on `sock` (or bind the configured address) and report SERVING.
+
+        The TLS context is built here, in the process that serves (after any fork).
+        """
+        ssl = server_context(self.config)
         if sock is None:
             sock = bind_socket(self.config.host, self.config.port)
         self.port = sock.getsockname()[1]
-        await self.server.start(sock=sock)
+        await self.server.start(sock=sock, ssl=ssl)
         self.health_status.set(True)
         if announce:
             log_serving(self.config, self.classifier.info, self.port)

@@ -1,20 +1,28 @@
-"""A grpclib `Channel` whose calls survive a server's graceful GOAWAY.
+"""A grpclib client `Channel` whose calls survive a server's graceful GOAWAY, and whose close
+can be awaited until its connections are gone.
 
-grpclib's client closes its connection on any GOAWAY, ending the calls still running on it,
-and h2 moves its state machine to CLOSED, after which it refuses the answers to those calls.
-A draining server (ours, grpc-go, grpc-java...) sends GOAWAY with NO_ERROR precisely so that
-the calls it has accepted can finish. Here such a GOAWAY retires the connection instead: the
-calls on it run to their end, new calls open a new connection, and the retired connection
-closes once its last call is done (or when the channel is closed). Any other GOAWAY keeps
-grpclib's behaviour.
+**Graceful GOAWAY.** grpclib's client closes its connection on any GOAWAY, ending the calls
+still running on it, and h2 moves its state machine to CLOSED, after which it refuses the
+answers to those calls. A draining server (ours, grpc-go, grpc-java...) sends GOAWAY with
+NO_ERROR precisely so that the calls it has accepted can finish. Here such a GOAWAY retires
+the connection instead: the calls on it run to their end, new calls open a new connection,
+and the retired connection closes once its last call is done (or when the channel is
+closed). Any other GOAWAY keeps grpclib's behaviour.
 
-This relies on grpclib 0.4.9's `Channel._protocol_factory`, `_config`, `_h2_config` and
-`EventsProcessor`, and on h2's `H2Connection._frame_dispatch_table` (where a GOAWAY frame is
-received); tests/test_transport.py covers them.
+**Awaitable close.** grpclib's `Channel.close()` only starts closing. A plaintext socket
+closes on the next loop turn, but a TLS connection first exchanges close_notify with the
+server, and an event loop that ends before then leaves the socket open (a ResourceWarning,
+and a file descriptor held until the collector runs). `aclose` waits for every connection to
+be lost, and aborts those whose server does not answer in time.
+
+This relies on grpclib 0.4.9's `Channel._protocol_factory`, `_protocol`, `_config`,
+`_h2_config` and `EventsProcessor`, and on h2's `H2Connection._frame_dispatch_table` (where a
+GOAWAY frame is received); tests/test_transport.py covers them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from typing import Any, cast
 
@@ -25,15 +33,20 @@ from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from hyperframe.frame import Frame, GoAwayFrame
 
+CLOSE_TIMEOUT_S = 1.0
+"""How long `aclose` waits for the server's side of a TLS close before aborting."""
+
 
 class Channel(grpclib.client.Channel):
-    """`grpclib.client.Channel`, moving to a new connection on a graceful GOAWAY."""
+    """`grpclib.client.Channel`, moving to a new connection on a graceful GOAWAY, with
+    `aclose`, which returns once its connections are closed."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._all_protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        self._all_protocols: weakref.WeakSet[_Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
+        # grpclib's own factory, with the protocol that retires on GOAWAY and reports its end.
         protocol = _Protocol(grpclib.client.Handler(), self._config, self._h2_config)
         self._all_protocols.add(protocol)
         return protocol
@@ -46,13 +59,38 @@ class Channel(grpclib.client.Channel):
             if protocol is not current and hasattr(protocol, "processor"):
                 protocol.processor.close()
 
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Close, and wait until the sockets are closed (aborting any after `timeout` s)."""
+        protocols = [p for p in self._all_protocols if p.transport is not None]
+        self.close()
+        for protocol in protocols:
+            try:
+                await asyncio.wait_for(protocol.lost.wait(), timeout)
+            except TimeoutError:
+                protocol.transport.abort()  # type: ignore[union-attr]  # a stream transport
+
 
 class _Protocol(H2Protocol):
+    """grpclib's client protocol: a graceful GOAWAY retires it, and it remembers its
+    transport and when the connection ended."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.lost = asyncio.Event()
+        self.transport: asyncio.BaseTransport | None = None
+
     def connection_made(self, transport: Any) -> None:
+        """Keep the transport (to abort it), set up HTTP/2, then take over GOAWAY."""
+        self.transport = transport
         super().connection_made(transport)
         self.processor = _Processor(cast(grpclib.client.Handler, self.handler), self.connection)
         h2_connection: H2Connection = self.connection._connection
         h2_connection._frame_dispatch_table[GoAwayFrame] = _graceful_goaway(h2_connection)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """The socket is closed: grpclib ends its streams, and `aclose` may return."""
+        super().connection_lost(exc)
+        self.lost.set()
 
 
 def _graceful_goaway(h2_connection: H2Connection) -> Any:
