@@ -247,6 +247,15 @@ def serve(
             help="PEM CA bundle: require client certificates it signed (mutual TLS).",
         ),
     ] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MNIST_METRICS_ADDRESS",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (all workers in one"
+            " scrape); port 0 picks a free one. [default: no metrics]",
+            show_default=False,
+        ),
+    ] = None,
     log_level: Annotated[
         str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug (one line per call), info...")
     ] = "info",
@@ -260,6 +269,9 @@ def serve(
 
     try:
         host, port = parse_address(address)
+        metrics_host, metrics_port = (
+            parse_address(metrics_address) if metrics_address is not None else (None, 0)
+        )
         config = ServerConfig(
             host=host,
             port=port,
@@ -284,6 +296,8 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            metrics_host=metrics_host,
+            metrics_port=metrics_port,
             log_level=log_level,
             log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig
             **({"workers": workers} if workers is not None else {}),

@@ -117,6 +117,9 @@ class ServerConfig:
     """PEM private key of `tls_cert`."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    metrics_host: str | None = None
+    """Where Prometheus metrics are served over HTTP (None: no metrics)."""
+    metrics_port: int = 9090
     log_level: str = "info"
     log_format: LogFormat = "pretty"
 
@@ -132,8 +135,9 @@ class ServerConfig:
             raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be in 0-65535, got {self.port}")
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"{name} must be in 0-65535, got {getattr(self, name)}")
         for name in ("workers", "intra_op_threads", "decode_threads", "max_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

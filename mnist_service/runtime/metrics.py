@@ -20,12 +20,18 @@ on counters). docs/operations.md has the table.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
-from collections.abc import Callable
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from grpclib.const import Status
+
+from ..config import format_address
+from ..engine.batcher import BatchRecord
+from ..errors import ConfigError
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -49,22 +55,42 @@ def prepare() -> Path:
     return path
 
 
-def serve_metrics(host: str, port: int) -> Callable[[], None]:
-    """Serve `/metrics` for every process recording into the multiprocess directory, from a
-    thread of this process; the function that stops it."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+@dataclass
+class Exporter:
+    """The `/metrics` endpoint: an HTTP server thread in this process, summing what every
+    process records into the multiprocess directory."""
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    port: int
+    server: Any
+    thread: threading.Thread
 
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    @classmethod
+    def start(cls, host: str, port: int) -> Exporter:
+        """Prepare the multiprocess directory and serve on `host`:`port` (0: a free port)."""
+        prepare()
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
 
-    return stop
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        try:
+            server, thread = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {format_address(host, port)}: {exc.strerror}"
+            ) from None
+        return cls(server.server_port, server, thread)
+
+    @property
+    def socket(self) -> socket.socket:
+        """The listening socket (forked workers close their copy)."""
+        sock: socket.socket = self.server.socket
+        return sock
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
 
 
 def process_gone(pid: int) -> None:
@@ -79,56 +105,77 @@ class Metrics:
     records (a forked worker creates its own)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        # Values go to the multiprocess files whatever the registry; a registry of its own
+        # lets several servers live in one process (tests) without clashing names.
+        registry = CollectorRegistry()
 
         self.request_success = Counter(
-            "mnist_request_success_total", "Calls answered OK, by RPC.", ["method"]
+            "mnist_request_success_total",
+            "Calls answered OK, by RPC.",
+            ["method"],
+            registry=registry,
         )
         self.request_failure = Counter(
             "mnist_request_failure_total",
             "Calls that ended with a status other than OK, by RPC and status code.",
             ["method", "code"],
+            registry=registry,
         )
         self.request_duration = Histogram(
             "mnist_request_duration_seconds",
             "From a call's arrival to its status, by RPC.",
             ["method"],
             buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_duration = Histogram(
             "mnist_inference_queue_duration_seconds",
             "How long a caller's images waited in the batcher's queue for a model run.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.compute_duration = Histogram(
             "mnist_inference_compute_duration_seconds",
             "How long one model run (one batch) took.",
             buckets=LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inference_count = Counter(
-            "mnist_inference_count_total", "Images inferred (each image of a batch counts)."
+            "mnist_inference_count_total",
+            "Images inferred (each image of a batch counts).",
+            registry=registry,
         )
         self.exec_count = Counter(
-            "mnist_inference_exec_count_total", "Model runs (batches); images / runs = batch fill."
+            "mnist_inference_exec_count_total",
+            "Model runs (batches); images / runs = batch fill.",
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "mnist_inference_batch_size", "Images per model run.", buckets=BATCH_BUCKETS
+            "mnist_inference_batch_size",
+            "Images per model run.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge(
             "mnist_requests_in_flight",
-            "Mnist calls being handled now (all workers).",
+            "Calls being handled now (all workers).",
             multiprocess_mode="livesum",
+            registry=registry,
         )
         self.queued = Gauge(
             "mnist_inference_queue_images",
             "Images accepted and not yet answered (all workers; --max-queue bounds each).",
             multiprocess_mode="livesum",
+            registry=registry,
         )
         self.model_info = Gauge(
             "mnist_model_info",
             "The model served: 1, labelled with what it is.",
             ["architecture", "provider", "weights_sha256"],
             multiprocess_mode="max",
+            registry=registry,
         )
         self._success: dict[str, Any] = {}
         self._duration: dict[str, Any] = {}
@@ -150,13 +197,13 @@ class Metrics:
             duration = self._duration[method] = self.request_duration.labels(method)
         duration.observe(seconds)
 
-    def record_batch(self, images: int, waits: list[float], seconds: float) -> None:
+    def record_batch(self, batch: BatchRecord) -> None:
         """One model run."""
-        self.inference_count.inc(images)
+        self.inference_count.inc(batch.images)
         self.exec_count.inc()
-        self.batch_size.observe(images)
-        self.compute_duration.observe(seconds)
-        for wait in waits:
+        self.batch_size.observe(batch.images)
+        self.compute_duration.observe(batch.seconds)
+        for wait in batch.waits:
             self.queue_duration.observe(wait)
 
     def sample(self, in_flight: int, queued: int) -> None:

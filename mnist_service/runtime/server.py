@@ -23,6 +23,7 @@ import gc
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,7 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
+from ..api.calls import Call
 from ..api.mnist import MnistService
 from ..config import ServerConfig, format_address, is_loopback
 from ..engine.batcher import Batcher
@@ -45,11 +47,14 @@ from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
 from .eventloop import loop_factory
+from .metrics import Metrics
 from .telemetry import log_call, log_refused_stream
 
 log = logging.getLogger(__name__)
 
 _GOAWAY_PING_TIMEOUT_S = 1.0
+METRICS_SAMPLE_S = 0.5
+"""How often the in-flight and queue gauges are refreshed."""
 """How long the first GOAWAY's PING may go unanswered before the final GOAWAY is sent."""
 
 
@@ -93,7 +98,9 @@ def reuse_port_sibling(sock: socket.socket) -> socket.socket:
     return sibling
 
 
-def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
+def log_serving(
+    config: ServerConfig, info: ModelInfo, port: int, *, metrics_port: int | None = None
+) -> None:
     """The startup summary line (tools wait for its "serving" and read its port).
 
     Logged once per server (by the supervisor, or the only process), so it also carries the
@@ -122,9 +129,12 @@ def log_serving(config: ServerConfig, info: ModelInfo, port: int) -> None:
                 "workers": config.workers,
                 "max_batch_size": config.max_batch_size,
                 "tls": "mutual" if config.tls_client_ca else "on" if config.tls else "off",
+                **({"metrics_port": metrics_port} if metrics_port is not None else {}),
             }
         },
     )
+    if metrics_port is not None and config.metrics_host is not None:
+        log.info("metrics on http://%s/metrics", format_address(config.metrics_host, metrics_port))
 
 
 def _descriptor_pool() -> object:
@@ -140,13 +150,25 @@ def _descriptor_pool() -> object:
 class MnistServer:
     """The grpclib server with its service, health, reflection, drain and request log."""
 
-    def __init__(self, config: ServerConfig, classifier: Classifier, executor: Executor) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        classifier: Classifier,
+        executor: Executor,
+        *,
+        metrics: Metrics | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
         self.config = config
         self.classifier = classifier
+        self.metrics = metrics
+        self.metrics_port = metrics_port
+        self._sampler: asyncio.Task[None] | None = None
         batcher = Batcher(
             classifier,
             max_batch_size=config.max_batch_size,
             max_delay=config.max_batch_delay_us / 1e6,
+            observer=metrics.record_batch if metrics is not None else None,
         )
         limit_pillow(config.limits.max_image_pixels)
         pipeline = Pipeline(
@@ -169,7 +191,7 @@ class MnistServer:
                 max_message_seconds=config.limits.max_message_seconds,
             ),
             unary=unary_methods(service),
-            observer=log_call,
+            observer=log_call if metrics is None else self._observe_call,
             on_refused=log_refused_stream,
         )
         self.port: int | None = None
@@ -185,13 +207,35 @@ class MnistServer:
         self.port = sock.getsockname()[1]
         await self.server.start(sock=sock, ssl=ssl)
         self.health_status.set(True)
+        if self.metrics is not None:
+            info = self.classifier.info
+            self.metrics.describe_model(
+                info.architecture, info.execution_provider, info.weights_sha256
+            )
+            self._sampler = asyncio.create_task(self._sample_metrics())
         if announce:
-            log_serving(self.config, self.classifier.info, self.port)
+            log_serving(
+                self.config, self.classifier.info, self.port, metrics_port=self.metrics_port
+            )
         else:
             log.debug("worker ready")
 
+    def _observe_call(self, call: Call) -> None:
+        log_call(call)
+        assert self.metrics is not None
+        self.metrics.record_call(call.method, call.status, time.perf_counter() - call.started)
+
+    async def _sample_metrics(self) -> None:
+        """The in-flight and queue gauges, sampled (not counted per call: no per-call cost)."""
+        assert self.metrics is not None
+        while True:
+            self.metrics.sample(len(self.server.calls()), self.pipeline.pending)
+            await asyncio.sleep(METRICS_SAMPLE_S)
+
     async def stop(self, *, grace_period: float, hurry: asyncio.Event | None = None) -> None:
         """Drain (see the module's docstring); `hurry`, once set, cuts the waiting short."""
+        if self._sampler is not None:
+            self._sampler.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_period
         server = self.server
@@ -250,13 +294,17 @@ async def serve(
     sock: socket.socket | None = None,
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return.
 
     A worker process gets its listening `sock` from the supervisor, a `lifeline` (the read
     end of a pipe whose EOF, the supervisor's death, counts as a signal) and `on_ready`.
+    With metrics on, the process records them (`metrics_port`: where this process serves
+    them, for the serving line, when it is the only one).
     """
-    app = MnistServer(config, classifier, executor)
+    metrics = Metrics() if config.metrics_host is not None else None
+    app = MnistServer(config, classifier, executor, metrics=metrics, metrics_port=metrics_port)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -297,6 +345,7 @@ def run(
     sock: socket.socket | None = None,
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
+    metrics_port: int | None = None,
 ) -> None:
     """Load the model, then serve in this process until told to stop (see `serve`)."""
     classifier = OnnxClassifier.load(
@@ -310,5 +359,13 @@ def run(
         asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner,
     ):
         runner.run(
-            serve(config, classifier, executor, sock=sock, lifeline=lifeline, on_ready=on_ready)
+            serve(
+                config,
+                classifier,
+                executor,
+                sock=sock,
+                lifeline=lifeline,
+                on_ready=on_ready,
+                metrics_port=metrics_port,
+            )
         )

@@ -40,7 +40,7 @@ from types import FrameType
 from ..config import ServerConfig
 from ..engine.inference import ModelInfo
 from ..errors import MnistServiceError
-from . import server
+from . import metrics, server
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,21 @@ class WorkerStartupError(MnistServiceError):
 
 
 def run(config: ServerConfig) -> None:
-    """Serve with `config.workers` processes (in this one when it is 1) until stopped."""
-    if config.workers == 1:
-        server.run(config)
-    else:
-        Supervisor(config).run()
+    """Serve with `config.workers` processes (in this one when it is 1) until stopped.
+
+    With metrics on, this process serves `/metrics` for all of them (see `runtime.metrics`).
+    """
+    exporter = None
+    if config.metrics_host is not None:
+        exporter = metrics.Exporter.start(config.metrics_host, config.metrics_port)
+    try:
+        if config.workers == 1:
+            server.run(config, metrics_port=exporter.port if exporter is not None else None)
+        else:
+            Supervisor(config, exporter).run()
+    finally:
+        if exporter is not None:
+            exporter.stop()
 
 
 @dataclass(slots=True)
@@ -76,8 +86,9 @@ class _Worker:
 class Supervisor:
     """Starts `config.workers` worker processes and looks after them until stopped."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, exporter: metrics.Exporter | None = None) -> None:
         self.config = config
+        self._exporter = exporter
         self._context = multiprocessing.get_context("fork")
         self._sockets: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
@@ -97,7 +108,9 @@ class Supervisor:
             for index in range(config.workers):
                 self._start(index)
             info = self._wait_all_ready()
-            server.log_serving(config, info, port)
+            server.log_serving(
+                config, info, port, metrics_port=self._exporter.port if self._exporter else None
+            )
             self._supervise()
             self._stop()
         finally:
@@ -121,6 +134,8 @@ class Supervisor:
             sock = self._sockets[0]
         others = [s for s in self._sockets if s is not sock]
         ready_read, ready_write = self._context.Pipe(duplex=False)
+        if self._exporter is not None:
+            others.append(self._exporter.socket)  # the supervisor's /metrics, not the worker's
         process = self._context.Process(
             target=_worker_main,
             args=(
@@ -172,6 +187,8 @@ class Supervisor:
                 worker = sentinels[sentinel]  # type: ignore[index]
                 worker.process.join()
                 worker.ready.close()
+                if self._exporter is not None and worker.process.pid is not None:
+                    metrics.process_gone(worker.process.pid)
                 log.warning(
                     "worker %d exited unexpectedly; restarting it",
                     worker.index,
@@ -229,7 +246,7 @@ def _worker_main(
     """A worker process: serve on the inherited socket until SIGTERM or the supervisor dies."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor only
     os.close(lifeline_write)  # else our own copy would keep the pipe open forever
-    for other in others:  # the supervisor's anchor: not ours to hold
+    for other in others:  # the supervisor's anchor and /metrics: not ours to hold
         other.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
