@@ -256,8 +256,15 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            envvar="MNIST_ACCESS_LOG",
+            help="One log line per call (method, status, latency, batch, peer, request id).",
+        ),
+    ] = _config.access_log,
     log_level: Annotated[
-        str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug (one line per call), info...")
+        str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug, info, warning or error.")
     ] = "info",
     log_format: Annotated[
         str, typer.Option(envvar="MNIST_LOG_FORMAT", help="pretty or json.")
@@ -296,6 +303,7 @@ def serve(
             tls_cert=tls_cert,
             tls_key=tls_key,
             tls_client_ca=tls_client_ca,
+            access_log=access_log,
             metrics_host=metrics_host,
             metrics_port=metrics_port,
             log_level=log_level,

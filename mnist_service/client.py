@@ -27,7 +27,7 @@ from typing import Any, Self
 import numpy as np
 import numpy.typing as npt
 from grpclib.config import Configuration
-from grpclib.const import Status
+from grpclib.const import Cardinality, Status
 from PIL import Image
 
 from ._proto.mnist import (
@@ -45,14 +45,18 @@ from .transport.channel import Channel
 
 ImageLike = bytes | str | os.PathLike[str] | Image.Image | npt.NDArray[Any]
 DEFAULT_TIMEOUT = 30.0
+PREDICT = "/mnist.Mnist/Predict"
+REQUEST_ID_HEADER = "x-request-id"
 
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """A classified digit: the label and the probabilities of 0-9."""
+    """A classified digit: the label and the probabilities of 0-9 (and, from `predict`, the
+    call's request id, as the server logged it)."""
 
     label: int
     probabilities: tuple[float, ...]
+    request_id: str | None = None
 
     @property
     def confidence(self) -> float:
@@ -112,12 +116,26 @@ class MnistClient:
         takes a round trip to the server)."""
         await self._channel.aclose()
 
-    async def predict(self, image: ImageLike, *, timeout: float | None = None) -> Prediction:
-        """Classify one image."""
-        reply = await self._stub.predict(
-            MnistImage(data=encode_image(image)), timeout=timeout or self._timeout
-        )
-        return _prediction(reply)
+    async def predict(
+        self, image: ImageLike, *, timeout: float | None = None, request_id: str | None = None
+    ) -> Prediction:
+        """Classify one image. The server logs the call under `request_id` (sent as
+        `x-request-id`), or under one it makes up; either way the answer carries it."""
+        metadata = {REQUEST_ID_HEADER: request_id} if request_id is not None else None
+        async with self._channel.request(
+            PREDICT,
+            Cardinality.UNARY_UNARY,
+            MnistImage,
+            MnistPrediction,
+            timeout=timeout or self._timeout,
+            metadata=metadata,
+        ) as stream:
+            await stream.send_message(MnistImage(data=encode_image(image)), end=True)
+            reply = await stream.recv_message()
+            assert reply is not None  # grpclib raises GRPCError for an answer without one
+            received = stream.initial_metadata
+            given = received.get(REQUEST_ID_HEADER) if received is not None else None
+        return _prediction(reply, given if isinstance(given, str) else None)
 
     async def predict_many(
         self,
@@ -178,8 +196,10 @@ def _encode_array(array: npt.NDArray[Any]) -> bytes:
     return buffer.getvalue()
 
 
-def _prediction(reply: MnistPrediction) -> Prediction:
-    return Prediction(label=reply.label, probabilities=tuple(reply.probabilities))
+def _prediction(reply: MnistPrediction, request_id: str | None = None) -> Prediction:
+    return Prediction(
+        label=reply.label, probabilities=tuple(reply.probabilities), request_id=request_id
+    )
 
 
 def _result(item: StreamPrediction) -> Prediction | ItemFailure:

@@ -117,6 +117,8 @@ class ServerConfig:
     """PEM private key of `tls_cert`."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
+    access_log: bool = True
+    """One log line per call at info level (server faults are logged either way)."""
     metrics_host: str | None = None
     """Where Prometheus metrics are served over HTTP (None: no metrics)."""
     metrics_port: int = 9090

@@ -9,6 +9,8 @@ as CANCELLED and an expired deadline as DEADLINE_EXCEEDED, never as a server fau
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -35,11 +37,17 @@ class Call:
     """The status message sent with a non-OK status."""
     fields: dict[str, Any] = field(default_factory=dict)
     """What the handler added with `annotate` (e.g. the label, the item count)."""
+    request_id: str = ""
+    """The client's `x-request-id`, or one made up for the call; sent back to the client."""
 
     @property
     def expired(self) -> bool:
         """Whether the client's deadline has passed."""
         return self.expires_at is not None and self.expires_at <= time.monotonic()
+
+    def rode_in(self, batch_size: int) -> None:
+        """Note the size of the model run this call's image rode in (for the request log)."""
+        self.fields["batch"] = batch_size
 
     def end(self, status: Status, message: str | None = None) -> None:
         self.status = status
@@ -47,6 +55,28 @@ class Call:
 
 
 CallObserver = Callable[[Call], None]
+
+REQUEST_ID_HEADER = "x-request-id"
+_MAX_REQUEST_ID = 128
+_PROCESS_PREFIX = os.urandom(6).hex()
+_sequence = itertools.count(1)
+
+
+def request_id(sent: str | None) -> str:
+    """The call's request id: the client's `x-request-id` when it is a sane token (visible
+    ASCII, at most 128 characters), else a new one, unique across processes and restarts."""
+    if sent and len(sent) <= _MAX_REQUEST_ID and sent.isascii() and sent.isprintable():
+        return sent
+    return f"{_PROCESS_PREFIX}{next(_sequence):06x}"
+
+
+def _reseed() -> None:
+    """A new prefix for a forked process's made-up ids (workers must not repeat each other)."""
+    global _PROCESS_PREFIX
+    _PROCESS_PREFIX = os.urandom(6).hex()
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 def expiry(deadline: Deadline | None) -> float | None:

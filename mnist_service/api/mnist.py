@@ -27,7 +27,7 @@ from ..config import Limits
 from ..engine.inference import FloatArray
 from ..engine.pipeline import ItemResult, Pipeline
 from ..errors import MnistServiceError, TooManyImagesError
-from .calls import annotate, current_expiry
+from .calls import annotate, current_call, current_expiry
 from .status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,16 @@ class MnistService(MnistBase):
 
     async def predict(self, message: MnistImage) -> MnistPrediction:
         """Classify one image."""
+        call = current_call()
         with as_grpc_errors():
-            prediction = _prediction(await self._pipeline.classify(message.data, current_expiry()))
-        annotate(label=prediction.label)
+            probabilities = await self._pipeline.classify(
+                message.data,
+                call.expires_at if call is not None else None,
+                call.rode_in if call is not None else None,
+            )
+        prediction = _prediction(probabilities)
+        if call is not None:
+            call.fields["label"] = prediction.label
         return prediction
 
     async def predict_batch(self, message: PredictBatchRequest) -> PredictBatchResponse:

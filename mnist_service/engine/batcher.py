@@ -37,6 +37,8 @@ class _Pending:
     """`time.monotonic()` after which nobody waits for the answer (None: no deadline)."""
     queued_at: float = 0.0
     """`time.monotonic()` when it joined the queue (0: it never waited)."""
+    on_batch: Callable[[int], None] | None = None
+    """Told the size of the model run the images rode in (for the caller's request log)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,33 +111,41 @@ class Batcher:
         """Images waiting for a batch."""
         return self._queued_images
 
-    async def predict(self, batch: FloatArray, expires_at: float | None = None) -> FloatArray:
+    async def predict(
+        self,
+        batch: FloatArray,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> FloatArray:
         """Float32 [N, 1, 28, 28] -> [N, 10], run together with other callers' images."""
         if len(batch) > self._max_batch_size:
             chunks = [
-                self.submit(batch[start : start + self._max_batch_size], expires_at)
+                self.submit(batch[start : start + self._max_batch_size], expires_at, on_batch)
                 for start in range(0, len(batch), self._max_batch_size)
             ]
             return np.concatenate(await asyncio.gather(*chunks))
-        return await self.submit(batch, expires_at)
+        return await self.submit(batch, expires_at, on_batch)
 
     def submit(
-        self, batch: FloatArray, expires_at: float | None = None
+        self,
+        batch: FloatArray,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> asyncio.Future[FloatArray]:
         """Queue up to `max_batch_size` images; the future gets their probabilities [N, 10].
 
         Cancelling the future before its batch starts drops the images from the batch, and so
         does reaching `expires_at` (a `time.monotonic()` value) first: the future then gets a
-        `DeadlineExpiredError`.
+        `DeadlineExpiredError`. `on_batch` is told the size of the model run they rode in.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[FloatArray] = loop.create_future()
         if self._alone(loop):
             # Nothing queued, nothing else about to run this turn: nobody could join the
             # batch, so run it now rather than after another trip round the loop.
-            self._run_inline([_Pending(batch, future)])
+            self._run_inline([_Pending(batch, future, on_batch=on_batch)])
             return future
-        self._queue.append(_Pending(batch, future, expires_at, time.monotonic()))
+        self._queue.append(_Pending(batch, future, expires_at, time.monotonic(), on_batch))
         self._queued_images += len(batch)
         self._schedule()
         return future
@@ -255,6 +265,8 @@ class Batcher:
             end = start + len(p.images)
             if not p.future.done():
                 p.future.set_result(probabilities[start:end])
+                if p.on_batch is not None:
+                    p.on_batch(len(probabilities))
             start = end
 
     @staticmethod

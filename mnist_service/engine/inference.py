@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -62,16 +62,24 @@ class Predictor(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    async def predict(self, batch: FloatArray, expires_at: float | None = None) -> FloatArray:
+    async def predict(
+        self,
+        batch: FloatArray,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> FloatArray:
         """Float32 [N, 1, 28, 28] in [0, 1] -> float32 [N, 10] probabilities.
 
         Images still waiting at `expires_at` (a `time.monotonic()` value) are not run: the
-        call raises `DeadlineExpiredError` instead.
+        call raises `DeadlineExpiredError` instead. `on_batch` is told each model run's size.
         """
         ...
 
     def submit(
-        self, batch: FloatArray, expires_at: float | None = None
+        self,
+        batch: FloatArray,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> asyncio.Future[FloatArray]:
         """Like `predict` without waiting: the probabilities arrive in the future."""
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Final
 
@@ -71,13 +71,24 @@ class Pipeline:
         """What is being served."""
         return self._predictor.info
 
-    async def classify(self, data: bytes, expires_at: float | None = None) -> FloatArray:
-        """One image's bytes -> its probabilities, float32 [10]."""
-        probabilities = await self.start(data, expires_at)
+    async def classify(
+        self,
+        data: bytes,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> FloatArray:
+        """One image's bytes -> its probabilities, float32 [10]; `on_batch` is told the size
+        of the model run it rode in."""
+        probabilities = await self.start(data, expires_at, on_batch)
         row: FloatArray = probabilities[0]
         return row
 
-    def start(self, data: bytes, expires_at: float | None = None) -> asyncio.Future[FloatArray]:
+    def start(
+        self,
+        data: bytes,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> asyncio.Future[FloatArray]:
         """Start classifying one image without waiting: its probabilities [1, 10] arrive in
         the future (or the reason it failed). A small image costs no task: it is prepared
         now and goes straight into the batcher's queue.
@@ -93,9 +104,10 @@ class Pipeline:
         try:
             opened = open_image(data, self._max_image_pixels)
             if self._is_small(opened):
-                future = self._predictor.submit(to_model_input(opened)[np.newaxis], expires_at)
+                image = to_model_input(opened)[np.newaxis]
+                future = self._predictor.submit(image, expires_at, on_batch)
             else:
-                future = asyncio.ensure_future(self._classify_big(opened, expires_at))
+                future = asyncio.ensure_future(self._classify_big(opened, expires_at, on_batch))
         except Exception as exc:  # the caller gets it from the future, like any other error
             self._release(1)
             return _failed(exc)
@@ -105,10 +117,12 @@ class Pipeline:
             future.add_done_callback(self._release_one)
         return future
 
-    async def _classify_big(self, opened: Opened, expires_at: float | None) -> FloatArray:
+    async def _classify_big(
+        self, opened: Opened, expires_at: float | None, on_batch: Callable[[int], None] | None
+    ) -> FloatArray:
         loop = asyncio.get_running_loop()
         image = await loop.run_in_executor(self._executor, to_model_input, opened)
-        return await self._predictor.predict(image[np.newaxis], expires_at)
+        return await self._predictor.predict(image[np.newaxis], expires_at, on_batch)
 
     async def classify_many(
         self, items: Sequence[bytes], expires_at: float | None = None

@@ -48,7 +48,7 @@ from ..transport.server import Server
 from ..transport.unary import unary_methods
 from .eventloop import loop_factory
 from .metrics import Metrics
-from .telemetry import log_call, log_refused_stream
+from .telemetry import RequestLog, log_refused_stream
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ class MnistServer:
         self.metrics = metrics
         self.metrics_port = metrics_port
         self._sampler: asyncio.Task[None] | None = None
+        self.request_log = RequestLog(access_log=config.access_log, model=config.model_architecture)
         batcher = Batcher(
             classifier,
             max_batch_size=config.max_batch_size,
@@ -191,7 +192,7 @@ class MnistServer:
                 max_message_seconds=config.limits.max_message_seconds,
             ),
             unary=unary_methods(service),
-            observer=log_call if metrics is None else self._observe_call,
+            observer=self.request_log if metrics is None else self._observe_call,
             on_refused=log_refused_stream,
         )
         self.port: int | None = None
@@ -221,7 +222,7 @@ class MnistServer:
             log.debug("worker ready")
 
     def _observe_call(self, call: Call) -> None:
-        log_call(call)
+        self.request_log(call)
         assert self.metrics is not None
         self.metrics.record_call(call.method, call.status, time.perf_counter() - call.started)
 

@@ -1,11 +1,10 @@
 """Canonical request log lines: one per call, from the `api.calls.Call` the transport records.
 
-The transport opens a call before its handler runs and hands it here when it ends (no event
-listeners, no decorators on handlers); handlers add fields with `api.calls.annotate`. A line
-carries method, peer, status, duration and those fields. Client cancels (CANCELLED) and
-expired deadlines (DEADLINE_EXCEEDED) are ordinary outcomes, logged like OK; only server faults
-are warnings. Streams a draining server refuses before any call starts (REFUSED_STREAM) get
-their line from `log_refused_stream`.
+The transport opens a call when it arrives and hands it here when it ends (no event
+listeners, no decorators on handlers); handlers add fields with `api.calls.annotate`. Client
+cancels (CANCELLED) and expired deadlines (DEADLINE_EXCEEDED) are ordinary outcomes, logged
+like OK; only server faults are warnings. Streams a draining server refuses before any call
+starts (REFUSED_STREAM) get their line from `log_refused_stream`.
 """
 
 from __future__ import annotations
@@ -23,27 +22,46 @@ log = logging.getLogger("mnist_service.requests")
 SERVER_FAULTS = frozenset({Status.INTERNAL, Status.UNKNOWN, Status.DATA_LOSS})
 
 
-def log_call(call: Call) -> None:
-    """Log `call`: at debug, or as a warning when the server failed it."""
-    level = logging.WARNING if call.status in SERVER_FAULTS else logging.DEBUG
-    if not log.isEnabledFor(level):
-        return
-    fields: dict[str, Any] = {
-        "method": call.method,
-        "peer": _peer(call.peer),
-        "status": call.status.name,
-        "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
-        **call.fields,
-    }
-    if call.status is not Status.OK and call.message:
-        fields["error"] = call.message
-    log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
+class RequestLog:
+    """The observer of finished calls that writes the request log.
+
+    One line per call at info level (with `access_log`), carrying method, status, latency,
+    the model, the size of the model run the image rode in (`batch`), the peer, the request
+    id and what the handler annotated. Server faults (INTERNAL, UNKNOWN, DATA_LOSS) are
+    warnings, with or without `access_log`.
+    """
+
+    def __init__(self, *, access_log: bool = True, model: str | None = None) -> None:
+        self.access_log = access_log
+        self.model = model
+
+    def __call__(self, call: Call) -> None:
+        if call.status in SERVER_FAULTS:
+            level = logging.WARNING
+        elif self.access_log:
+            level = logging.INFO
+        else:
+            return
+        if not log.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {
+            "method": call.method,
+            "status": call.status.name,
+            "duration_ms": round((time.perf_counter() - call.started) * 1000, 3),
+            "model": self.model,
+            **call.fields,
+            "peer": _peer(call.peer),
+            "request_id": call.request_id,
+        }
+        if call.status is not Status.OK and call.message:
+            fields["error"] = call.message
+        log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
 
 
 def log_refused_stream(method: str, peer: tuple[str, int] | None) -> None:
     """The log line of a call refused with REFUSED_STREAM (opened after the final GOAWAY)."""
     if not log.isEnabledFor(logging.DEBUG):
-        return
+        return  # a client retries these on its own: detail for debugging, not for the log
     fields = {
         "method": method,
         "peer": _peer(peer),

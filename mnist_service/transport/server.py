@@ -36,7 +36,15 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 from h2.events import PingAckReceived
 
-from ..api.calls import Call, CallObserver, enter, expiry, ignore
+from ..api.calls import (
+    REQUEST_ID_HEADER,
+    Call,
+    CallObserver,
+    enter,
+    expiry,
+    ignore,
+    request_id,
+)
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import (
     DRAIN_PING,
@@ -306,12 +314,17 @@ def _observed(
             stream.recv_message = recv_message  # type: ignore[method-assign]
         elif checked:
             stream.recv_message = read  # type: ignore[method-assign]
-        # grpclib refuses grpc-* names as metadata, so the header joins at the HTTP/2 stream.
         h2_stream = stream._stream
-        h2_stream.send_headers = partial(  # type: ignore[method-assign]
-            _send_headers, h2_stream.send_headers
+        # The record `Handler.accept` opened on the call's arrival (deadline, request id).
+        call: Call = getattr(h2_stream, "call", None) or Call(
+            path, expiry(stream.deadline), peer=stream.peer.addr(), request_id=request_id(None)
         )
-        call = Call(path, expiry(stream.deadline), peer=stream.peer.addr())
+        # grpclib refuses grpc-* names as metadata, so these join at the HTTP/2 stream.
+        h2_stream.send_headers = partial(  # type: ignore[method-assign]
+            _send_headers,
+            h2_stream.send_headers,
+            [ACCEPT_ENCODING, (REQUEST_ID_HEADER, call.request_id)],
+        )
         enter(call)
         try:
             if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
@@ -337,13 +350,14 @@ def _observed(
 
 async def _send_headers(
     send_headers: Callable[..., Awaitable[None]],
+    extra: list[tuple[str, str]],
     headers: list[tuple[str, str]],
     end_stream: bool = False,
 ) -> None:
-    """An HTTP/2 stream's `send_headers`, adding `grpc-accept-encoding` to the response
-    headers (the first block: it starts with `:status`), not to trailers."""
+    """An HTTP/2 stream's `send_headers`, adding `extra` (`grpc-accept-encoding`, the request
+    id) to the response headers (the first block: it starts with `:status`), not to trailers."""
     if headers and headers[0][0] == ":status":
-        headers = [*headers, ACCEPT_ENCODING]
+        headers = [*headers, *extra]
     await send_headers(headers, end_stream=end_stream)
 
 

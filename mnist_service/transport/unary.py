@@ -53,7 +53,15 @@ from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 
-from ..api.calls import Call, CallObserver, enter, expiry, ignore
+from ..api.calls import (
+    REQUEST_ID_HEADER,
+    Call,
+    CallObserver,
+    enter,
+    expiry,
+    ignore,
+    request_id,
+)
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import MAX_STREAM_ID
 
@@ -127,10 +135,19 @@ class Handler(grpclib.server.Handler):
         # The request headers, for `codec.read_message` to find a compressed message's
         # grpc-encoding (a server-side stream's `headers` is otherwise unused).
         stream.headers = headers
-        path, method = self._lean_method(headers)
+        fields = dict(headers)
+        path = fields.get(":path", "")
+        method = self._lean_method(path, fields)
         # The deadline runs from now, when the call arrived, not from when its task starts:
         # under load a call can wait its whole deadline away before that.
-        call = Call(path, None, peer=stream._transport.get_extra_info("peername"))
+        call = Call(
+            path,
+            None,
+            peer=stream._transport.get_extra_info("peername"),
+            request_id=request_id(fields.get(REQUEST_ID_HEADER)),
+        )
+        # For grpclib's own path (`transport.server`), which has no other way to get it.
+        stream.call = call  # type: ignore[attr-defined]
         try:
             call.expires_at = expiry(Deadline.from_headers(headers))
         except ValueError:  # grpclib would answer UNKNOWN: refused here, on either path
@@ -157,9 +174,7 @@ class Handler(grpclib.server.Handler):
         if self._on_refused is not None:
             self._on_refused(dict(headers).get(":path", ""), stream.connection.get_peer().addr())
 
-    def _lean_method(self, headers: list[tuple[str, str]]) -> tuple[str, UnaryMethod | None]:
-        fields = dict(headers)
-        path = fields.get(":path", "")
+    def _lean_method(self, path: str, fields: dict[str, str]) -> UnaryMethod | None:
         method = self._unary.get(path)
         if (
             method is None
@@ -168,8 +183,8 @@ class Handler(grpclib.server.Handler):
             or fields.get("te") != "trailers"
             or any(self.dispatch._listeners.values())  # events promised to listeners
         ):
-            return path, None
-        return path, method
+            return None
+        return method
 
 
 async def _handle(
@@ -224,7 +239,12 @@ async def _handle(
             await _send_status(stream, codec, call)
             return
         await stream.send_headers(
-            [(":status", "200"), ("content-type", _content_type(codec)), ACCEPT_ENCODING]
+            [
+                (":status", "200"),
+                ("content-type", _content_type(codec)),
+                ACCEPT_ENCODING,
+                (REQUEST_ID_HEADER, call.request_id),
+            ]
         )
         await stream.send_data(_FRAME.pack(False, len(body)) + body)
         await stream.send_headers([("grpc-status", "0")], end_stream=True)
@@ -254,6 +274,7 @@ async def _send_status(stream: H2Stream, codec: CodecBase, call: Call) -> None:
         (":status", "200"),
         ("content-type", _content_type(codec)),
         ACCEPT_ENCODING,
+        (REQUEST_ID_HEADER, call.request_id),
         ("grpc-status", str(call.status.value)),
     ]
     if call.message is not None:
