@@ -412,6 +412,42 @@ def info(
 
 
 @app.command()
+def health(
+    address: AddressOption = DEFAULT_ADDRESS,
+    service: Annotated[
+        str, typer.Option(help='Service to ask about: "" (the whole server) or mnist.Mnist.')
+    ] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+    tls: TlsOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
+    tls_server_name: TlsServerNameOption = None,
+) -> None:
+    """Exit 0 only if the server reports SERVING (for container HEALTHCHECKs and exec probes).
+
+    Prints the status; NOT_SERVING (draining), an unknown service or no answer exit 1.
+    """
+    from .client import MnistClient
+
+    client_tls = _client_tls(tls, tls_ca, tls_cert, tls_key, tls_server_name)
+
+    async def run() -> str:
+        async with MnistClient(address, timeout=timeout, tls=client_tls) as client:
+            return await client.health(service)
+
+    try:
+        status = asyncio.run(run())
+    except TimeoutError:
+        _fail(f"no answer from {address} within {timeout:g} s")
+    except (MnistServiceError, OSError, GRPCError, StreamTerminatedError) as exc:
+        _fail(_connection_error(exc, client_tls))
+    typer.echo(status)
+    if status != "SERVING":
+        raise typer.Exit(1)
+
+
+@app.command()
 def bench(
     address: AddressOption = DEFAULT_ADDRESS,
     mode: Annotated[

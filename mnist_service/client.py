@@ -164,6 +164,20 @@ class MnistClient:
         reply = await self._stub.predict_batch(request, timeout=timeout or self._timeout)
         return [_result(item) for item in reply.results]
 
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's `grpc.health.v1` status for `service` ("" is the whole server; the
+        server also knows "mnist.Mnist"): "SERVING", "NOT_SERVING"... An unknown service
+        raises `GRPCError` NOT_FOUND."""
+        from grpclib.health.v1.health_grpc import HealthStub
+        from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+        reply = await HealthStub(self._channel).Check(
+            HealthCheckRequest(service=service), timeout=timeout or self._timeout
+        )
+        assert reply is not None
+        name: str = HealthCheckResponse.ServingStatus.Name(reply.status)
+        return name
+
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the served model."""
         return await self._stub.get_model_info(timeout=timeout or self._timeout)
