@@ -31,8 +31,9 @@ from packaging.utils import canonicalize_name
 from mnist_service import MnistClient
 from mnist_service.config import parse_address
 from mnist_service.constants import WEIGHT_FILES
-from tests import cli_contract
-from tests.conftest import MnistSplit, ServerProcess, png_bytes
+
+from . import cli_contract
+from .conftest import MnistSplit, ServerProcess, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"

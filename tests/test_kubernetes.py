@@ -20,9 +20,10 @@ from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
 from mnist_service.config import parse_address
 from mnist_service.runtime.workers import _STOP_MARGIN_S
-from tests import cli_contract
-from tests.conftest import ServerProcess
-from tests.test_image import DOCKERFILE, read_dockerfile
+
+from . import cli_contract
+from .conftest import ServerProcess
+from .test_image import DOCKERFILE, read_dockerfile
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "deploy" / "kubernetes"
