@@ -36,10 +36,15 @@ def mnist_test_set() -> MnistSplit:
 
 
 class ServerProcess:
-    """`python -m mnist_service serve` in a child process, on a free loopback port."""
+    """`python -m mnist_service serve` in a child process, on a free loopback port.
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        command = [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0"]
+    `python` is the interpreter to serve with (another virtualenv's, say); ours by default.
+    """
+
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, python: str = sys.executable
+    ) -> None:
+        command = [python, "-m", "mnist_service", "serve", "--address", "[::1]:0"]
         command += ["--log-format", "json", "--log-level", "debug", *args]
         self.process = subprocess.Popen(
             command,
