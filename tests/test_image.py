@@ -368,10 +368,13 @@ def installed(venv: Path) -> dict[str, metadata.Distribution]:
 
 @pytest.fixture(scope="module")
 def image_server(image_venv: Path) -> Iterator[ServerProcess]:
-    """The server, started from the fresh virtualenv and nothing else."""
+    """The server, started from the fresh virtualenv and nothing else (metrics on: they are
+    part of the serving install, imported only when asked for)."""
     process = ServerProcess(
         "--workers",
         "1",
+        "--metrics-address",
+        "[::1]:0",
         python=str(image_venv / "bin" / "python"),
         # no checkout on sys.path: not from PYTHONPATH, not from the working directory;
         # every module imported, by the supervisor and by the worker, is listed on stderr
