@@ -1,7 +1,7 @@
 """The `mnist-service` command line: serve, predict, info. The only place that wires things.
 
-Every option can also come from an environment variable (shown in `--help`), which suits
-containers; flags win over the environment.
+`serve` takes its options from the config's fields (see options.py); each also reads an
+environment variable (shown in `--help`), which suits containers, and flags win over it.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import asyncio
 import json
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from . import __version__
-from .config import DEFAULT_HOST, DEFAULT_PORT, Limits, ServerConfig, format_address, parse_address
-from .constants import Architecture
+from . import __version__, options
+from .config import DEFAULT_HOST, DEFAULT_PORT, format_address
 from .errors import MnistServiceError
 from .tls import ClientTls
 
@@ -33,8 +32,6 @@ app = typer.Typer(
 )
 
 DEFAULT_ADDRESS = format_address(DEFAULT_HOST, DEFAULT_PORT)
-_limits = Limits()
-_config = ServerConfig()
 AddressOption = Annotated[
     str, typer.Option("--address", "-a", envvar="MNIST_ADDRESS", help="Server HOST:PORT.")
 ]
@@ -118,198 +115,34 @@ def main(
 
 
 @app.command()
+@options.with_serve_options
 def serve(
-    model_architecture: Annotated[
-        Architecture,
-        typer.Option(envvar="MNIST_MODEL_ARCHITECTURE", help="Which network: mlp or conv."),
-    ] = "conv",
-    model_weights: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="MNIST_MODEL_WEIGHTS",
-            help="An ONNX model file. [default: the shipped weights of the architecture]",
-            show_default=False,
-        ),
-    ] = None,
-    address: Annotated[
-        str,
-        typer.Option(envvar="MNIST_ADDRESS", help="Listen on HOST:PORT; port 0 picks a free one."),
-    ] = DEFAULT_ADDRESS,
-    device: Annotated[
-        str,
-        typer.Option(
-            envvar="MNIST_DEVICE",
-            help="auto (CUDA when onnxruntime offers it, else CPU), cpu or cuda.",
-        ),
-    ] = "auto",
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            envvar="MNIST_WORKERS",
-            help="Server processes sharing the port. [default: usable cores]",
-            show_default=False,
-        ),
-    ] = None,
-    reuse_port: Annotated[
+    *,
+    print_config: Annotated[
         bool,
         typer.Option(
-            envvar="MNIST_REUSE_PORT",
-            help="Each worker gets its own SO_REUSEPORT socket (balances connections better"
-            " than one shared socket).",
+            "--print-config",
+            help="Print the resolved configuration as JSON and exit, starting nothing.",
         ),
-    ] = _config.reuse_port,
-    intra_op_threads: Annotated[
-        int,
-        typer.Option(envvar="MNIST_INTRA_OP_THREADS", help="onnxruntime threads per model run."),
-    ] = _config.intra_op_threads,
-    decode_threads: Annotated[
-        int,
-        typer.Option(
-            envvar="MNIST_DECODE_THREADS",
-            help="Threads per worker for big images (small ones decode inline).",
-        ),
-    ] = _config.decode_threads,
-    max_batch_size: Annotated[
-        int,
-        typer.Option(envvar="MNIST_MAX_BATCH_SIZE", help="Most images one model run takes."),
-    ] = _config.max_batch_size,
-    max_batch_delay: Annotated[
-        int,
-        typer.Option(
-            envvar="MNIST_MAX_BATCH_DELAY",
-            help="Microseconds an incomplete batch may wait for more requests (0: never).",
-        ),
-    ] = _config.max_batch_delay_us,
-    busy_poll: Annotated[
-        int,
-        typer.Option(
-            envvar="MNIST_BUSY_POLL",
-            help="Microseconds an idle worker polls for more calls before it sleeps, while"
-            " traffic is dense (0: always sleep; saves CPU under a CPU quota).",
-        ),
-    ] = _config.busy_poll_us,
-    max_batch_images: Annotated[
-        int,
-        typer.Option(
-            envvar="MNIST_MAX_BATCH_IMAGES", help="Most images one PredictBatch call may carry."
-        ),
-    ] = _limits.max_batch_images,
-    max_queue: Annotated[
-        int,
-        typer.Option(
-            envvar="MNIST_MAX_QUEUE",
-            help="Images a worker may have waiting; past it new work gets RESOURCE_EXHAUSTED.",
-        ),
-    ] = _limits.max_queue,
-    grace_period: Annotated[
-        float,
-        typer.Option(envvar="MNIST_GRACE_PERIOD", help="Seconds to drain on SIGTERM/SIGINT."),
-    ] = 10.0,
-    max_message_bytes: Annotated[
-        int, typer.Option(envvar="MNIST_MAX_MESSAGE_BYTES", help="Largest request message.")
-    ] = _limits.max_message_bytes,
-    max_connection_bytes: Annotated[
-        int | None,
-        typer.Option(
-            envvar="MNIST_MAX_CONNECTION_BYTES",
-            help="Most bytes of request messages one connection may have arriving at once."
-            " [default: 4 × --max-message-bytes]",
-            show_default=False,
-        ),
-    ] = None,
-    max_message_seconds: Annotated[
-        float,
-        typer.Option(
-            envvar="MNIST_MAX_MESSAGE_SECONDS",
-            help="Seconds a request message's body may take to arrive.",
-        ),
-    ] = _limits.max_message_seconds,
-    max_image_pixels: Annotated[
-        int,
-        typer.Option(envvar="MNIST_MAX_IMAGE_PIXELS", help="Largest image (width × height)."),
-    ] = _limits.max_image_pixels,
-    tls_cert: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="MNIST_TLS_CERT",
-            help="PEM certificate chain: serve TLS only (with --tls-key). [default: plaintext]",
-            show_default=False,
-        ),
-    ] = None,
-    tls_key: Annotated[
-        Path | None,
-        typer.Option(envvar="MNIST_TLS_KEY", help="PEM private key of --tls-cert."),
-    ] = None,
-    tls_client_ca: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="MNIST_TLS_CLIENT_CA",
-            help="PEM CA bundle: require client certificates it signed (mutual TLS).",
-        ),
-    ] = None,
-    metrics_address: Annotated[
-        str | None,
-        typer.Option(
-            envvar="MNIST_METRICS_ADDRESS",
-            help="Serve Prometheus metrics at http://HOST:PORT/metrics (all workers in one"
-            " scrape); port 0 picks a free one. [default: no metrics]",
-            show_default=False,
-        ),
-    ] = None,
-    access_log: Annotated[
-        bool,
-        typer.Option(
-            envvar="MNIST_ACCESS_LOG",
-            help="One log line per call (method, status, latency, batch, peer, request id).",
-        ),
-    ] = _config.access_log,
-    log_level: Annotated[
-        str, typer.Option(envvar="MNIST_LOG_LEVEL", help="debug, info, warning or error.")
-    ] = "info",
-    log_format: Annotated[
-        str, typer.Option(envvar="MNIST_LOG_FORMAT", help="pretty or json.")
-    ] = "pretty",
+    ] = False,
+    **settings: Any,
 ) -> None:
-    """Serve the model over gRPC until SIGINT or SIGTERM."""
+    """Serve the model over gRPC until SIGINT or SIGTERM.
+
+    Every option also reads the environment variable shown with it; flags win.
+    """
+    try:
+        config = options.build_config(settings)
+    except MnistServiceError as exc:
+        _fail(str(exc))
+    if print_config:
+        typer.echo(json.dumps(config.to_dict(), indent=2))
+        return
+
     from .runtime import workers as worker_processes
     from .runtime.logs import configure_logging
 
     try:
-        host, port = parse_address(address)
-        metrics_host, metrics_port = (
-            parse_address(metrics_address) if metrics_address is not None else (None, 0)
-        )
-        config = ServerConfig(
-            host=host,
-            port=port,
-            model_architecture=model_architecture,
-            model_weights=model_weights,
-            device=device,  # type: ignore[arg-type]  # validated by ServerConfig
-            reuse_port=reuse_port,
-            intra_op_threads=intra_op_threads,
-            decode_threads=decode_threads,
-            max_batch_size=max_batch_size,
-            max_batch_delay_us=max_batch_delay,
-            busy_poll_us=busy_poll,
-            grace_period=grace_period,
-            limits=Limits(
-                max_message_bytes=max_message_bytes,
-                max_connection_bytes=max_connection_bytes,
-                max_message_seconds=max_message_seconds,
-                max_image_pixels=max_image_pixels,
-                max_batch_images=max_batch_images,
-                max_queue=max_queue,
-            ),
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            tls_client_ca=tls_client_ca,
-            access_log=access_log,
-            metrics_host=metrics_host,
-            metrics_port=metrics_port,
-            log_level=log_level,
-            log_format=log_format,  # type: ignore[arg-type]  # validated by ServerConfig
-            **({"workers": workers} if workers is not None else {}),
-        )
         configure_logging(config.log_level, config.log_format)
         worker_processes.run(config)
     except MnistServiceError as exc:

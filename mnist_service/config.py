@@ -28,33 +28,103 @@ DEFAULT_HOST = "::1"
 DEFAULT_PORT = 50051
 
 
+Group = Literal["Model", "Network", "Performance", "Limits", "TLS", "Observability"]
+GROUPS: tuple[Group, ...] = ("Model", "Network", "Performance", "Limits", "TLS", "Observability")
+"""The `serve --help` panels, in the order they are shown."""
+
+SETTING = "setting"
+"""The key of a field's `Setting` in its metadata."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Setting:
+    """How a field is set from the `serve` command line and the environment."""
+
+    help: str
+    group: Group
+    flag: str | None = None
+    """The option's name without dashes where it is not the field's (`busy-poll` for
+    `busy_poll_us`); the environment variable is named after it (`MNIST_BUSY_POLL`)."""
+    shown_default: str | None = None
+    """Said instead of the default where the value is computed or would mislead."""
+
+
+def setting(
+    help: str, group: Group, *, flag: str | None = None, shown_default: str | None = None
+) -> dict[str, Setting]:
+    """Field metadata that makes the field a `serve` option."""
+    return {SETTING: Setting(help=help, group=group, flag=flag, shown_default=shown_default)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AddressSetting:
+    """One `HOST:PORT` option that sets a host field and a port field of `ServerConfig`."""
+
+    flag: str
+    host: str
+    port: str
+    help: str
+    group: Group
+    shown_default: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
     """What one request may cost the server; requests beyond these are refused."""
 
-    max_message_bytes: int = 4 * 1024 * 1024
-    """Largest request message accepted (gRPC's customary default, 4 MiB)."""
-
-    max_connection_bytes: int | None = None
-    """Most bytes of request messages one connection may have arriving at once (None: four
-    times `max_message_bytes`, 16 MiB by default). See `connection_bytes`."""
-
-    max_message_seconds: float = 10.0
-    """How long a request message's body may take to arrive once its prefix has."""
-
-    max_image_pixels: int = 4096 * 4096
-    """Largest image (width × height) decoded; checked from the header, before decoding."""
-
-    max_stream_in_flight: int = 64
-    """Images of one PredictStream call being worked on at once (back-pressure beyond it)."""
-
-    max_batch_images: int = 1024
-    """Images one PredictBatch call may carry; more is INVALID_ARGUMENT."""
-
-    max_queue: int = 2048
-    """Images a worker may have taken into preprocessing and inference and not yet answered;
-    past it, new work is refused at once (RESOURCE_EXHAUSTED) rather than queued. About a
-    second of ConvNet work on one core."""
+    max_message_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata=setting(
+            "Largest request message, in bytes (gRPC's customary 4 MiB); larger ones get"
+            " RESOURCE_EXHAUSTED from their announced size.",
+            "Limits",
+        ),
+    )
+    max_connection_bytes: int | None = field(
+        default=None,
+        metadata=setting(
+            "Most bytes of request messages one connection may have arriving at once.",
+            "Limits",
+            shown_default="4 × --max-message-bytes",
+        ),
+    )
+    """None: four times `max_message_bytes`. See `connection_bytes`."""
+    max_message_seconds: float = field(
+        default=10.0,
+        metadata=setting(
+            "Seconds a request message's body may take to arrive once its prefix has.", "Limits"
+        ),
+    )
+    max_image_pixels: int = field(
+        default=4096 * 4096,
+        metadata=setting(
+            "Largest image (width × height) decoded; checked from its header, before decoding.",
+            "Limits",
+        ),
+    )
+    max_stream_in_flight: int = field(
+        default=64,
+        metadata=setting(
+            "Images of one PredictStream call worked on at once; beyond it the stream waits"
+            " (back-pressure).",
+            "Limits",
+        ),
+    )
+    max_batch_images: int = field(
+        default=1024,
+        metadata=setting(
+            "Most images one PredictBatch call may carry; more is INVALID_ARGUMENT.", "Limits"
+        ),
+    )
+    max_queue: int = field(
+        default=2048,
+        metadata=setting(
+            "Images a worker may have taken in and not yet answered; past it, new work gets"
+            " RESOURCE_EXHAUSTED at once rather than queueing.",
+            "Limits",
+        ),
+    )
+    """About a second of ConvNet work on one core."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -81,49 +151,144 @@ class Limits:
         """`max_connection_bytes`, resolved."""
         return self.max_connection_bytes or 4 * self.max_message_bytes
 
+    def to_dict(self) -> dict[str, object]:
+        """The limits and the resolved connection budget, as JSON values."""
+        values: dict[str, object] = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        }
+        values["connection_bytes"] = self.connection_bytes
+        return values
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ServerConfig:
     """Everything `serve` needs, validated on construction."""
 
     host: str = DEFAULT_HOST
+    """Set with `port` by `--address` (see ADDRESS_SETTINGS)."""
     port: int = DEFAULT_PORT
-    model_architecture: Architecture = "conv"
-    model_weights: Path | None = None
-    """An ONNX file; None serves the shipped weights of `model_architecture`."""
-    device: Device = "auto"
-    workers: int = field(default_factory=lambda: usable_cores())
-    """Server processes sharing the port, each with its own event loop and model session."""
-    reuse_port: bool = hasattr(socket, "SO_REUSEPORT")
-    """Workers get a SO_REUSEPORT socket each (the kernel spreads connections over them)
-    instead of sharing one listening socket, where one busy worker tends to accept them all."""
-    intra_op_threads: int = 1
-    """onnxruntime threads per model run; more helps only big batches on spare cores."""
-    decode_threads: int = 1
-    """Threads per process that decode big images (small ones are decoded inline)."""
-    max_batch_size: int = 32
-    """Most images one model run takes; concurrent requests are batched up to it."""
-    max_batch_delay_us: int = 0
-    """How long an incomplete batch may wait for more requests (0: never wait)."""
-    busy_poll_us: int = 200
-    """How long an idle event loop polls for more work before it sleeps, in microseconds, when
-    traffic is dense (0: always sleep). See `runtime/eventloop.py`."""
-    grace_period: float = 10.0
-    """Seconds in-flight calls get to finish after SIGTERM/SIGINT."""
+    """0 picks a free port."""
+    model_architecture: Architecture = field(
+        default="conv", metadata=setting("Which network the weights hold.", "Model")
+    )
+    model_weights: Path | None = field(
+        default=None,
+        metadata=setting(
+            "An ONNX model file that keeps the model contract.",
+            "Model",
+            shown_default="the shipped weights of the architecture",
+        ),
+    )
+    """None serves the shipped weights of `model_architecture`."""
+    device: Device = field(
+        default="auto",
+        metadata=setting(
+            "Where the model runs; auto is CUDA when onnxruntime offers it, else the CPU.",
+            "Model",
+        ),
+    )
+    workers: int = field(
+        default_factory=lambda: usable_cores(),
+        metadata=setting(
+            "Server processes sharing the port, each with its own event loop and model session.",
+            "Performance",
+            shown_default="usable cores",
+        ),
+    )
+    reuse_port: bool = field(
+        default=hasattr(socket, "SO_REUSEPORT"),
+        metadata=setting(
+            "Each worker gets its own SO_REUSEPORT socket (the kernel spreads connections over"
+            " them) instead of all sharing one, where one busy worker tends to accept them all.",
+            "Performance",
+            shown_default="on where the OS has SO_REUSEPORT",
+        ),
+    )
+    intra_op_threads: int = field(
+        default=1,
+        metadata=setting(
+            "onnxruntime threads per model run, per worker; more helps only big batches on"
+            " spare cores.",
+            "Performance",
+        ),
+    )
+    decode_threads: int = field(
+        default=1,
+        metadata=setting(
+            "Threads per worker that decode big images (small ones are decoded inline).",
+            "Performance",
+        ),
+    )
+    max_batch_size: int = field(
+        default=32,
+        metadata=setting(
+            "Most images one model run takes; concurrent requests are batched up to it.",
+            "Performance",
+        ),
+    )
+    max_batch_delay_us: int = field(
+        default=0,
+        metadata=setting(
+            "Microseconds an incomplete batch may wait for more requests (0: never wait).",
+            "Performance",
+            flag="max-batch-delay",
+        ),
+    )
+    busy_poll_us: int = field(
+        default=200,
+        metadata=setting(
+            "Microseconds an idle worker polls for more calls before it sleeps, while calls"
+            " come close together (0: always sleep; saves CPU under a CPU quota).",
+            "Performance",
+            flag="busy-poll",
+        ),
+    )
+    """See `runtime/eventloop.py`."""
+    grace_period: float = field(
+        default=10.0,
+        metadata=setting("Seconds in-flight calls get to finish after SIGTERM/SIGINT.", "Network"),
+    )
     limits: Limits = field(default_factory=Limits)
-    tls_cert: Path | None = None
-    """PEM certificate chain the server presents; with `tls_key`, the server speaks only TLS."""
-    tls_key: Path | None = None
-    """PEM private key of `tls_cert`."""
-    tls_client_ca: Path | None = None
-    """PEM CA bundle: clients must present a certificate it signed (mutual TLS)."""
-    access_log: bool = True
-    """One log line per call at info level (server faults are logged either way)."""
+    """Each field is an option of its own."""
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=setting(
+            "PEM certificate chain the server presents; with --tls-key, it speaks only TLS.",
+            "TLS",
+            shown_default="plaintext",
+        ),
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=setting("PEM private key of --tls-cert.", "TLS")
+    )
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=setting(
+            "PEM CA bundle: clients must present a certificate it signed (mutual TLS).", "TLS"
+        ),
+    )
+    access_log: bool = field(
+        default=True,
+        metadata=setting(
+            "One log line per call at info level: method, status, latency, batch, peer and"
+            " request id (server faults are logged either way).",
+            "Observability",
+        ),
+    )
     metrics_host: str | None = None
-    """Where Prometheus metrics are served over HTTP (None: no metrics)."""
+    """Set with `metrics_port` by `--metrics-address`; None: no metrics."""
     metrics_port: int = 9090
-    log_level: str = "info"
-    log_format: LogFormat = "pretty"
+    log_level: str = field(
+        default="info",
+        metadata=setting(f"Least severe records logged: {', '.join(LOG_LEVELS)}.", "Observability"),
+    )
+    log_format: LogFormat = field(
+        default="pretty",
+        metadata=setting(
+            "pretty for people; json for collectors (one object per line, with the process id).",
+            "Observability",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.model_architecture not in ARCHITECTURES:
@@ -181,6 +346,42 @@ class ServerConfig:
     def address(self) -> str:
         """The configured address in `HOST:PORT` form, IPv6 hosts in brackets."""
         return format_address(self.host, self.port)
+
+    def to_dict(self) -> dict[str, object]:
+        """Every setting and the values derived from them, as JSON values (paths as strings)."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Limits):
+                value = value.to_dict()
+            elif isinstance(value, Path):
+                value = str(value)
+            values[f.name] = value
+        values["address"] = self.address
+        values["weights_path"] = str(self.weights_path)
+        values["tls"] = self.tls
+        return values
+
+
+ADDRESS_SETTINGS: tuple[AddressSetting, ...] = (
+    AddressSetting(
+        flag="address",
+        host="host",
+        port="port",
+        help="Listen on HOST:PORT, IPv6 hosts in brackets; port 0 picks a free one.",
+        group="Network",
+    ),
+    AddressSetting(
+        flag="metrics-address",
+        host="metrics_host",
+        port="metrics_port",
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (all workers in one scrape);"
+        " port 0 picks a free one.",
+        group="Observability",
+        shown_default="no metrics",
+    ),
+)
+"""The options that set two fields of `ServerConfig` at once."""
 
 
 def usable_cores() -> int:
