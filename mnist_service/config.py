@@ -105,8 +105,8 @@ class Limits:
     max_stream_in_flight: int = field(
         default=64,
         metadata=setting(
-            "Images of one PredictStream call worked on at once; beyond it the stream waits"
-            " (back-pressure).",
+            "Images of one PredictStream call worked on at once; beyond it the stream stops"
+            " reading (back-pressure).",
             "Limits",
         ),
     )

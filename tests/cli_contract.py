@@ -15,6 +15,7 @@ from typing import Any
 import typer.main
 
 from mnist_service.cli import app
+from mnist_service.options import build_config
 
 
 def command(name: str) -> Any:
@@ -40,7 +41,9 @@ def parse(argv: list[str], env: Mapping[str, str] | None = None) -> dict[str, An
     Returns the resolved value of every option of the command, keyed by its long flag
     (`--workers`); environment variables apply as they would in the container, and no other
     MNIST_* variable from the test's own environment leaks in. Raises the parser's UsageError
-    for an unknown command, an unknown flag or a bad value.
+    for an unknown command, an unknown flag or a value of the wrong type; for `serve`, also
+    ConfigError for a setting the server would refuse at startup (a file it names, such as a
+    TLS certificate, must then exist here too).
     """
     name, *args = argv
     cmd = command(name)
@@ -48,6 +51,8 @@ def parse(argv: list[str], env: Mapping[str, str] | None = None) -> dict[str, An
         raise LookupError(f"no command {name!r}")
     with _environment(env or {}):
         ctx = cmd.make_context(name, list(args))
+    if name == "serve":
+        build_config(ctx.params)  # validated as at startup, e.g. --device or --log-format
     values: dict[str, Any] = {}
     for param in cmd.params:
         for flag in (*param.opts, *getattr(param, "secondary_opts", ())):
