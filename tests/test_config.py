@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,16 @@ def test_message_limits_must_be_coherent(limits: dict[str, float]) -> None:
 def test_the_connection_budget_defaults_to_four_messages() -> None:
     assert Limits(max_message_bytes=1000).connection_bytes == 4000
     assert Limits(max_message_bytes=1000, max_connection_bytes=1500).connection_bytes == 1500
+
+
+def test_to_dict_is_json_with_paths_as_strings_and_derived_values(tmp_path: Path) -> None:
+    weights = tmp_path / "mine.onnx"
+    config = ServerConfig(host="0.0.0.0", port=0, model_weights=weights, limits=Limits())
+
+    values = json.loads(json.dumps(config.to_dict()))
+
+    assert values["model_weights"] == values["weights_path"] == str(weights)
+    assert values["address"] == "0.0.0.0:0"
+    assert values["limits"]["connection_bytes"] == config.limits.connection_bytes
+    assert values["tls"] is False
+    assert {f.name for f in dataclasses.fields(ServerConfig)} <= set(values)
