@@ -201,6 +201,20 @@ def serve(
             help="Images a worker may have waiting; past it new work gets RESOURCE_EXHAUSTED.",
         ),
     ] = _limits.max_queue,
+    max_decode_bytes: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_MAX_DECODE_BYTES",
+            help="Bytes of big images a worker may have waiting to be decoded.",
+        ),
+    ] = _limits.max_decode_bytes,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            envvar="MNIST_MAX_CONNECTIONS",
+            help="Connections a worker keeps open; more are told GOAWAY and closed.",
+        ),
+    ] = _limits.max_connections,
     grace_period: Annotated[
         float,
         typer.Option(envvar="MNIST_GRACE_PERIOD", help="Seconds to drain on SIGTERM/SIGINT."),
@@ -299,6 +313,8 @@ def serve(
                 max_image_pixels=max_image_pixels,
                 max_batch_images=max_batch_images,
                 max_queue=max_queue,
+                max_connections=max_connections,
+                max_decode_bytes=max_decode_bytes,
             ),
             tls_cert=tls_cert,
             tls_key=tls_key,

@@ -51,6 +51,14 @@ class Limits:
     max_batch_images: int = 1024
     """Images one PredictBatch call may carry; more is INVALID_ARGUMENT."""
 
+    max_decode_bytes: int = 64 * 1024 * 1024
+    """Bytes of big images (over 256×256) a worker may have waiting for its decode pool;
+    past it, new ones get RESOURCE_EXHAUSTED at once (one image is always taken)."""
+
+    max_connections: int = 256
+    """Connections one worker keeps open; more are told GOAWAY (ENHANCE_YOUR_CALM) and
+    closed at once. With the other limits it bounds what requests can make a worker hold."""
+
     max_queue: int = 2048
     """Images a worker may have taken into preprocessing and inference and not yet answered;
     past it, new work is refused at once (RESOURCE_EXHAUSTED) rather than queued. About a
