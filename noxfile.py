@@ -79,6 +79,17 @@ def soak(session: nox.Session) -> None:
 
 
 @nox.session
+def scaleout(session: nox.Session) -> None:
+    """Three replicas behind nginx: drain one, kill one, restart both, under load (not a test).
+
+    Needs nginx (apt). Per phase: failures by status, calls/s, p50/p99, calls per replica;
+    e.g. `nox -s scaleout -- --steady 20 --json scaleout.json`; exits 1 when a bound breaks.
+    """
+    session.install("-e", ".[test]")
+    session.run("python", "bench/scaleout.py", *session.posargs)
+
+
+@nox.session
 def profile(session: nox.Session) -> None:
     """Where a request's CPU goes (py-spy), e.g. `nox -s profile -- --root ../old-checkout`."""
     session.install("-e", ".[test]", "py-spy")

@@ -207,6 +207,18 @@ def _sample(process: psutil.Process) -> dict[str, float]:
     return {"rss_mb": process.memory_info().rss / 2**20, "fds": process.num_fds()}
 
 
+def _settled(process: psutil.Process, start: dict[str, float]) -> dict[str, float]:
+    """The end sample, once the clients' last connections have closed on the server's side
+    too (a socket the client closed is released on the server's next loop turns): up to 5 s
+    for the file descriptors to come back to the start's count, whatever they are then."""
+    deadline = time.monotonic() + 5
+    sample = _sample(process)
+    while sample["fds"] > start["fds"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+        sample = _sample(process)
+    return sample
+
+
 def soak(seconds: float, clients: int, workers: int, warmup: float) -> dict[str, Any]:
     """Run the soak; the report as a dict."""
     extra: list[str] = []
@@ -234,8 +246,7 @@ def soak(seconds: float, clients: int, workers: int, warmup: float) -> dict[str,
         outcomes = [results.get(timeout=seconds + 120) for _ in procs]
         for proc in procs:
             proc.join(timeout=30)
-        time.sleep(0.5)  # the server's side of the last resets
-        end = _sample(watched)
+        end = _settled(watched, start)
         still_up = server.process.poll() is None
         warnings = [line.strip() for line in server.logs if _level(line) in ("warning", "error")]
 

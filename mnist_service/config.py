@@ -116,6 +116,23 @@ class Limits:
             "Most images one PredictBatch call may carry; more is INVALID_ARGUMENT.", "Limits"
         ),
     )
+    max_decode_bytes: int = field(
+        default=64 * 1024 * 1024,
+        metadata=setting(
+            "Bytes of big images (over 256×256) a worker may have waiting for its decode pool;"
+            " past it, new ones get RESOURCE_EXHAUSTED at once (one image is always taken).",
+            "Limits",
+        ),
+    )
+    max_connections: int = field(
+        default=256,
+        metadata=setting(
+            "Connections one worker keeps open; more are told GOAWAY (ENHANCE_YOUR_CALM) and"
+            " closed at once.",
+            "Limits",
+        ),
+    )
+    """With the other limits it bounds what requests can make a worker hold."""
     max_queue: int = field(
         default=2048,
         metadata=setting(

@@ -9,6 +9,7 @@ check, each of these would cost hundreds of megabytes (a 1 GiB announcement was 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -16,11 +17,14 @@ from collections.abc import Callable, Iterator
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import psutil
 import pytest
 from grpclib.const import Status
+
+from mnist_service.client import MnistClient
 
 from .conftest import MnistSplit, ServerProcess
 from .test_hostile_inputs import chunks, frame, gzip_bomb, image_message, png_bomb
@@ -181,3 +185,45 @@ def test_hostile_sizes_leave_rss_bounded(
     assert len(statuses) == len(streams), statuses
     assert set(statuses.values()) <= expected
     assert rss.growth < BOUND, f"RSS grew {rss.growth / MB:.0f} MB"
+
+
+async def test_a_worker_turns_away_connections_past_its_limit(
+    mnist_test_set: MnistSplit,
+) -> None:
+    images, _ = mnist_test_set
+    data = images[0].tobytes()
+    limited = ServerProcess("--workers", "1", "--log-level", "info", "--max-connections", "2")
+    try:
+        assert limited.port is not None
+        async with MnistClient(limited.address) as first, MnistClient(limited.address) as second:
+            await first.predict(data)
+            await second.predict(data)
+
+            # A third connection: the server's preface, then GOAWAY ENHANCE_YOUR_CALM, then EOF.
+            events = await asyncio.to_thread(_third_connection, limited.port)
+            goaways = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+            assert goaways
+            assert goaways[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert b"too many connections" in (goaways[0].additional_data or b"")
+
+            # The two connections it keeps are unharmed.
+            assert (await first.predict(data)).label == (await second.predict(data)).label
+
+        # Once they are gone, a new client gets in.
+        await asyncio.sleep(0.2)
+        async with MnistClient(limited.address) as third:
+            assert (await third.predict(data)).label >= 0
+    finally:
+        assert limited.stop() == 0
+    assert not [e for e in limited.logs if e.get("level") in ("warning", "error")]
+
+
+def _third_connection(port: int) -> list[h2.events.Event]:
+    with socket.create_connection(("::1", port), timeout=5) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        events: list[h2.events.Event] = []
+        while data := sock.recv(65536):
+            events += conn.receive_data(data)
+        return events

@@ -149,6 +149,8 @@ ENV_CASES: list[tuple[str, str, list[str], dict[str, object]]] = [
     ("MNIST_MAX_IMAGE_PIXELS", "1000000", [], {"limits.max_image_pixels": 1000000}),
     ("MNIST_MAX_STREAM_IN_FLIGHT", "8", [], {"limits.max_stream_in_flight": 8}),
     ("MNIST_MAX_BATCH_IMAGES", "16", [], {"limits.max_batch_images": 16}),
+    ("MNIST_MAX_DECODE_BYTES", "1048576", [], {"limits.max_decode_bytes": 1048576}),
+    ("MNIST_MAX_CONNECTIONS", "8", [], {"limits.max_connections": 8}),
     ("MNIST_MAX_QUEUE", "4096", [], {"limits.max_queue": 4096}),
     ("MNIST_TLS_CERT", "{cert}", ["--tls-key", "{key}"], {"tls_cert": "{cert}", "tls": True}),
     ("MNIST_TLS_KEY", "{key}", ["--tls-cert", "{cert}"], {"tls_key": "{key}", "tls": True}),

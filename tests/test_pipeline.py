@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import Iterator
@@ -76,3 +77,41 @@ async def test_an_expired_deadline_is_refused_before_preprocessing(
     assert in_time.shape == (10,)
     assert [len(batch) for batch in model.batches] == [1]  # only the call in time
     assert pipeline.pending == 0
+
+
+async def test_big_images_waiting_for_the_decode_pool_are_bounded_in_bytes(
+    executor: ThreadPoolExecutor,
+) -> None:
+    photo = _photo()  # over 256x256: decoded in the pool, not inline
+    gate = threading.Event()
+    executor.submit(gate.wait, 10)  # the pool's one thread is busy until the gate opens
+    batcher = Batcher(RecordingClassifier(), max_batch_size=8)  # the model runs inline
+    pipeline = Pipeline(
+        batcher,
+        max_image_pixels=1 << 22,
+        executor=executor,
+        max_decode_bytes=3 * len(photo),
+    )
+
+    waiting = [pipeline.start(photo) for _ in range(3)]
+    refused = pipeline.start(photo)
+    with pytest.raises(OverloadedError, match="bytes of big images waiting"):
+        await pipeline.classify_many([photo])
+    small = await pipeline.classify(raw_image(2))  # small images never wait for the pool
+
+    assert isinstance(refused.exception(), OverloadedError)
+    assert small.shape == (10,)
+    gate.set()
+    assert all(r.shape == (1, 10) for r in await asyncio.gather(*waiting))
+    assert len(await pipeline.classify_many([photo, photo])) == 2  # the budget came back
+    assert pipeline.pending == 0
+
+
+def _photo() -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (400, 400), 255)
+    ImageDraw.Draw(image).line([(200, 60), (200, 340)], fill=0, width=30)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

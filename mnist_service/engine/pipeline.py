@@ -37,14 +37,17 @@ class Pipeline:
         max_image_pixels: int,
         executor: Executor,
         max_queue: int = 2048,
+        max_decode_bytes: int = 64 * 1024 * 1024,
         inline_max_pixels: int = INLINE_MAX_PIXELS,
     ) -> None:
         self._predictor = predictor
         self._max_image_pixels = max_image_pixels
         self._executor = executor
         self._max_queue = max_queue
+        self._max_decode_bytes = max_decode_bytes
         self._inline_max_pixels = inline_max_pixels
         self._pending = 0
+        self._decode_bytes = 0
 
     @property
     def pending(self) -> int:
@@ -62,6 +65,20 @@ class Pipeline:
 
     def _release(self, count: int) -> None:
         self._pending -= count
+
+    def _admit_decode(self, size: int) -> None:
+        """Count `size` more bytes of big images waiting for (or in) the decode pool, or refuse
+        them when that would pass `max_decode_bytes`: a queue of photos must not grow without
+        bound while the pool works through it."""
+        if self._decode_bytes and self._decode_bytes + size > self._max_decode_bytes:
+            raise OverloadedError(
+                f"the server has {self._decode_bytes} bytes of big images waiting to be decoded"
+                f" and takes at most {self._max_decode_bytes}; retry later or on another server"
+            )
+        self._decode_bytes += size
+
+    def _release_decode(self, size: int) -> None:
+        self._decode_bytes -= size
 
     def _release_one(self, _: object) -> None:
         self._pending -= 1
@@ -107,7 +124,10 @@ class Pipeline:
                 image = to_model_input(opened)[np.newaxis]
                 future = self._predictor.submit(image, expires_at, on_batch)
             else:
-                future = asyncio.ensure_future(self._classify_big(opened, expires_at, on_batch))
+                self._admit_decode(len(data))
+                future = asyncio.ensure_future(
+                    self._classify_big(opened, len(data), expires_at, on_batch)
+                )
         except Exception as exc:  # the caller gets it from the future, like any other error
             self._release(1)
             return _failed(exc)
@@ -118,10 +138,17 @@ class Pipeline:
         return future
 
     async def _classify_big(
-        self, opened: Opened, expires_at: float | None, on_batch: Callable[[int], None] | None
+        self,
+        opened: Opened,
+        size: int,
+        expires_at: float | None,
+        on_batch: Callable[[int], None] | None,
     ) -> FloatArray:
         loop = asyncio.get_running_loop()
-        image = await loop.run_in_executor(self._executor, to_model_input, opened)
+        try:
+            image = await loop.run_in_executor(self._executor, to_model_input, opened)
+        finally:
+            self._release_decode(size)
         return await self._predictor.predict(image[np.newaxis], expires_at, on_batch)
 
     async def classify_many(
@@ -145,6 +172,7 @@ class Pipeline:
     ) -> list[ItemResult]:
         prepared: list[FloatImage | Exception] = []
         big: dict[int, Opened] = {}
+        big_bytes = 0
         for data in items:
             try:
                 image = open_image(data, self._max_image_pixels)
@@ -152,15 +180,23 @@ class Pipeline:
                     prepared.append(to_model_input(image))
                 else:
                     big[len(prepared)] = image
+                    big_bytes += len(data)
                     prepared.append(_PENDING)
             except Exception as exc:  # per item; the service maps and logs it
                 prepared.append(exc)
         if big:
+            self._admit_decode(big_bytes)  # or the whole call is refused: RESOURCE_EXHAUSTED
             loop = asyncio.get_running_loop()
-            done = await asyncio.gather(
-                *(loop.run_in_executor(self._executor, to_model_input, i) for i in big.values()),
-                return_exceptions=True,
-            )
+            try:
+                done = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self._executor, to_model_input, i)
+                        for i in big.values()
+                    ),
+                    return_exceptions=True,
+                )
+            finally:
+                self._release_decode(big_bytes)
             for index, outcome in zip(big, done, strict=True):
                 prepared[index] = outcome if isinstance(outcome, np.ndarray) else _error(outcome)
         results: list[ItemResult] = list(prepared)

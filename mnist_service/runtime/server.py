@@ -177,6 +177,7 @@ class MnistServer:
             max_image_pixels=config.limits.max_image_pixels,
             executor=executor,
             max_queue=config.limits.max_queue,
+            max_decode_bytes=config.limits.max_decode_bytes,
         )
         self.pipeline = pipeline
         service = MnistService(pipeline, limits=config.limits)
@@ -194,6 +195,7 @@ class MnistServer:
             unary=unary_methods(service),
             observer=self.request_log if metrics is None else self._observe_call,
             on_refused=log_refused_stream,
+            max_connections=config.limits.max_connections,
         )
         self.port: int | None = None
 

@@ -34,9 +34,13 @@ DRAIN_PING = b"mnist-gw"
 """The opaque data of the PING sent with the first GOAWAY (8 bytes, as HTTP/2 requires)."""
 
 
-def goaway_frame(last_stream_id: int) -> bytes:
-    """A GOAWAY frame with NO_ERROR and `last_stream_id`, serialised."""
-    frame = GoAwayFrame(0, last_stream_id=last_stream_id, error_code=ErrorCodes.NO_ERROR)
+def goaway_frame(
+    last_stream_id: int, error_code: ErrorCodes = ErrorCodes.NO_ERROR, debug: bytes = b""
+) -> bytes:
+    """A GOAWAY frame with `error_code` (NO_ERROR) and `last_stream_id`, serialised."""
+    frame = GoAwayFrame(
+        0, last_stream_id=last_stream_id, error_code=error_code, additional_data=debug
+    )
     return bytes(frame.serialize())
 
 

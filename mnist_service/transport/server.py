@@ -34,7 +34,9 @@ import grpclib.server
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
+from h2.errors import ErrorCodes
 from h2.events import PingAckReceived
+from hyperframe.frame import SettingsFrame
 
 from ..api.calls import (
     REQUEST_ID_HEADER,
@@ -57,6 +59,11 @@ from .drain import (
 from .unary import Handler, RefusedCallback, UnaryMethod, observe
 
 log = logging.getLogger(__name__)
+
+_TOO_MANY_CONNECTIONS = bytes(SettingsFrame(0).serialize()) + goaway_frame(
+    0, ErrorCodes.ENHANCE_YOUR_CALM, b"too many connections to this worker; retry"
+)
+"""A server preface (an empty SETTINGS frame) and a GOAWAY: what a turned-away client reads."""
 
 _CLOSE_WAIT_S = 1.0
 """How long closing connections may take to send what they hold before they are aborted."""
@@ -106,12 +113,18 @@ class CoalescingProtocol(asyncio.Protocol):
     registered in `connections` while connected."""
 
     transport: CoalescingTransport | None = None
+    refused = False
+    """Turned away on arrival: the worker already had `max_connections`."""
 
     def __init__(
-        self, inner: H2Protocol, connections: set[CoalescingProtocol] | None = None
+        self,
+        inner: H2Protocol,
+        connections: set[CoalescingProtocol] | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.inner = inner
         self._connections = connections if connections is not None else set()
+        self._max_connections = max_connections
         self.lost = asyncio.Event()
 
     @property
@@ -120,7 +133,16 @@ class CoalescingProtocol(asyncio.Protocol):
         return cast(Handler, self.inner.handler)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Wrap the transport, then let grpclib set up HTTP/2."""
+        """Wrap the transport, then let grpclib set up HTTP/2; or, past `max_connections`,
+        say GOAWAY (ENHANCE_YOUR_CALM) and close: the client retries, later or elsewhere."""
+        if self._max_connections is not None and len(self._connections) >= self._max_connections:
+            self.refused = True
+            log.debug("connection refused: %d open already", len(self._connections))
+            stream_transport = cast(asyncio.Transport, transport)
+            stream_transport.write(_TOO_MANY_CONNECTIONS)
+            stream_transport.close()
+            self.handler.close()  # never used: the server may forget it
+            return
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
         self.transport = CoalescingTransport(
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
@@ -130,24 +152,29 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Feed HTTP/2 frames to grpclib."""
-        self.inner.data_received(data)
+        if not self.refused:
+            self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         """The peer closed its side (grpclib has no use for half-closed connections)."""
-        return self.inner.eof_received()
+        return None if self.refused else self.inner.eof_received()
 
     def pause_writing(self) -> None:
         """The socket's buffer is full: grpclib stops writing."""
-        self.inner.pause_writing()
+        if not self.refused:
+            self.inner.pause_writing()
 
     def resume_writing(self) -> None:
         """The socket's buffer drained: grpclib may write again."""
-        self.inner.resume_writing()
+        if not self.refused:
+            self.inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: grpclib ends its streams."""
-        self._connections.discard(self)
         self.lost.set()
+        if self.refused:
+            return
+        self._connections.discard(self)
         self.inner.connection_lost(exc)
 
     async def goaway(self, ping_timeout: float) -> None:
@@ -209,12 +236,14 @@ class Server(grpclib.server.Server):
         unary: Mapping[str, UnaryMethod] | None = None,
         observer: CallObserver = ignore,
         on_refused: RefusedCallback | None = None,
+        max_connections: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
         self._unary = dict(unary or {})
         self._observer = observer
         self._on_refused = on_refused
+        self._max_connections = max_connections
         self._connections: set[CoalescingProtocol] = set()
         self._stream_reads = StreamReads()
         # Every call is recorded; calls on grpclib's own path read their messages through
@@ -249,7 +278,9 @@ class Server(grpclib.server.Server):
         )
         self._handlers.add(handler)
         return CoalescingProtocol(
-            H2Protocol(handler, self._config, self._h2_config), self._connections
+            H2Protocol(handler, self._config, self._h2_config),
+            self._connections,
+            self._max_connections,
         )
 
     @property
