@@ -131,6 +131,15 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MNIST_MODELS",
+            help="Models the Open Inference Protocol serves, comma-separated (e.g. conv,mlp);"
+            " must include --model-architecture. [default: the --model-architecture one]",
+            show_default=False,
+        ),
+    ] = None,
     address: Annotated[
         str,
         typer.Option(envvar="MNIST_ADDRESS", help="Listen on HOST:PORT; port 0 picks a free one."),
@@ -284,6 +293,11 @@ def serve(
             port=port,
             model_architecture=model_architecture,
             model_weights=model_weights,
+            models=tuple(
+                m.strip()  # type: ignore[misc]  # validated by ServerConfig
+                for m in (models or "").split(",")
+                if m.strip()
+            ),
             device=device,  # type: ignore[arg-type]  # validated by ServerConfig
             reuse_port=reuse_port,
             intra_op_threads=intra_op_threads,

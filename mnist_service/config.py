@@ -91,6 +91,10 @@ class ServerConfig:
     model_architecture: Architecture = "conv"
     model_weights: Path | None = None
     """An ONNX file; None serves the shipped weights of `model_architecture`."""
+    models: tuple[Architecture, ...] = ()
+    """The models the Open Inference Protocol serves, each loaded with its own batcher (empty:
+    `model_architecture`'s alone). Must include `model_architecture`, whose model the MNIST API
+    serves; the others use their shipped weights."""
     device: Device = "auto"
     workers: int = field(default_factory=lambda: usable_cores())
     """Server processes sharing the port, each with its own event loop and model session."""
@@ -130,6 +134,16 @@ class ServerConfig:
             raise ConfigError(
                 f"model architecture must be one of {', '.join(ARCHITECTURES)}, "
                 f"got {self.model_architecture!r}"
+            )
+        for model in self.models:
+            if model not in ARCHITECTURES:
+                raise ConfigError(f"models must be among {', '.join(ARCHITECTURES)}, got {model!r}")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"models lists a model twice: {', '.join(self.models)}")
+        if self.models and self.model_architecture not in self.models:
+            raise ConfigError(
+                f"models ({', '.join(self.models)}) must include the model architecture "
+                f"({self.model_architecture}), which the MNIST API serves"
             )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -176,6 +190,17 @@ class ServerConfig:
     def weights_path(self) -> Path:
         """The ONNX file to serve: the given one, or the shipped one for the architecture."""
         return self.model_weights or shipped_weights(self.model_architecture)
+
+    @property
+    def served_models(self) -> tuple[Architecture, ...]:
+        """The models to load: `models`, or `model_architecture`'s alone."""
+        return self.models or (self.model_architecture,)
+
+    def weights_for(self, architecture: Architecture) -> Path:
+        """The ONNX file of one served model (`model_weights` is `model_architecture`'s)."""
+        if architecture == self.model_architecture:
+            return self.weights_path
+        return shipped_weights(architecture)
 
     @property
     def address(self) -> str:
