@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +25,9 @@ import pytest
 from grpclib.exceptions import GRPCError
 
 from mnist_service.client import MnistClient
+from mnist_service.config import ServerConfig, shipped_weights
 from mnist_service.engine import tensors
+from mnist_service.errors import ConfigError
 
 from .conftest import MnistSplit, ServerProcess, png_bytes, run_grpcurl
 
@@ -560,3 +563,25 @@ def test_reflection_and_health_cover_the_inference_service(oip_server: ServerPro
     assert json.loads(health.stdout) == {"status": "SERVING"}
     live = run_grpcurl("-plaintext", oip_server.address, f"{SERVICE}/ServerLive")
     assert json.loads(live.stdout) == {"live": True}
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        pytest.param(("mlp",), "must include the model architecture (conv)", id="without-served"),
+        pytest.param(
+            ("conv", "resnet"), "models must be among mlp, conv, got 'resnet'", id="unknown"
+        ),
+        pytest.param(("conv", "conv"), "models lists a model twice: conv, conv", id="twice"),
+    ],
+)
+def test_models_setting_is_validated(models: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ServerConfig(models=models)  # type: ignore[arg-type]
+
+
+def test_models_default_to_the_model_architecture() -> None:
+    assert ServerConfig(model_architecture="mlp").served_models == ("mlp",)
+    both = ServerConfig(models=("mlp", "conv"), model_architecture="conv")
+    assert both.served_models == ("mlp", "conv")
+    assert both.weights_for("mlp") == shipped_weights("mlp")
