@@ -25,12 +25,15 @@ from PIL import Image
 from servers import pinned
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
+inference_pb2, inference_pb2_grpc = stubs.load_inference()
 
 CHECK_CALLS = 3
 CHECK_TIMEOUT_S = 10.0
 H2LOAD_SLACK_S = 30.0
 PREDICT = "/mnist.Mnist/Predict"
 PREDICT_BATCH = "/mnist.Mnist/PredictBatch"
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+OIP_MODELS = {"conv": "mnist_convnet", "mlp": "mnist_mlp"}
 
 
 def h2load_path() -> str:
@@ -184,6 +187,42 @@ def check_batch(address: str, images: list[bytes]) -> Check:
             good = sum(r.HasField("prediction") and _valid(r.prediction) for r in reply.results)
             if len(reply.results) != len(images) or good != len(images):
                 problems.append(f"{good} good results of {len(reply.results)}, sent {len(images)}")
+    return Check(CHECK_CALLS, problems, reply_bytes)
+
+
+def model_infer_request(model: str, data: bytes, payload: str) -> Any:
+    """The Open Inference Protocol's ModelInfer for one image, sent as tritonclient sends it
+    (raw_input_contents): "raw" pixels as UINT8 [1,28,28], a "png" file as BYTES [1]."""
+    if payload == "raw":
+        name, datatype, shape, raw = "pixels", "UINT8", [1, 28, 28], data
+    else:
+        name, datatype, shape = "image_file", "BYTES", [1]
+        raw = struct.pack("<I", len(data)) + data
+    tensor = inference_pb2.ModelInferRequest.InferInputTensor(
+        name=name, datatype=datatype, shape=shape
+    )
+    return inference_pb2.ModelInferRequest(
+        model_name=OIP_MODELS[model], inputs=[tensor], raw_input_contents=[raw]
+    )
+
+
+def check_model_infer(address: str, request: Any, label: int) -> Check:
+    """Send `request` to ModelInfer a few times; every call must be OK with the right label."""
+    problems: list[str] = []
+    reply_bytes = 0
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(CHECK_CALLS):
+            try:
+                reply = stub.ModelInfer(request, timeout=CHECK_TIMEOUT_S)
+            except grpc.RpcError as exc:
+                problems.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            reply_bytes = len(grpc_frame(reply))
+            names = [output.name for output in reply.outputs]
+            got = np.frombuffer(reply.raw_output_contents[names.index("label")], "<i8")
+            if got.tolist() != [label]:
+                problems.append(f"wrong answer: label {got.tolist()}, expected [{label}]")
     return Check(CHECK_CALLS, problems, reply_bytes)
 
 

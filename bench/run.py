@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Concatenate, ParamSpec
+from typing import Annotated, Any, Concatenate, ParamSpec
 
 import load
 import report
@@ -64,6 +64,8 @@ class Plan:
     baselines: tuple[str, ...] = (THREADPOOL, AIO)
     batch: bool = True
     stream: bool = True
+    oip: bool = True
+    """ModelInfer (Open Inference Protocol) rows beside the service's Predict rows."""
     model_speed: bool = True
     machine_wide: bool = True
     seconds: int = 4
@@ -104,9 +106,12 @@ class Payload:
     predict_body: Path
     batch_data: list[bytes]
     batch_body: Path
+    infer_request: Any
+    """The ModelInfer request of the same image (for the conv model)."""
+    infer_body: Path
 
     @classmethod
-    def write(cls, kind: str, directory: Path) -> Payload:
+    def write(cls, kind: str, directory: Path, model: str = "conv") -> Payload:
         from training.data import load_mnist
 
         pixels, labels = load_mnist("test")
@@ -117,7 +122,11 @@ class Payload:
         batch_body = directory / f"batch-{kind}.bin"
         images = [load.mnist_pb2.MnistImage(data=image) for image in batch]
         batch_body.write_bytes(load.grpc_frame(load.mnist_pb2.PredictBatchRequest(images=images)))
-        return cls(kind, data, int(labels[PREDICT_IMAGE]), predict_body, batch, batch_body)
+        infer_request = load.model_infer_request(model, data, kind)
+        infer_body = directory / f"infer-{model}-{kind}.bin"
+        infer_body.write_bytes(load.grpc_frame(infer_request))
+        return cls(kind, data, int(labels[PREDICT_IMAGE]), predict_body, batch, batch_body,
+                   infer_request, infer_body)  # fmt: skip
 
 
 class Bench:
@@ -161,6 +170,22 @@ class Bench:
         first = check()
         if self._checked(row, first):
             self._h2load(server, row, load.PREDICT, payload.predict_body, conns, streams, first)
+            self._checked(row, check())
+        row.images_per_s = row.req_per_s
+
+    def model_infer(
+        self, server: Server, row: Row, payload: Payload, conns: int, streams: int
+    ) -> None:
+        """Unary ModelInfer (Open Inference Protocol) of the same image, checked likewise."""
+
+        def check() -> load.Check:
+            return load.check_model_infer(
+                server.address, payload.infer_request, payload.predict_label
+            )
+
+        first = check()
+        if self._checked(row, first):
+            self._h2load(server, row, load.MODEL_INFER, payload.infer_body, conns, streams, first)
             self._checked(row, check())
         row.images_per_s = row.req_per_s
 
@@ -249,9 +274,9 @@ def run_plan(plan: Plan, extra: list[str]) -> tuple[list[Row], dict[str, object]
     cores = Cores.pick()
     flags = service_flags()
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp, ServerPool() as pool:
-        payloads = [Payload.write(kind, Path(tmp)) for kind in plan.payloads]
         bench = Bench(plan, cores, Path(tmp))
         for model in plan.models:
+            payloads = [Payload.write(kind, Path(tmp), model) for kind in plan.payloads]
             print(f"{model}: one pinned core", file=sys.stderr, flush=True)
             if plan.model_speed:
                 bench.model_speed(model)
@@ -264,6 +289,10 @@ def run_plan(plan: Plan, extra: list[str]) -> tuple[list[Row], dict[str, object]
                                   f"Predict {payload.kind}, {level} in flight")  # fmt: skip
                         bench.attempt(row, server, bench.predict, payload, 1, level)
                 service = servers[SERVICE]
+                for level in plan.in_flight if plan.oip else ():
+                    row = Row(model, payload.kind, "ModelInfer", level, PINNED, SERVICE,
+                              f"ModelInfer (OIP) {payload.kind}, {level} in flight")  # fmt: skip
+                    bench.attempt(row, service, bench.model_infer, payload, 1, level)
                 if plan.batch:
                     row = Row(model, payload.kind, "PredictBatch", BATCH_IN_FLIGHT, PINNED,
                               SERVICE, f"PredictBatch {payload.kind} ×{BATCH_IMAGES}, "

@@ -1,4 +1,5 @@
-"""grpcio stubs for mnist.proto, generated on first use into bench/_gen (git-ignored).
+"""grpcio stubs for mnist.proto and inference.proto, generated on first use into bench/_gen
+(git-ignored).
 
 The benchmark's baselines and checker use grpcio, an independent gRPC stack, so they need the
 classic `mnist_pb2` / `mnist_pb2_grpc` modules rather than the service's betterproto2 code.
@@ -15,6 +16,7 @@ from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "mnist.proto"
+PROTOS = (PROTO, ROOT / "inference.proto")
 GEN = Path(__file__).resolve().parent / "_gen"
 
 
@@ -25,7 +27,7 @@ def _generate() -> None:
     staging = Path(tempfile.mkdtemp(prefix="_gen-", dir=GEN.parent))
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={staging}",
-         f"--grpc_python_out={staging}", str(PROTO)],
+         f"--grpc_python_out={staging}", *(str(proto) for proto in PROTOS)],
         check=True, timeout=60,
     )  # fmt: skip
     try:
@@ -37,9 +39,10 @@ def _generate() -> None:
 
 
 def load() -> tuple[ModuleType, ModuleType]:
-    """`(mnist_pb2, mnist_pb2_grpc)`, regenerated when mnist.proto is newer than them."""
-    generated = GEN / "mnist_pb2_grpc.py"
-    if not generated.exists() or generated.stat().st_mtime < PROTO.stat().st_mtime:
+    """`(mnist_pb2, mnist_pb2_grpc)`, regenerated when a proto is newer than the stubs."""
+    generated = [GEN / f"{proto.stem}_pb2_grpc.py" for proto in PROTOS]
+    newest = max(proto.stat().st_mtime for proto in PROTOS)
+    if not all(path.exists() and path.stat().st_mtime >= newest for path in generated):
         if GEN.exists():
             for file in GEN.iterdir():
                 file.unlink()
@@ -50,3 +53,9 @@ def load() -> tuple[ModuleType, ModuleType]:
     if str(ROOT) not in sys.path:  # training/ (MNIST loading) ships only in the checkout
         sys.path.append(str(ROOT))
     return importlib.import_module("mnist_pb2"), importlib.import_module("mnist_pb2_grpc")
+
+
+def load_inference() -> tuple[ModuleType, ModuleType]:
+    """`(inference_pb2, inference_pb2_grpc)`: the Open Inference Protocol's stubs."""
+    load()
+    return importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")

@@ -197,6 +197,16 @@ class ServerConfig:
         ),
     )
     """None serves the shipped weights of `model_architecture`."""
+    models: tuple[Architecture, ...] = field(
+        default=(),
+        metadata=setting(
+            "Models the Open Inference Protocol serves, comma-separated (conv,mlp), each with"
+            " its own batcher; must include --model-architecture, whose model the MNIST API"
+            " serves (the others use their shipped weights).",
+            "Model",
+            shown_default="the --model-architecture one",
+        ),
+    )
     device: Device = field(
         default="auto",
         metadata=setting(
@@ -313,6 +323,16 @@ class ServerConfig:
                 f"model architecture must be one of {', '.join(ARCHITECTURES)}, "
                 f"got {self.model_architecture!r}"
             )
+        for model in self.models:
+            if model not in ARCHITECTURES:
+                raise ConfigError(f"models must be among {', '.join(ARCHITECTURES)}, got {model!r}")
+        if len(set(self.models)) != len(self.models):
+            raise ConfigError(f"models lists a model twice: {', '.join(self.models)}")
+        if self.models and self.model_architecture not in self.models:
+            raise ConfigError(
+                f"models ({', '.join(self.models)}) must include the model architecture "
+                f"({self.model_architecture}), which the MNIST API serves"
+            )
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.log_format not in LOG_FORMATS:
@@ -358,6 +378,17 @@ class ServerConfig:
     def weights_path(self) -> Path:
         """The ONNX file to serve: the given one, or the shipped one for the architecture."""
         return self.model_weights or shipped_weights(self.model_architecture)
+
+    @property
+    def served_models(self) -> tuple[Architecture, ...]:
+        """The models to load: `models`, or `model_architecture`'s alone."""
+        return self.models or (self.model_architecture,)
+
+    def weights_for(self, architecture: Architecture) -> Path:
+        """The ONNX file of one served model (`model_weights` is `model_architecture`'s)."""
+        if architecture == self.model_architecture:
+            return self.weights_path
+        return shipped_weights(architecture)
 
     @property
     def address(self) -> str:

@@ -41,6 +41,12 @@ WEIGHT_FILES: Final[dict[Architecture, str]] = {
 }
 """File names of the shipped ONNX models, inside the `weights/` folder."""
 
+MODEL_NAMES: Final[dict[Architecture, str]] = {
+    "mlp": "mnist_mlp",
+    "conv": "mnist_convnet",
+}
+"""The models' names in the Open Inference Protocol (`inference.GRPCInferenceService`)."""
+
 # Keys of the ONNX metadata_props written by export and reported by the server.
 META_ARCHITECTURE: Final = "architecture"
 META_TEST_ACCURACY: Final = "test_accuracy"

@@ -18,7 +18,12 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     ├── UnsupportedEncodingError     a request message compressed with an encoding other than gzip
     ├── CompressionError             a compressed request message that breaks gRPC's rules: the
     │                                compressed flag without a grpc-encoding, or a corrupt gzip body
-    ├── TooManyImagesError           a PredictBatch request with more images than allowed
+    ├── TooManyImagesError           a PredictBatch request (or an inference request's batch)
+    │                                with more images than allowed
+    ├── InvalidTensorError           an inference request whose tensors do not match the model's
+    │                                metadata: name, datatype, shape, byte count or values
+    ├── ModelNotFoundError           an inference request for a model or version not served here
+    ├── UnsupportedMethodError       an RPC of Triton's protocol that this server does not implement
     ├── ModelError                   a model file is missing, unreadable or has the wrong contract
     └── ConfigError                  a setting is invalid (raised while building the config)
 """
@@ -81,6 +86,20 @@ class CompressionError(MnistServiceError):
 
 class TooManyImagesError(MnistServiceError):
     """Raised when a PredictBatch request holds more images than `Limits.max_batch_images`."""
+
+
+class InvalidTensorError(MnistServiceError, ValueError):
+    """Raised when an inference request's inputs or requested outputs do not match what the
+    model's metadata declares; the message names the tensor and what was expected."""
+
+
+class ModelNotFoundError(MnistServiceError, LookupError):
+    """Raised when an inference request names a model, or a version of one, that this server
+    does not serve (or has not loaded)."""
+
+
+class UnsupportedMethodError(MnistServiceError):
+    """Raised for an RPC of Triton's inference service that this server does not implement."""
 
 
 class ModelError(MnistServiceError):

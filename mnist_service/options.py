@@ -51,6 +51,8 @@ class ServeOption:
     """The class whose field(s) it sets."""
     fields: tuple[str, ...]
     """One field, or the host and port fields of an address."""
+    listed: bool = False
+    """A tuple field, given as comma-separated values."""
 
     @property
     def name(self) -> str:
@@ -112,11 +114,19 @@ def _field_option(
 ) -> ServeOption:
     annotation, metavar = hint, None
     choices = _literal_choices(hint)
-    if choices is not None:
+    listed = typing.get_origin(hint) is tuple
+    if listed:  # comma-separated, each value checked by ServerConfig
+        item_choices = _literal_choices(typing.get_args(hint)[0])
+        annotation = str
+        metavar = ",".join(item_choices) if item_choices else "A,B"
+    elif choices is not None:
         # A plain string, so that ServerConfig refuses a bad choice like any other bad value.
         annotation, metavar = str, "[" + "|".join(choices) + "]"
-    if f.default is not dataclasses.MISSING:
-        default: object = f.default
+    if listed:
+        items: tuple[object, ...] = f.default if isinstance(f.default, tuple) else ()
+        default: object = ",".join(map(str, items))
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
     else:  # a computed default: None lets the dataclass compute it
         annotation, default = annotation | None, None
     return ServeOption(
@@ -129,6 +139,7 @@ def _field_option(
         metavar=metavar,
         owner=owner,
         fields=(f.name,),
+        listed=listed,
     )
 
 
@@ -172,6 +183,8 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
             server[host_field], server[port_field] = parse_address(value)
         else:
             (field_name,) = option.fields
+            if option.listed:
+                value = tuple(item.strip() for item in str(value).split(",") if item.strip())
             (limits if option.owner is Limits else server)[field_name] = value
     return ServerConfig(**server, limits=Limits(**limits))
 

@@ -1,4 +1,7 @@
-"""Generate the betterproto2 code in `mnist_service/_proto/` from `mnist.proto`.
+"""Generate the betterproto2 code in `mnist_service/_proto/` from the shipped protos.
+
+`mnist.proto` becomes `_proto/mnist/` and `inference.proto` (the Open Inference Protocol)
+`_proto/inference/`, one subpackage per proto package, sharing one descriptor pool.
 
     python scripts/generate_proto.py          # regenerate in place
     python scripts/generate_proto.py --check  # exit 1 if the committed code is stale
@@ -18,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO = "mnist.proto"
+PROTOS = ("mnist.proto", "inference.proto")
 TARGET = ROOT / "mnist_service" / "_proto"
 OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
@@ -34,7 +37,7 @@ def generate(out: Path) -> None:
             f"-I{ROOT}",
             f"--python_betterproto2_out={out}",
             f"--python_betterproto2_opt={OPTIONS}",
-            str(ROOT / PROTO),
+            *(str(ROOT / proto) for proto in PROTOS),
         ],
         check=True,
         env=env,

@@ -67,6 +67,7 @@ def test_smoke_run_measures_the_service_and_a_baseline_with_ok_grpc_checks(
     assert [(row["server"], row["rpc"], row["payload"], row["in_flight"]) for row in rows] == [
         ("mnist-service", "Predict", "raw", 8),
         ("grpcio thread pool", "Predict", "raw", 8),
+        ("mnist-service", "ModelInfer", "raw", 8),
     ]
     for row in rows:
         assert (row["errors"], row["problem"]) == (0, "")
@@ -75,6 +76,7 @@ def test_smoke_run_measures_the_service_and_a_baseline_with_ok_grpc_checks(
         assert row["p99_ms"] is not None
     assert "| Predict raw, 8 in flight | mnist-service |" in done.stdout
     assert "| Predict raw, 8 in flight | grpcio thread pool |" in done.stdout
+    assert "| ModelInfer (OIP) raw, 8 in flight | mnist-service |" in done.stdout
 
 
 def test_a_failing_grpc_status_is_reported_as_errors_not_raised(

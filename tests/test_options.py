@@ -50,7 +50,10 @@ def flag_of(name: str, meta: Setting) -> str:
 
 
 def expected_default(f: dataclasses.Field[Any]) -> object:
-    """The option's default: the field's, or None where the dataclass computes it."""
+    """The option's default: the field's (comma-joined for a tuple), or None where the
+    dataclass computes it."""
+    if isinstance(f.default, tuple):
+        return ",".join(f.default)
     return None if f.default is dataclasses.MISSING else f.default
 
 
@@ -133,6 +136,7 @@ ENV_CASES: list[tuple[str, str, list[str], dict[str, object]]] = [
     # variable, value, other flags it needs, what --print-config then shows
     ("MNIST_MODEL_ARCHITECTURE", "mlp", [], {"model_architecture": "mlp"}),
     ("MNIST_MODEL_WEIGHTS", "/models/mine.onnx", [], {"weights_path": "/models/mine.onnx"}),
+    ("MNIST_MODELS", "mlp, conv", [], {"models": ["mlp", "conv"]}),
     ("MNIST_DEVICE", "cpu", [], {"device": "cpu"}),
     ("MNIST_ADDRESS", "127.0.0.1:6000", [], {"host": "127.0.0.1", "port": 6000}),
     ("MNIST_GRACE_PERIOD", "2.5", [], {"grace_period": 2.5}),

@@ -19,13 +19,16 @@ from ..errors import (
     CompressionError,
     DeadlineExpiredError,
     InvalidImageError,
+    InvalidTensorError,
     MalformedMessageError,
     MessageTooLargeError,
     MnistServiceError,
+    ModelNotFoundError,
     OverloadedError,
     SlowMessageError,
     TooManyImagesError,
     UnsupportedEncodingError,
+    UnsupportedMethodError,
 )
 
 log = logging.getLogger(__name__)
@@ -34,7 +37,10 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     InvalidImageError: Status.INVALID_ARGUMENT,
     MalformedMessageError: Status.INVALID_ARGUMENT,
     TooManyImagesError: Status.INVALID_ARGUMENT,
+    InvalidTensorError: Status.INVALID_ARGUMENT,
+    ModelNotFoundError: Status.NOT_FOUND,
     UnsupportedEncodingError: Status.UNIMPLEMENTED,
+    UnsupportedMethodError: Status.UNIMPLEMENTED,
     # What grpc-go, grpc-java and grpc core answer for a compressed flag they cannot honour
     # or a body that does not inflate: the client broke the protocol, so no retry helps.
     CompressionError: Status.INTERNAL,

@@ -151,6 +151,22 @@ class Pipeline:
             self._release_decode(size)
         return await self._predictor.predict(image[np.newaxis], expires_at, on_batch)
 
+    async def classify_prepared(
+        self,
+        batch: FloatArray,
+        expires_at: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> FloatArray:
+        """Model input that needs no preprocessing (float32 [N, 1, 28, 28] in [0, 1]) -> its
+        probabilities [N, 10], through the same admission, deadline and batcher as images;
+        the batcher splits an N over its batch size."""
+        _check_deadline(expires_at)
+        self._admit(len(batch))
+        try:
+            return await self._predictor.predict(batch, expires_at, on_batch)
+        finally:
+            self._release(len(batch))
+
     async def classify_many(
         self, items: Sequence[bytes], expires_at: float | None = None
     ) -> list[ItemResult]:

@@ -1,4 +1,5 @@
-"""The server's lifecycle: bind, serve `Mnist` + health + reflection, drain, stop.
+"""The server's lifecycle: bind, serve `Mnist`, the Open Inference Protocol, health and
+reflection, drain, stop.
 
 Startup order keeps health truthful: the model is loaded and warmed up before `serve` is
 called, health turns SERVING only once the socket listens. On SIGTERM/SIGINT (`MnistServer.
@@ -24,7 +25,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -36,7 +37,9 @@ from grpclib.reflection.service import ServerReflection
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 from ..api.calls import Call
 from ..api.mnist import MnistService
+from ..api.oip import InferenceService, TritonOnlyMethods
 from ..config import ServerConfig, format_address, is_loopback
+from ..constants import MODEL_NAMES, Architecture
 from ..engine.batcher import Batcher
 from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
@@ -128,6 +131,7 @@ def log_serving(
                 "provider": info.execution_provider,
                 "workers": config.workers,
                 "max_batch_size": config.max_batch_size,
+                "models": ",".join(MODEL_NAMES[model] for model in config.served_models),
                 "tls": "mutual" if config.tls_client_ca else "on" if config.tls else "off",
                 **({"metrics_port": metrics_port} if metrics_port is not None else {}),
             }
@@ -148,7 +152,12 @@ def _descriptor_pool() -> object:
 
 
 class MnistServer:
-    """The grpclib server with its service, health, reflection, drain and request log."""
+    """The grpclib server with its services, health, reflection, drain and request log.
+
+    `classifier` is the model the MNIST API serves; `models` all those the Open Inference
+    Protocol serves, by architecture (by default `classifier` alone). Each model gets one
+    batcher and pipeline, which both APIs share.
+    """
 
     def __init__(
         self,
@@ -156,6 +165,7 @@ class MnistServer:
         classifier: Classifier,
         executor: Executor,
         *,
+        models: Mapping[Architecture, Classifier] | None = None,
         metrics: Metrics | None = None,
         metrics_port: int | None = None,
     ) -> None:
@@ -165,39 +175,50 @@ class MnistServer:
         self.metrics_port = metrics_port
         self._sampler: asyncio.Task[None] | None = None
         self.request_log = RequestLog(access_log=config.access_log, model=config.model_architecture)
-        batcher = Batcher(
-            classifier,
-            max_batch_size=config.max_batch_size,
-            max_delay=config.max_batch_delay_us / 1e6,
-            observer=metrics.record_batch if metrics is not None else None,
-        )
         limit_pillow(config.limits.max_image_pixels)
-        pipeline = Pipeline(
-            batcher,
-            max_image_pixels=config.limits.max_image_pixels,
-            executor=executor,
-            max_queue=config.limits.max_queue,
-            max_decode_bytes=config.limits.max_decode_bytes,
-        )
+        models = {**(models or {}), config.model_architecture: classifier}
+        self.pipelines = {
+            architecture: self._pipeline(model, executor) for architecture, model in models.items()
+        }
+        pipeline = self.pipelines[config.model_architecture]
         self.pipeline = pipeline
         service = MnistService(pipeline, limits=config.limits)
+        self.inference = InferenceService(self.pipelines, limits=config.limits)
         self.health_status = ServiceStatus()
-        health = Health({service: [self.health_status]})
+        health = Health({service: [self.health_status], self.inference: [self.health_status]})
         # extend() returns the services given plus reflection's own.
-        services = ServerReflection.extend([service, health], pool=_descriptor_pool())
+        services = ServerReflection.extend(
+            [service, self.inference, health], pool=_descriptor_pool()
+        )
         self.server = Server(
-            services,
+            [*services, TritonOnlyMethods()],
             codec=SizeLimitedCodec(
                 config.limits.max_message_bytes,
                 max_connection_bytes=config.limits.connection_bytes,
                 max_message_seconds=config.limits.max_message_seconds,
             ),
-            unary=unary_methods(service),
+            unary={**unary_methods(service), **unary_methods(self.inference)},
             observer=self.request_log if metrics is None else self._observe_call,
             on_refused=log_refused_stream,
             max_connections=config.limits.max_connections,
         )
         self.port: int | None = None
+
+    def _pipeline(self, classifier: Classifier, executor: Executor) -> Pipeline:
+        """One model's batcher and pipeline."""
+        batcher = Batcher(
+            classifier,
+            max_batch_size=self.config.max_batch_size,
+            max_delay=self.config.max_batch_delay_us / 1e6,
+            observer=self.metrics.record_batch if self.metrics is not None else None,
+        )
+        return Pipeline(
+            batcher,
+            max_image_pixels=self.config.limits.max_image_pixels,
+            executor=executor,
+            max_queue=self.config.limits.max_queue,
+            max_decode_bytes=self.config.limits.max_decode_bytes,
+        )
 
     async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
         """Listen on `sock` (or bind the configured address) and report SERVING.
@@ -210,6 +231,7 @@ class MnistServer:
         self.port = sock.getsockname()[1]
         await self.server.start(sock=sock, ssl=ssl)
         self.health_status.set(True)
+        self.inference.ready = True
         if self.metrics is not None:
             info = self.classifier.info
             self.metrics.describe_model(
@@ -232,7 +254,8 @@ class MnistServer:
         """The in-flight and queue gauges, sampled (not counted per call: no per-call cost)."""
         assert self.metrics is not None
         while True:
-            self.metrics.sample(len(self.server.calls()), self.pipeline.pending)
+            pending = sum(pipeline.pending for pipeline in self.pipelines.values())
+            self.metrics.sample(len(self.server.calls()), pending)
             await asyncio.sleep(METRICS_SAMPLE_S)
 
     async def stop(self, *, grace_period: float, hurry: asyncio.Event | None = None) -> None:
@@ -243,6 +266,7 @@ class MnistServer:
         deadline = loop.time() + grace_period
         server = self.server
         self.health_status.set(False)
+        self.inference.ready = False
         server.stop_accepting()
         server.stop_stream_reads()
         calls = server.calls()
@@ -298,6 +322,7 @@ async def serve(
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
+    models: Mapping[Architecture, Classifier] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return.
 
@@ -307,7 +332,9 @@ async def serve(
     them, for the serving line, when it is the only one).
     """
     metrics = Metrics() if config.metrics_host is not None else None
-    app = MnistServer(config, classifier, executor, metrics=metrics, metrics_port=metrics_port)
+    app = MnistServer(
+        config, classifier, executor, models=models, metrics=metrics, metrics_port=metrics_port
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -350,13 +377,17 @@ def run(
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
 ) -> None:
-    """Load the model, then serve in this process until told to stop (see `serve`)."""
-    classifier = OnnxClassifier.load(
-        config.weights_path,
-        architecture=config.model_architecture,
-        device=config.device,
-        threads=config.intra_op_threads,
-    )
+    """Load the models, then serve in this process until told to stop (see `serve`)."""
+    models: dict[Architecture, Classifier] = {
+        architecture: OnnxClassifier.load(
+            config.weights_for(architecture),
+            architecture=architecture,
+            device=config.device,
+            threads=config.intra_op_threads,
+        )
+        for architecture in config.served_models
+    }
+    classifier = models[config.model_architecture]
     with (
         ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode") as executor,
         asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner,
@@ -370,5 +401,6 @@ def run(
                 lifeline=lifeline,
                 on_ready=on_ready,
                 metrics_port=metrics_port,
+                models=models,
             )
         )
