@@ -41,7 +41,7 @@ USER 10001:10001
 WORKDIR /opt/mnist-service
 
 EXPOSE 50051
-# SIGTERM starts the drain: health turns NOT_SERVING, new calls get UNAVAILABLE, in-flight calls
+# SIGTERM starts the drain: health turns NOT_SERVING, new connections are refused, in-flight calls
 # get --grace-period seconds. Python as PID 1 is fine: the server handles SIGTERM and SIGINT
 # itself and waits for its own worker processes.
 STOPSIGNAL SIGTERM
