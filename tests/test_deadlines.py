@@ -218,9 +218,16 @@ async def test_client_cancels_leave_nothing_behind(
             call.cancel()
         await asyncio.gather(*calls, *streams, return_exceptions=True)
 
+    def open_streams() -> int:  # grpclib's registry of a connection's streams
+        return sum(len(c.inner.processor.streams) for c in app.server._connections)
+
     async def settled() -> bool:
         for _ in range(100):
-            if len(asyncio.all_tasks()) <= baseline_tasks and app.pipeline.pending == 0:
+            if (
+                len(asyncio.all_tasks()) <= baseline_tasks
+                and app.pipeline.pending == 0
+                and open_streams() == 0
+            ):
                 return True
             await asyncio.sleep(0.05)
         return False
