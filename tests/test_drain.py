@@ -260,7 +260,11 @@ def test_a_draining_worker_hands_its_client_to_the_other_with_no_failed_call(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb2_grpc.MnistStub(channel)
             stub.Predict(pb2.MnistImage(data=png_bytes(images[0])), timeout=10)
-            (serving,) = {e["pid"] for e in server.logs if e.get("status") == "OK"}
+            deadline = time.monotonic() + WAIT_S  # the call's log line follows its answer
+            while not (oks := {e["pid"] for e in server.logs if e.get("status") == "OK"}):
+                assert time.monotonic() < deadline, "the call was not logged"
+                time.sleep(0.02)
+            (serving,) = oks
             threads = [
                 threading.Thread(target=call_continuously, args=(stub, 4 * n)) for n in range(4)
             ]

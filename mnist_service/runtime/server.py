@@ -50,6 +50,7 @@ from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
 from .eventloop import loop_factory
+from .logs import flush_direct
 from .metrics import Metrics
 from .telemetry import RequestLog, log_refused_stream
 
@@ -388,19 +389,20 @@ def run(
         for architecture in config.served_models
     }
     classifier = models[config.model_architecture]
-    with (
-        ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode") as executor,
-        asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner,
-    ):
-        runner.run(
-            serve(
-                config,
-                classifier,
-                executor,
-                sock=sock,
-                lifeline=lifeline,
-                on_ready=on_ready,
-                metrics_port=metrics_port,
-                models=models,
+    executor = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode")
+    try:
+        with executor, asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner:
+            runner.run(
+                serve(
+                    config,
+                    classifier,
+                    executor,
+                    sock=sock,
+                    lifeline=lifeline,
+                    on_ready=on_ready,
+                    metrics_port=metrics_port,
+                    models=models,
+                )
             )
-        )
+    finally:
+        flush_direct()  # the request log lines of the last loop turn

@@ -16,6 +16,7 @@ from typing import Any
 from grpclib.const import Status
 
 from ..api.calls import Call
+from .logs import DirectLines, direct_lines
 
 log = logging.getLogger("mnist_service.requests")
 
@@ -34,6 +35,7 @@ class RequestLog:
     def __init__(self, *, access_log: bool = True, model: str | None = None) -> None:
         self.access_log = access_log
         self.model = model
+        self._lines: DirectLines | bool | None = False  # False: not looked up yet
 
     def __call__(self, call: Call) -> None:
         if call.status in SERVER_FAULTS:
@@ -44,6 +46,8 @@ class RequestLog:
             return
         if not log.isEnabledFor(level):
             return
+        if self._lines is False:
+            self._lines = direct_lines(log)  # the app's own handler: the fast way to it
         fields: dict[str, Any] = {
             "method": call.method,
             "status": call.status.name,
@@ -55,7 +59,12 @@ class RequestLog:
         }
         if call.status is not Status.OK and call.message:
             fields["error"] = call.message
-        log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
+        lines = self._lines
+        if level == logging.INFO and isinstance(lines, DirectLines):
+            message = f"call {call.method} {call.status.name}"
+            lines.write(time.time(), "info", log.name, message, fields)
+        else:
+            log.log(level, "call %s %s", call.method, call.status.name, extra={"fields": fields})
 
 
 def log_refused_stream(method: str, peer: tuple[str, int] | None) -> None:
