@@ -332,11 +332,14 @@ def run_plan(plan: Plan, extra: list[str]) -> tuple[list[Row], dict[str, object]
 
 def _describe_servers(flags: set[str], extra: list[str]) -> str:
     intra = " --intra-op-threads 1" if "--intra-op-threads" in flags else ""
+    quiet = " --no-access-log" if "--no-access-log" in flags else ""
     workers = len(os.sched_getaffinity(0))
     return (
-        f"mnist-service `--workers 1{intra}` pinned and `--workers {workers}{intra}` unpinned, "
-        f"other settings {'`' + ' '.join(extra) + '`' if extra else 'at their defaults'}; "
-        "thread-pool baseline with 10 threads (grpcio's examples)"
+        f"mnist-service `--workers 1{intra}{quiet}` pinned and `--workers {workers}{intra}{quiet}`"
+        f" unpinned, other settings {'`' + ' '.join(extra) + '`' if extra else 'at their defaults'}"
+        " (without its request log, since the baselines log nothing per call: the log costs about"
+        " 20 us of CPU a call, see docs/operations.md); thread-pool baseline with 10 threads"
+        " (grpcio's examples)"
     )
 
 

@@ -143,6 +143,10 @@ class ServerPool:
                    "--grace-period", "2", "--workers", str(workers)]  # fmt: skip
         if "--intra-op-threads" in flags:
             command += ["--intra-op-threads", "1"]
+        if "--no-access-log" in flags:
+            # The baselines log nothing per call; the request log's own cost (about 20 us of
+            # CPU a call) is measured apart, in docs/operations.md.
+            command += ["--no-access-log"]
         return self._add(
             _spawn(SERVICE, pinned(core, [*command, *extra]), announce_on_stdout=False)
         )
