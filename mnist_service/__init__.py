@@ -10,7 +10,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-from .client import ItemFailure, MnistClient, Prediction
+from .client import ItemFailure, MnistClient, ModelInfo, Prediction
 from .tls import ClientTls
 
-__all__ = ["ClientTls", "ItemFailure", "MnistClient", "Prediction", "__version__"]
+__all__ = ["ClientTls", "ItemFailure", "MnistClient", "ModelInfo", "Prediction", "__version__"]

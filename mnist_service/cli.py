@@ -7,7 +7,9 @@ environment variable (shown in `--help`), which suits containers, and flags win 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import os
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -95,6 +97,8 @@ def _connection_error(exc: Exception, tls: ClientTls | None) -> str:
         else:
             hint = "it may not accept this client certificate"
         return f"the server closed the connection; {hint}"
+    if isinstance(exc, OSError) and exc.errno:
+        return f"cannot reach the server: {os.strerror(exc.errno).lower()}"
     return str(exc)
 
 
@@ -236,7 +240,7 @@ def info(
 
     async def run() -> str:
         async with MnistClient(address, timeout=timeout, tls=client_tls) as client:
-            return (await client.model_info()).to_json(indent=2)
+            return json.dumps(dataclasses.asdict(await client.model_info()), indent=2)
 
     try:
         typer.echo(asyncio.run(run()))

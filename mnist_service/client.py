@@ -34,7 +34,6 @@ from ._proto.mnist import (
     MnistImage,
     MnistPrediction,
     MnistStub,
-    ModelInfo,
     PredictBatchRequest,
     StreamPrediction,
 )
@@ -62,6 +61,22 @@ class Prediction:
     def confidence(self) -> float:
         """The probability of the predicted label."""
         return self.probabilities[self.label]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a server serves (`MnistClient.model_info`)."""
+
+    architecture: str
+    weights_path: str
+    weights_sha256: str
+    input_name: str
+    input_shape: tuple[int, ...]
+    """-1 for the batch dimension."""
+    execution_provider: str
+    metadata: dict[str, str]
+    """The ONNX file's metadata: architecture, test accuracy, training settings..."""
+    server_version: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +195,17 @@ class MnistClient:
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """Describe the served model."""
-        return await self._stub.get_model_info(timeout=timeout or self._timeout)
+        reply = await self._stub.get_model_info(timeout=timeout or self._timeout)
+        return ModelInfo(
+            architecture=reply.architecture,
+            weights_path=reply.weights_path,
+            weights_sha256=reply.weights_sha256,
+            input_name=reply.input_name,
+            input_shape=tuple(reply.input_shape),
+            execution_provider=reply.execution_provider,
+            metadata=dict(reply.metadata),
+            server_version=reply.server_version,
+        )
 
 
 def encode_image(image: ImageLike) -> bytes:

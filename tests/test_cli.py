@@ -27,6 +27,7 @@ def test_public_api_is_small_and_sorted() -> None:
         "ClientTls",
         "ItemFailure",
         "MnistClient",
+        "ModelInfo",
         "Prediction",
         "__version__",
     }

@@ -148,7 +148,7 @@ async def test_model_info(server: ServerProcess) -> None:
 
     assert info.architecture == "conv"
     assert info.input_name == INPUT_NAME
-    assert info.input_shape == [-1, 1, 28, 28]
+    assert info.input_shape == (-1, 1, 28, 28)
     assert info.execution_provider == "CPUExecutionProvider"
     assert info.metadata["architecture"] == "conv"
     assert float(info.metadata["test_accuracy"]) >= 0.992
@@ -167,11 +167,20 @@ async def test_health_reports_serving(server: ServerProcess) -> None:
     assert mnist.status == HealthCheckResponse.SERVING
 
 
-def test_server_logs_one_line_per_call(server: ServerProcess) -> None:
-    calls = [entry for entry in server.logs if entry.get("logger") == "mnist_service.requests"]
+async def test_server_logs_one_line_per_call(
+    server: ServerProcess, mnist_test_set: MnistSplit
+) -> None:
+    images, _ = mnist_test_set
+    async with MnistClient(server.address) as client:
+        await client.predict(png_bytes(images[0]), request_id="one-line-per-call")
 
-    assert calls, "expected request log lines at debug level"
-    assert {"method", "status", "duration_ms", "peer"} <= set(calls[0])
+    deadline = time.monotonic() + 5  # the line is written at the end of the server's loop turn
+    while not (calls := [e for e in server.logs if e.get("request_id") == "one-line-per-call"]):
+        assert time.monotonic() < deadline, "no request log line for the call"
+        await asyncio.sleep(0.02)
+    (line,) = calls
+    assert line["logger"] == "mnist_service.requests"
+    assert {"method", "status", "duration_ms", "peer", "model", "batch"} <= set(line)
 
 
 # -- grpcurl: the original project's request format -----------------------------------------
