@@ -543,10 +543,11 @@ def test_grpcio_clients_sending_gzip_get_predictions(
             labels = [MnistPrediction.parse(call(channel, PREDICT, image)).label]
         elif rpc == "PredictBatch":
             reply = call(channel, BATCH, (b"\x0a" + varint(len(image)) + image) * 3)
-            labels = [item.prediction.label for item in PredictBatchResponse.parse(reply).results]
+            results = PredictBatchResponse.parse(reply).results
+            labels = [item.prediction.label for item in results]  # type: ignore[union-attr]
         else:
             replies = channel.stream_stream(STREAM)(iter([image] * 3), timeout=30)
-            labels = [StreamPrediction.parse(reply).prediction.label for reply in replies]
+            labels = [StreamPrediction.parse(reply).prediction.label for reply in replies]  # type: ignore[union-attr]
     assert labels == [7] * (1 if rpc == "Predict" else 3)
 
 

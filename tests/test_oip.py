@@ -96,9 +96,9 @@ def images(mnist_test_set: MnistSplit) -> npt.NDArray[np.uint8]:
     return mnist_test_set[0][:64]
 
 
-async def predict(address: str, data: list[bytes]) -> list[list[float] | GRPCError]:
+async def predict(address: str, data: list[bytes]) -> list[tuple[float, ...] | GRPCError]:
     """`Mnist/Predict` on each item: probabilities, or the error it answered."""
-    answers: list[list[float] | GRPCError] = []
+    answers: list[tuple[float, ...] | GRPCError] = []
     async with MnistClient(address, timeout=30) as client:
         for item in data:
             try:
@@ -201,7 +201,7 @@ def raw_request(
     return build
 
 
-def changed(build: Build, change: Callable[[Any], None]) -> Build:
+def changed(build: Build, change: Callable[[Any], object]) -> Build:
     def changed_build(pb2: ModuleType, images: Any) -> Any:
         message = build(pb2, images)
         change(message)

@@ -99,7 +99,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, mnist_test_set: MnistSplit)
 def predicted(oip_server: ServerProcess, mnist_test_set: MnistSplit) -> npt.NDArray[np.float32]:
     """`Mnist/Predict` on each of the images (PNG files), float32 [64, 10]."""
 
-    async def predict_all() -> list[list[float]]:
+    async def predict_all() -> list[tuple[float, ...]]:
         async with MnistClient(oip_server.address, timeout=60) as client:
             return [
                 (await client.predict(png_bytes(image))).probabilities

@@ -102,7 +102,9 @@ def test_address_options_default_to_the_configs_host_and_port() -> None:
     for address in ADDRESS_SETTINGS:
         host, port = defaults[address.host], defaults[address.port]
         option = options[f"--{address.flag}"]
-        assert option.default == (None if host is None else format_address(str(host), int(port)))
+        assert option.default == (
+            None if host is None else format_address(str(host), int(str(port)))
+        )
         assert option.help == address.help
         assert option.rich_help_panel == address.group
     assert options["--address"].default == ServerConfig().address
