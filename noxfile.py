@@ -25,7 +25,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def mypy(session: nox.Session) -> None:
-    """Strict type checks of mnist_service, training and export."""
+    """Strict type checks of mnist_service, training and export; the tests, relaxed."""
     session.install("-e", ".[train,test]", "mypy>=1.11")
     session.run("mypy")
 
