@@ -26,6 +26,27 @@ ROOT = Path(__file__).resolve().parent.parent
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 """Images uint8 [N, 28, 28] and labels [N]."""
 
+_started_servers: list[ServerProcess] = []
+"""Every server process a test or fixture started (see `no_stray_servers`)."""
+
+
+@pytest.fixture(autouse=True)
+def no_stray_servers() -> Iterator[None]:
+    """Kill the server processes a test started and left running, whatever made it fail.
+
+    Servers that module- and session-scoped fixtures started exist before this fixture runs,
+    so they are left to their fixtures.
+    """
+    before = {id(server) for server in _started_servers}
+    yield
+    for server in list(_started_servers):
+        if id(server) in before:
+            continue
+        _started_servers.remove(server)
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+
 
 @pytest.fixture(scope="session")
 def mnist_test_set() -> MnistSplit:
@@ -53,6 +74,7 @@ class ServerProcess:
             text=True,
             env={**os.environ, **(env or {})},
         )
+        _started_servers.append(self)
         self.logs: list[dict[str, Any]] = []
         self._started = threading.Event()
         self._reader = threading.Thread(target=self._read_logs, daemon=True)
