@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import json
 import os
@@ -148,28 +150,28 @@ def png_bytes(pixels: npt.NDArray[np.uint8]) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.fixture(scope="module")
-def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ...]]:
-    out = tmp_path_factory.mktemp("grpcio_client")
+@contextlib.contextmanager
+def grpcio_stubs(proto: str, out: Path) -> Iterator[tuple[ModuleType, ModuleType]]:
+    """grpcio's generated `<proto>_pb2` and `<proto>_pb2_grpc` modules for a proto file of the
+    repository root, generated into `out` and importable while the context lasts."""
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{ROOT}",
-            f"--python_out={out}",
-            f"--grpc_python_out={out}",
-            str(ROOT / "mnist.proto"),
-        ],
+        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT}", f"--python_out={out}",
+         f"--grpc_python_out={out}", str(ROOT / f"{proto}.proto")],
         check=True,
-    )
+    )  # fmt: skip
     sys.path.insert(0, str(out))
     try:
-        import mnist_pb2  # type: ignore[import-not-found]
-        import mnist_pb2_grpc  # type: ignore[import-not-found]
-
-        yield mnist_pb2, mnist_pb2_grpc
+        yield (
+            importlib.import_module(f"{proto}_pb2"),
+            importlib.import_module(f"{proto}_pb2_grpc"),
+        )
     finally:
         sys.path.remove(str(out))
-        sys.modules.pop("mnist_pb2", None)
-        sys.modules.pop("mnist_pb2_grpc", None)
+        sys.modules.pop(f"{proto}_pb2", None)
+        sys.modules.pop(f"{proto}_pb2_grpc", None)
+
+
+@pytest.fixture(scope="module")
+def grpcio_modules(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModuleType, ...]]:
+    with grpcio_stubs("mnist", tmp_path_factory.mktemp("grpcio_client")) as modules:
+        yield modules
