@@ -39,7 +39,6 @@ from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
 
 from ..api.calls import (
-    REQUEST_ID_HEADER,
     Call,
     CallObserver,
     enter,
@@ -56,7 +55,7 @@ from .drain import (
     goaway_frame,
     ping_frame,
 )
-from .unary import Handler, RefusedCallback, UnaryMethod, observe
+from .unary import Handler, RefusedCallback, UnaryMethod, observe, request_id_header
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +353,7 @@ def _observed(
         h2_stream.send_headers = partial(  # type: ignore[method-assign]
             _send_headers,
             h2_stream.send_headers,
-            [ACCEPT_ENCODING, (REQUEST_ID_HEADER, call.request_id)],
+            [ACCEPT_ENCODING, request_id_header(call)],
         )
         enter(call)
         try:

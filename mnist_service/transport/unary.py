@@ -53,6 +53,7 @@ from grpclib.stream import recv_message
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
+from hpack import NeverIndexedHeaderTuple
 
 from ..api.calls import (
     REQUEST_ID_HEADER,
@@ -249,7 +250,7 @@ async def _handle(
                 (":status", "200"),
                 ("content-type", _content_type(codec)),
                 ACCEPT_ENCODING,
-                (REQUEST_ID_HEADER, call.request_id),
+                request_id_header(call),
             ]
         )
         await stream.send_data(_FRAME.pack(False, len(body)) + body)
@@ -264,6 +265,13 @@ async def _handle(
     finally:
         release_stream()
         observe(observer, call)
+
+
+def request_id_header(call: Call) -> tuple[str, str]:
+    """The `x-request-id` response header, never indexed by HPACK: each value is new, and
+    indexing it would only push the headers that do repeat out of both sides' tables."""
+    header: tuple[str, str] = NeverIndexedHeaderTuple(REQUEST_ID_HEADER, call.request_id)  # type: ignore[assignment]
+    return header
 
 
 class _Release:
@@ -315,7 +323,7 @@ async def _send_status(stream: H2Stream, codec: CodecBase, call: Call) -> None:
         (":status", "200"),
         ("content-type", _content_type(codec)),
         ACCEPT_ENCODING,
-        (REQUEST_ID_HEADER, call.request_id),
+        request_id_header(call),
         ("grpc-status", str(call.status.value)),
     ]
     if call.message is not None:
