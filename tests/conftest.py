@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -99,6 +100,18 @@ class ServerProcess:
                 self.port = int(entry["port"])
                 self._started.set()
         self._started.set()
+
+    def log_entry(self, timeout: float = 10, **match: Any) -> dict[str, Any]:
+        """The latest log entry with these fields, waiting for it: a request log line is
+        written at the end of the server's loop turn and reaches `logs` through a pipe."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in reversed(self.logs):
+                if all(entry.get(key) == value for key, value in match.items()):
+                    return entry
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log entry with {match}")
+            time.sleep(0.02)
 
     @property
     def address(self) -> str:

@@ -515,9 +515,7 @@ def test_big_batches_are_split_by_the_batcher_and_logged(
     response = stub.ModelInfer(message, timeout=30, metadata=metadata)
     assert probabilities(response).shape == (n, 10)
 
-    line = next(
-        entry for entry in reversed(oip_server.logs) if entry.get("request_id") == "oip-split-40"
-    )
+    line = oip_server.log_entry(request_id="oip-split-40")
     assert line["method"] == f"/{SERVICE}/ModelInfer"
     assert (line["status"], line["model"], line["items"]) == ("OK", "conv", n)
     assert 1 <= line["batch"] <= MAX_BATCH_SIZE

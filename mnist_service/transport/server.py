@@ -64,6 +64,9 @@ _TOO_MANY_CONNECTIONS = bytes(SettingsFrame(0).serialize()) + goaway_frame(
 )
 """A server preface (an empty SETTINGS frame) and a GOAWAY: what a turned-away client reads."""
 
+_LINGER_S = 1.0
+"""How long a turned-away client has to read its GOAWAY and close."""
+
 _CLOSE_WAIT_S = 1.0
 """How long closing connections may take to send what they hold before they are aborted."""
 
@@ -112,6 +115,7 @@ class CoalescingProtocol(asyncio.Protocol):
     registered in `connections` while connected."""
 
     transport: CoalescingTransport | None = None
+    _linger: asyncio.TimerHandle | None = None
     refused = False
     """Turned away on arrival: the worker already had `max_connections`."""
 
@@ -139,7 +143,12 @@ class CoalescingProtocol(asyncio.Protocol):
             log.debug("connection refused: %d open already", len(self._connections))
             stream_transport = cast(asyncio.Transport, transport)
             stream_transport.write(_TOO_MANY_CONNECTIONS)
-            stream_transport.close()
+            # A lingering close: our side ends after the GOAWAY, what the client sends is read
+            # and dropped until it closes too. Closing with its preface unread would make the
+            # kernel answer with a reset, which can overtake the GOAWAY on the client's side.
+            if stream_transport.can_write_eof():
+                stream_transport.write_eof()
+            self._linger = asyncio.get_running_loop().call_later(_LINGER_S, stream_transport.abort)
             self.handler.close()  # never used: the server may forget it
             return
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
@@ -156,7 +165,7 @@ class CoalescingProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         """The peer closed its side (grpclib has no use for half-closed connections)."""
-        return None if self.refused else self.inner.eof_received()
+        return None if self.refused else self.inner.eof_received()  # None: close ours too
 
     def pause_writing(self) -> None:
         """The socket's buffer is full: grpclib stops writing."""
@@ -172,6 +181,8 @@ class CoalescingProtocol(asyncio.Protocol):
         """The connection is gone: grpclib ends its streams."""
         self.lost.set()
         if self.refused:
+            if self._linger is not None:
+                self._linger.cancel()
             return
         self._connections.discard(self)
         self.inner.connection_lost(exc)
