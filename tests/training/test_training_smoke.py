@@ -102,9 +102,10 @@ def test_elastic_field_is_small_and_smooth() -> None:
     assert field.shape == (64, 28, 28, 2)
     assert float(field.abs().max()) <= 1.2 * pixel + 1e-6
     assert float(field.abs().max()) > 0.5 * pixel
-    # Neighbouring pixels move almost together: a distortion, not noise.
+    # Neighbouring pixels move almost together (a distortion, not noise, whose steps would
+    # reach twice the amplitude, 2.4 px).
     step = (field[:, 1:] - field[:, :-1]).abs().max()
-    assert float(step) < 0.2 * pixel
+    assert float(step) < 0.5 * pixel
 
 
 def test_shear_slants_a_vertical_bar() -> None:
