@@ -59,6 +59,20 @@ def export(session: nox.Session) -> None:
 
 
 @nox.session
+def robustness(session: nox.Session) -> None:
+    """Accuracy on MNIST drawn in real-world ways (docs/accuracy.md), both shipped models.
+
+    e.g. `nox -s robustness -- --limit 1000 --jobs 2`; `--address HOST:PORT` adds a server.
+    """
+    session.install("-e", ".")  # numpy, Pillow and onnxruntime: no torch
+    args = session.posargs or []
+    session.run(
+        "python", "-m", "export", "robustness",
+        "weights/mnist_convnet.onnx", "weights/mnist_mlp.onnx", *args,
+    )  # fmt: skip
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmark against two baselines (not a test; needs h2load): tables, bench-results/*.json.
 

@@ -1,14 +1,18 @@
-"""Command line of the export tools: ``python -m export onnx|evaluate ...``."""
+"""Command line of the export tools: ``python -m export onnx|evaluate|robustness ...``."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 import typer
 
 from mnist_service.constants import WEIGHT_FILES, Architecture
+
+if TYPE_CHECKING:
+    from export.robustness import Row
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -75,6 +79,65 @@ def evaluate_command(
     typer.echo(format_confusion(evaluation))
     if png is not None:
         typer.echo(f"confusion matrix drawn to {save_confusion_png(evaluation, png)}")
+
+
+@app.command("robustness")
+def robustness_command(
+    models: Annotated[list[Path], typer.Argument(help="One or more exported ONNX models.")],
+    address: Annotated[
+        str | None,
+        typer.Option("--address", help="Also classify through the server at HOST:PORT (a column)."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Only the first N test images.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random drawing choices.")] = 0,
+    jobs: Annotated[int, typer.Option(min=1, help="Worker processes (parts of the set).")] = 1,
+    data_dir: DataDir = None,
+) -> None:
+    """Accuracy on the MNIST test digits drawn in many real-world ways (a Markdown table).
+
+    Each variant goes through the serving preprocessing and each model, and through the server
+    too with --address.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from export.robustness import format_table, merge
+    from training.data import load_mnist
+
+    labels = load_mnist("test", data_dir)[1][:limit]
+    parts = np.array_split(np.arange(labels.shape[0]), jobs)
+    tasks = [(models, address, int(p[0]), int(p[-1]) + 1, seed, data_dir) for p in parts]
+    if jobs == 1:
+        rows = _robustness_part(*tasks[0])
+    else:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = merge(list(pool.map(_robustness_part, *zip(*tasks, strict=True))))
+    columns = [model.name for model in models]
+    if address is not None:
+        columns.append(f"server {address}")
+    typer.echo(f"Accuracy on {labels.shape[0]} MNIST test images, seed {seed}:\n")
+    typer.echo(format_table(columns, rows))
+
+
+def _robustness_part(
+    models: list[Path],
+    address: str | None,
+    start: int,
+    stop: int,
+    seed: int,
+    data_dir: Path | None,
+) -> list[Row]:
+    """The report on test images start..stop-1 (one worker's share)."""
+    from export.evaluate import open_session
+    from export.robustness import Predict, predict_locally, predict_through, run_report
+    from training.data import load_mnist
+
+    images, labels = load_mnist("test", data_dir)
+    classifiers: list[Predict] = [predict_locally(*(open_session(m) for m in models))]
+    if address is not None:
+        classifiers.append(predict_through(address))
+    return run_report(classifiers, images[start:stop], labels[start:stop], seed=seed, first=start)
 
 
 def _architecture(name: str) -> Architecture:

@@ -13,7 +13,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from mnist_service.constants import INPUT_NAME, NUM_CLASSES, PIXEL_MAX, PROBABILITIES_NAME
+from mnist_service.constants import INPUT_NAME, NUM_CLASSES, PROBABILITIES_NAME
+from mnist_service.engine.preprocess import model_batch
 
 BATCH_SIZE = 1000
 PNG_DARK_CELL = 128
@@ -24,11 +25,6 @@ def open_session(model: Path | bytes) -> Any:
     """Open a CPU onnxruntime session for a model file or serialised model bytes."""
     source = str(model) if isinstance(model, Path) else model
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
-
-
-def to_model_input(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """Convert uint8 images [N, 28, 28] to the model input: float32 [N, 1, 28, 28] in [0, 1]."""
-    return (images.astype(np.float32) / np.float32(PIXEL_MAX))[:, np.newaxis, :, :]
 
 
 def onnx_probabilities(session: Any, images: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -68,7 +64,7 @@ def evaluate_session(
     session: Any, images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]
 ) -> Evaluation:
     """Evaluate an onnxruntime session on uint8 images and their labels."""
-    return evaluate_probabilities(onnx_probabilities(session, to_model_input(images)), labels)
+    return evaluate_probabilities(onnx_probabilities(session, model_batch(images)), labels)
 
 
 def evaluate_probabilities(

@@ -26,7 +26,6 @@ from export.evaluate import (
     evaluate_probabilities,
     onnx_probabilities,
     open_session,
-    to_model_input,
 )
 from mnist_service.constants import (
     IMAGE_SIZE,
@@ -40,6 +39,7 @@ from mnist_service.constants import (
     PROBABILITIES_NAME,
     Architecture,
 )
+from mnist_service.engine.preprocess import model_batch
 from training.data import load_mnist
 from training.models import build_model, normalize
 
@@ -244,7 +244,7 @@ def export_checkpoint(
     net = load_network(checkpoint, arch)
     model = to_onnx(net, opset)
     test_images, test_labels = load_mnist("test", data_dir)
-    inputs = to_model_input(test_images)
+    inputs = model_batch(test_images)
     # One onnxruntime pass over the test set serves both the parity check and the accuracy.
     onnx_probs = onnx_probabilities(open_session(model.SerializeToString()), inputs)
     parity = compare_probabilities(onnx_probs, torch_probabilities(net, inputs))

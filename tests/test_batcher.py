@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from export.evaluate import to_model_input
 from mnist_service.config import shipped_weights
 from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.inference import FloatArray, ModelInfo, OnnxClassifier
+from mnist_service.engine.preprocess import model_batch
 from mnist_service.errors import DeadlineExpiredError
 
 from .conftest import MnistSplit
@@ -73,7 +73,7 @@ async def test_concurrent_callers_get_their_own_results(
     inline: bool,
 ) -> None:
     """200 concurrent callers on real digits: each gets what batch-1 inference gives it."""
-    images = to_model_input(mnist_test_set[0][:200])
+    images = model_batch(mnist_test_set[0][:200])
     batcher = Batcher(convnet, max_batch_size=32, executor=None if inline else executor)
 
     results = await asyncio.gather(*(batcher.predict(images[i : i + 1]) for i in range(200)))

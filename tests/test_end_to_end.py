@@ -27,10 +27,10 @@ from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from PIL import Image
 
-from export.evaluate import to_model_input
 from mnist_service.client import ItemFailure, MnistClient, Prediction
 from mnist_service.config import shipped_weights
 from mnist_service.constants import INPUT_NAME, PROBABILITIES_NAME
+from mnist_service.engine.preprocess import model_batch
 from mnist_service.transport.channel import Channel as DrainChannel
 
 from .conftest import MnistSplit, ServerProcess, png_bytes, run_grpcurl
@@ -70,7 +70,7 @@ async def test_accuracy_through_the_wire_matches_offline_inference(
     images, labels = mnist_test_set
     images, labels = images[:WIRE_ACCURACY_IMAGES], labels[:WIRE_ACCURACY_IMAGES]
     session = ort.InferenceSession(str(shipped_weights("conv")), providers=["CPUExecutionProvider"])
-    batch = to_model_input(images)
+    batch = model_batch(images)
     (offline,) = session.run([PROBABILITIES_NAME], {INPUT_NAME: batch})
 
     async with MnistClient(server.address, timeout=120) as client:

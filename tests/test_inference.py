@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from export.evaluate import to_model_input
 from mnist_service.config import shipped_weights
 from mnist_service.constants import ARCHITECTURES, Architecture
 from mnist_service.engine.inference import OnnxClassifier, available_devices
+from mnist_service.engine.preprocess import model_batch
 from mnist_service.errors import ConfigError, ModelError
 
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
@@ -25,7 +25,7 @@ def test_shipped_models_load_and_classify_real_digits(
 ) -> None:
     images, labels = mnist_test_set
     classifier = OnnxClassifier.load(shipped_weights(architecture), architecture=architecture)
-    batch = to_model_input(images[:500])
+    batch = model_batch(images[:500])
 
     probabilities = classifier.classify(batch)
 

@@ -14,10 +14,15 @@ into that same form, so the pipeline is::
                  level (robust to any amount of ink, unlike the mean); the ink is on whichever
                  side of it holds more contrast, so dark-on-light and light-on-dark both work.
                  A transparent background (canvas exports) makes the alpha the ink channel.
-                 A soft noise floor keeps JPEG artefacts from growing the bounding box.
+                 Under uneven light (a photo of paper) a robust quadratic fit of the paper's
+                 level is subtracted first. A soft noise floor, raised above the measured
+                 sensor noise, keeps JPEG artefacts and grain from growing the bounding box,
+                 and isolated specks are dropped.
     centre_like_mnist
                  -> float32 28x28: crop to the ink, anti-aliased resize of the longer side to
-                 20 px, shift by the rounded centre of mass to (14, 14) without clipping ink.
+                 20 px, strokes brought to MNIST's (the ink's upper percentile saturated, a
+                 thin pen widened to MNIST's median stroke), shift by the rounded centre of
+                 mass to (14, 14) without clipping ink.
 
 An image that is already in MNIST format (28x28 8-bit grey on a black background, as are raw
 784-byte requests) passes through untouched, so MNIST's own test images score exactly the
@@ -38,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
+from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXEL_MAX, PIXELS
 from mnist_service.errors import (
     BlankImageError,
     EmptyImageError,
@@ -53,9 +58,12 @@ __all__ = [
     "is_mnist_format",
     "limit_pillow",
     "load",
+    "model_batch",
     "open_image",
     "pixel_count",
     "preprocess",
+    "scale_pixels",
+    "stroke_width",
     "to_model_input",
 ]
 
@@ -78,6 +86,37 @@ MIN_INK_CONTRAST: Final = 0.1
 NOISE_FLOOR: Final = 0.15
 """Ink below this fraction of the strongest ink is background noise (JPEG ringing, paper
 texture): it is mapped to 0, and the rest rescaled so the ramp stays continuous."""
+
+NOISE_SIGMAS: Final = 4.0
+"""Sensor noise: ink must stand this many noise deviations above the paper."""
+
+FLATTEN_MIN_SIDE: Final = 64
+"""Smaller images are taken as evenly lit: a lighting fit would cost more than it could find."""
+
+FLATTEN_GRID: Final = 32
+"""The paper's lighting is fitted on the image box-averaged to about this many cells a side."""
+
+FLATTEN_TOLERANCE: Final = 0.04
+"""Lighting that varies less than this fraction of full scale across the page is left alone."""
+
+FLATTEN_ROUNDS: Final = 4
+"""Rounds of the robust surface fit: each drops the cells that do not look like paper."""
+
+FLATTEN_OUTLIER: Final = 3.0
+"""Cells further than this many robust deviations from the surface are ink, not paper."""
+
+STROKE_SATURATION: Final = 50
+"""After the resize, this percentile of the ink maps to full intensity: MNIST's strokes are
+saturated (the median ink pixel of a test digit is 0.97), while a thin pen drawn large averages
+down to a faint ghost."""
+
+STROKE_THIN: Final = 1.2
+"""Strokes narrower than this (px at the 20 px scale, `stroke_width`) are thickened. MNIST's
+training digits: 5th percentile 1.30, median 1.92, 90th 2.67; pens of 1-4 px on drawings of
+200-300 px measure 0.8-1.1 here (after `_saturate`), so MNIST's own thin digits are left be."""
+
+STROKE_TARGET: Final = 1.9
+"""The width thin strokes are brought to: MNIST's median."""
 
 TRANSPARENT_PAPER: Final = 0.5
 """If the most common alpha is below this, the background is transparent: alpha is the ink."""
@@ -129,7 +168,18 @@ def to_model_input(opened: Opened) -> FloatImage:
         return centre_like_mnist(ink_map(Image.fromarray(pixels)))[np.newaxis]
     if pixels.max() < MIN_INK_CONTRAST * 255:
         raise BlankImageError("image has no ink: every pixel is (nearly) black")
-    return (pixels.astype(np.float32) / np.float32(255))[np.newaxis]
+    return scale_pixels(pixels)[np.newaxis]
+
+
+def scale_pixels(pixels: npt.NDArray[np.uint8]) -> FloatImage:
+    """8-bit pixels of any shape -> the model's float32 scale, 0-255 -> 0-1 (the one place
+    it is defined: training, export and the tests use it too)."""
+    return pixels.astype(np.float32) / np.float32(PIXEL_MAX)
+
+
+def model_batch(images: npt.NDArray[np.uint8]) -> FloatImage:
+    """MNIST-format uint8 images [N, 28, 28] -> model input float32 [N, 1, 28, 28] in [0, 1]."""
+    return scale_pixels(images)[:, np.newaxis]
 
 
 def pixel_count(opened: Opened) -> int:
@@ -281,15 +331,112 @@ def ink_map(image: Image.Image) -> FloatImage:
         # A transparent background (canvas export): whatever the stroke colour, alpha is ink.
         transparent = _histogram(alpha).argmax() < TRANSPARENT_PAPER * 255
         pixels = alpha if transparent else grey
-    lookup: FloatImage = _ink_lookup(_histogram(pixels))[pixels]
-    return lookup
+        if transparent:
+            return _ink_lookup(_histogram(pixels))[pixels]
+    paper = _paper_surface(pixels)
+    if paper is not None:
+        return _flattened_ink(pixels, paper)
+    lookup: FloatImage = _ink_lookup(_histogram(pixels), _noise_level(pixels))[pixels]
+    return _despeckle(lookup)
+
+
+def _paper_surface(pixels: npt.NDArray[np.uint8]) -> FloatImage | None:
+    """The paper's level under uneven light (a photo), or None where it is even enough.
+
+    A quadratic surface is fitted to the image box-averaged to a coarse grid, robustly: each
+    round drops the cells far from the surface (ink, whichever its polarity), so the fit
+    follows the paper only.
+    """
+    height, width = pixels.shape
+    if min(height, width) < FLATTEN_MIN_SIDE:
+        return None
+    factor = max(1, min(height, width) // FLATTEN_GRID)
+    coarse = np.asarray(Image.fromarray(pixels).reduce(factor), dtype=np.float64)
+    rows, cols = coarse.shape
+    y, x = np.mgrid[0:rows, 0:cols]
+    y, x = y.ravel() / rows - 0.5, x.ravel() / cols - 0.5
+    basis = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+    values = coarse.ravel()
+    paper = np.abs(values - np.median(values)) <= _mad(values) * FLATTEN_OUTLIER + 1
+    for _ in range(FLATTEN_ROUNDS):
+        coefficients = np.linalg.lstsq(basis[paper], values[paper], rcond=None)[0]
+        residual = values - basis @ coefficients
+        centre = np.median(residual[paper])
+        kept = np.abs(residual - centre) <= _mad(residual[paper]) * FLATTEN_OUTLIER + 1
+        if np.count_nonzero(kept) < basis.shape[1] or np.array_equal(kept, paper):
+            break
+        paper = kept
+    fitted = basis @ coefficients
+    if np.ptp(fitted[paper]) < FLATTEN_TOLERANCE * 255:
+        return None
+    # Evaluate the surface at full resolution (cell centres sit half a cell in).
+    fy = (np.arange(height, dtype=np.float32) / factor - 0.5) / rows - 0.5
+    fx = (np.arange(width, dtype=np.float32) / factor - 0.5) / cols - 0.5
+    c = coefficients.astype(np.float32)
+    surface = (
+        c[0]
+        + (c[1] + c[3] * fx)[np.newaxis, :] * fx[np.newaxis, :]
+        + (c[2] + c[5] * fy)[:, np.newaxis] * fy[:, np.newaxis]
+        + c[4] * fy[:, np.newaxis] * fx[np.newaxis, :]
+    )
+    result: FloatImage = surface.astype(np.float32)
+    return result
+
+
+def _mad(values: npt.NDArray[np.float64]) -> float:
+    """Robust standard deviation: the median absolute deviation, scaled for a normal law."""
+    return float(np.median(np.abs(values - np.median(values)))) * 1.4826
+
+
+def _noise_level(pixels: npt.NDArray[np.uint8]) -> float:
+    """The sensor noise's standard deviation, in grey levels, from neighbouring pixels.
+
+    Differences of horizontal neighbours are mostly paper minus paper (ink edges are few), so
+    their robust spread is the noise's times sqrt(2).
+    """
+    if min(pixels.shape) < FLATTEN_MIN_SIDE:
+        return 0.0
+    sample = pixels[:: max(1, pixels.shape[0] // FLATTEN_GRID)].astype(np.int16)
+    differences = np.abs(np.diff(sample, axis=1)).ravel()
+    return float(np.median(differences)) * 1.4826 / float(np.sqrt(2))
+
+
+def _flattened_ink(pixels: npt.NDArray[np.uint8], paper: FloatImage) -> FloatImage:
+    """Ink of an unevenly lit image: deviation from the fitted paper, on the ink's side."""
+    deviation = pixels.astype(np.float32) - paper
+    # The ink is on the side of the paper carrying more contrast (see `_ink_lookup`).
+    if float(np.maximum(-deviation, 0).sum()) > float(np.maximum(deviation, 0).sum()):
+        deviation = -deviation
+    strongest = float(deviation.max())
+    if strongest < MIN_INK_CONTRAST * 255:
+        raise BlankImageError(
+            f"image has no ink: every pixel is within {strongest / 255:.0%} of the paper"
+            f" (at least {MIN_INK_CONTRAST:.0%} contrast is needed)"
+        )
+    floor = max(NOISE_FLOOR, NOISE_SIGMAS * _noise_level(pixels) / strongest)
+    ink = (deviation / np.float32(strongest) - np.float32(floor)) / np.float32(1 - floor)
+    return _despeckle(np.clip(ink, 0, 1).astype(np.float32))
+
+
+def _despeckle(ink: FloatImage) -> FloatImage:
+    """Drop ink pixels with no inked neighbour: sensor speckle, not strokes."""
+    if ink.shape[0] < 3 or ink.shape[1] < 3:
+        return ink
+    inked = np.pad(ink > 0, 1)
+    neighbours = np.zeros(ink.shape, dtype=bool)
+    height, width = ink.shape
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            if dy != 1 or dx != 1:
+                neighbours |= inked[dy : dy + height, dx : dx + width]
+    return np.where(neighbours, ink, np.float32(0))
 
 
 def _histogram(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
     return np.bincount(pixels.ravel(), minlength=256)
 
 
-def _ink_lookup(histogram: npt.NDArray[np.intp]) -> FloatImage:
+def _ink_lookup(histogram: npt.NDArray[np.intp], noise: float = 0.0) -> FloatImage:
     """Ink for each of the 256 levels: the paper maps to 0, the strongest ink to 1."""
     # The paper is the most common level: robust to any amount of ink, unlike the mean.
     paper = int(histogram.argmax())
@@ -304,26 +451,24 @@ def _ink_lookup(histogram: npt.NDArray[np.intp]) -> FloatImage:
             f"image has no ink: every pixel is within {strongest / 255:.0%} of the background"
             f" level (at least {MIN_INK_CONTRAST:.0%} contrast is needed)"
         )
-    ink = (deviation / strongest - NOISE_FLOOR) / (1 - NOISE_FLOOR)
+    floor = max(NOISE_FLOOR, NOISE_SIGMAS * noise / strongest)
+    ink = (deviation / strongest - floor) / (1 - floor)
     return np.clip(ink, 0, 1).astype(np.float32)
 
 
 def centre_like_mnist(ink: FloatImage) -> FloatImage:
-    """Crop to the ink, fit its longer side to 20 px, centre the mass in a 28x28 field."""
+    """Crop to the ink, fit its longer side to 20 px with MNIST-like strokes, centre the mass
+    in a 28x28 field."""
     rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
     if rows.size == 0:
         raise BlankImageError("image has no ink")
-    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height, width = crop.shape
-    scale = DIGIT_BOX / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    patch = np.asarray(
-        Image.fromarray(np.ascontiguousarray(crop)).resize(size, RESAMPLE),
-        dtype=np.float32,
-    )
-    # MNIST strokes are saturated; a thin line drawn at high resolution averages down to a
-    # faint ghost, so bring the strongest ink back to 1.
-    patch = np.clip(patch / max(float(patch.max()), 1e-6), 0, 1)
+    crop = np.ascontiguousarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    patch = _saturate(_fit(crop, DIGIT_BOX))
+    width = stroke_width(patch)
+    if width < STROKE_THIN:
+        # A thin pen: widen the strokes to MNIST's, in a box that leaves room for the growth.
+        grow = STROKE_TARGET - width
+        patch = _saturate(_thicken(_fit(crop, DIGIT_BOX - 2 * _dilations(grow)), grow))
 
     total = float(patch.sum())
     centre_y = float(patch.sum(axis=1) @ np.arange(patch.shape[0])) / total
@@ -334,3 +479,58 @@ def centre_like_mnist(ink: FloatImage) -> FloatImage:
     field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     field[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
     return field
+
+
+def _fit(crop: FloatImage, box: int) -> FloatImage:
+    """Anti-aliased resize of the crop so its longer side is `box` px, aspect kept."""
+    height, width = crop.shape
+    scale = box / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(crop).resize(size, RESAMPLE), dtype=np.float32)
+
+
+def _saturate(patch: FloatImage) -> FloatImage:
+    """Scale ink so its upper percentile is full intensity, like MNIST's saturated strokes."""
+    strongest = float(patch.max())
+    if strongest <= 0:
+        raise BlankImageError("image has no ink")
+    level = float(np.percentile(patch[patch > strongest * NOISE_FLOOR], STROKE_SATURATION))
+    saturated: FloatImage = np.clip(patch / np.float32(level), 0, 1).astype(np.float32)
+    return saturated
+
+
+def stroke_width(patch: FloatImage) -> float:
+    """Mean stroke width in px: twice the ink's area over the perimeter of its core."""
+    core = np.pad(patch > 0.5, 1)
+    perimeter = np.count_nonzero(core[1:] != core[:-1]) + np.count_nonzero(
+        core[:, 1:] != core[:, :-1]
+    )
+    return 2 * float(patch.sum()) / float(max(int(perimeter), 1))
+
+
+def _thicken(patch: FloatImage, grow: float) -> FloatImage:
+    """Widen strokes by `grow` px: 3x3 dilations (2 px each), the last one blended in part."""
+    steps = _dilations(grow)
+    padded = np.pad(patch, steps)
+    for step in range(steps):
+        dilated = _dilate(padded)
+        part = min(1.0, grow / 2 - step)
+        padded = padded + np.float32(part) * (dilated - padded)
+    rows, cols = np.nonzero(padded.any(axis=1))[0], np.nonzero(padded.any(axis=0))[0]
+    return padded[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _dilations(grow: float) -> int:
+    """How many 3x3 dilations widen strokes by `grow` px (each adds up to a pixel a side)."""
+    return int(np.ceil(grow / 2))
+
+
+def _dilate(image: FloatImage) -> FloatImage:
+    """3x3 grey-level dilation (maximum over each pixel's neighbourhood)."""
+    padded = np.pad(image, 1)
+    height, width = image.shape
+    out = image.copy()
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            np.maximum(out, padded[dy : dy + height, dx : dx + width], out=out)
+    return out

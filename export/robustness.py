@@ -1,0 +1,503 @@
+"""The robustness report: MNIST's test digits drawn the ways people make digits, classified.
+
+Each `Variant` renders a real MNIST test digit as an image file someone could send: drawn with
+a pen from a hairline to a fat marker, dark on light or light on dark, on a transparent canvas,
+photographed on unevenly lit paper, saved as a poor JPEG, rotated by EXIF... The bytes then go
+through the exact serving preprocessing (`mnist_service.engine.preprocess.preprocess`) and the
+model, or through a running server, and the report gives the accuracy of each variant next to
+plain MNIST. Rendering is seeded per (variant, image), so a subset is the full run's prefix.
+
+Pens are drawn along the digit's centre line: the MNIST digit is upscaled 4x, smoothed and
+thinned to one pixel (Zhang-Suen), and the line is drawn again at the drawing's size with a
+round pen of the wanted width; markers use MNIST's own strokes, upscaled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import io
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFilter
+
+from mnist_service.constants import IMAGE_SIZE, PIXEL_MAX
+from mnist_service.engine.preprocess import preprocess, scale_pixels
+from mnist_service.errors import InvalidImageError
+
+log = logging.getLogger(__name__)
+
+Digit = npt.NDArray[np.uint8]
+"""One MNIST test digit: uint8 [28, 28], white ink on black."""
+Ink = npt.NDArray[np.float32]
+"""Ink coverage of a drawing, float32 HxW in [0, 1]."""
+Rng = np.random.Generator
+Render = Callable[[Digit, Rng], bytes]
+
+MAX_PIXELS: Final = 16_777_216
+"""The server's default pixel limit; every rendering stays below it."""
+
+FAILED: Final = -1
+"""The prediction recorded when an image is refused (no ink found, say): always wrong."""
+
+WHITE: Final = (255, 255, 255)
+
+
+# --- drawing ----------------------------------------------------------------------------------
+
+
+THIN_SCALE: Final = 4
+"""The digit's centre line is traced at this multiple of 28 px (strokes ~10 px wide there)."""
+
+SUPERSAMPLE: Final = 2
+"""Anti-aliased pens are drawn at this multiple of their size, then box-averaged down."""
+
+_NEIGHBOURS: Final = ((0, 1), (1, 0), (1, 1), (1, -1))
+"""Offsets to the next pixel of an 8-connected centre line, each pair counted once."""
+
+
+def centre_line(digit: Digit) -> npt.NDArray[np.bool_]:
+    """The digit's strokes thinned to a one-pixel centre line (Zhang-Suen), at 4x28 px."""
+    return _centre_line(digit.tobytes()).copy()
+
+
+@functools.lru_cache(maxsize=1024)  # the pen variants of one digit share its centre line
+def _centre_line(pixels: bytes) -> npt.NDArray[np.bool_]:
+    digit = np.frombuffer(pixels, np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+    side = IMAGE_SIZE * THIN_SCALE
+    big = Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)
+    smooth = np.asarray(big.filter(ImageFilter.GaussianBlur(THIN_SCALE / 2)))
+    return _thin(smooth > PIXEL_MAX / 2)
+
+
+def _thin(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Zhang-Suen thinning of a mask to one-pixel lines."""
+    image = np.pad(inked, 1).astype(np.uint8)
+    changed = True
+    while changed:
+        changed = False
+        for first in (True, False):
+            p2, p3, p4 = image[:-2, 1:-1], image[:-2, 2:], image[1:-1, 2:]
+            p5, p6, p7 = image[2:, 2:], image[2:, 1:-1], image[2:, :-2]
+            p8, p9 = image[1:-1, :-2], image[:-2, :-2]
+            ring = (p2, p3, p4, p5, p6, p7, p8, p9, p2)
+            count = sum(n.astype(np.int8) for n in ring[:-1])
+            crossings = sum(
+                ((a == 0) & (b == 1)).astype(np.int8) for a, b in itertools.pairwise(ring)
+            )
+            if first:
+                side_ok = ((p2 & p4 & p6) == 0) & ((p4 & p6 & p8) == 0)
+            else:
+                side_ok = ((p2 & p4 & p8) == 0) & ((p2 & p6 & p8) == 0)
+            remove = (image[1:-1, 1:-1] == 1) & (count >= 2) & (count <= 6)
+            remove &= (crossings == 1) & side_ok
+            if remove.any():
+                image[1:-1, 1:-1][remove] = 0
+                changed = True
+    return image[1:-1, 1:-1].astype(bool)
+
+
+def pen(digit: Digit, side: int, width: int, *, smooth: bool = True) -> Ink:
+    """The digit redrawn at side x side along its centre line with a round pen `width` px wide."""
+    line = centre_line(digit)
+    factor = SUPERSAMPLE if smooth else 1
+    scale = side * factor / line.shape[0]
+    drawn = Image.new("L", (side * factor, side * factor), 0)
+    draw = ImageDraw.Draw(drawn)
+    ys, xs = np.nonzero(line)
+    points = {(int(y), int(x)) for y, x in zip(ys, xs, strict=True)}
+    thickness = width * factor
+    for y, x in points:
+        start = ((x + 0.5) * scale, (y + 0.5) * scale)
+        for dy, dx in _NEIGHBOURS:
+            if (y + dy, x + dx) in points:
+                end = ((x + dx + 0.5) * scale, (y + dy + 0.5) * scale)
+                draw.line((start, end), fill=255, width=thickness)
+        if thickness > 2:  # round joints
+            radius = thickness / 2
+            draw.ellipse(
+                (start[0] - radius, start[1] - radius, start[0] + radius, start[1] + radius), 255
+            )
+    if smooth:
+        drawn = drawn.reduce(factor)
+    return scale_pixels(np.asarray(drawn))
+
+
+def marker(digit: Digit, side: int, *, fatter: int = 0) -> Ink:
+    """The digit with its own strokes (an MNIST stroke is a marker's), thickened at 28x28."""
+    image = Image.fromarray(digit)
+    for _ in range(fatter):
+        image = image.filter(ImageFilter.MaxFilter(3))
+    big = image.resize((side, side), Image.Resampling.BICUBIC)
+    return scale_pixels(np.asarray(big))
+
+
+def paint(
+    ink: Ink,
+    canvas: tuple[int, int],
+    at: tuple[int, int],
+    paper: tuple[int, int, int] | npt.NDArray[np.float32],
+    colour: tuple[int, int, int],
+) -> npt.NDArray[np.float32]:
+    """Lay ink of a colour on paper (a colour, or an RGB float image of the canvas's size)."""
+    width, height = canvas
+    if isinstance(paper, tuple):
+        base = np.empty((height, width, 3), np.float32)
+        base[...] = paper
+    else:
+        base = paper.copy()
+    top, left = at
+    window = base[top : top + ink.shape[0], left : left + ink.shape[1]]
+    cover = ink[..., np.newaxis]
+    window[...] = window * (1 - cover) + np.asarray(colour, np.float32) * cover
+    return base
+
+
+def lighting(canvas: tuple[int, int], rng: Rng, darkest: float) -> npt.NDArray[np.float32]:
+    """A photo's uneven light: a linear gradient in a random direction and a vignette, 0-1."""
+    width, height = canvas
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    y, x = y / height - 0.5, x / width - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x + np.sin(angle) * y) + 0.5  # 0..1 across the page, roughly
+    vignette = (x**2 + y**2) * 0.8
+    light: npt.NDArray[np.float32] = 1 - (1 - darkest) * np.clip(ramp * 0.7 + vignette, 0, 1)
+    return light.astype(np.float32)[..., np.newaxis]
+
+
+def noise(image: npt.NDArray[np.float32], rng: Rng, sigma: float) -> npt.NDArray[np.float32]:
+    """Sensor noise: Gaussian, per channel."""
+    return image + rng.normal(0, sigma, image.shape).astype(np.float32)
+
+
+def to_image(pixels: npt.NDArray[np.float32], mode: str = "RGB") -> Image.Image:
+    """Float pixels (0-255) as an 8-bit image, converted to `mode`."""
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    return image if image.mode == mode else image.convert(mode)
+
+
+def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
+    """The image file's bytes (PNGs with fast compression: the pixels are the same)."""
+    if fmt == "PNG":
+        params.setdefault("compress_level", 1)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def _place(rng: Rng, canvas: tuple[int, int], side: int) -> tuple[int, int]:
+    """A random (top, left) that keeps a side x side drawing inside the canvas."""
+    width, height = canvas
+    return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+
+
+def _on_paper(
+    ink: Ink, rng: Rng, canvas: tuple[int, int], colour: tuple[int, int, int] = (0, 0, 0)
+) -> npt.NDArray[np.float32]:
+    return paint(ink, canvas, _place(rng, canvas, ink.shape[0]), WHITE, colour)
+
+
+# --- the variants -----------------------------------------------------------------------------
+
+
+def _mnist(digit: Digit, rng: Rng) -> bytes:
+    return digit.tobytes()
+
+
+def _inverted_small(digit: Digit, rng: Rng) -> bytes:
+    return encode(Image.fromarray(255 - digit), "PNG")
+
+
+def _hairline(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 280, 1, smooth=False)
+    return encode(to_image(_on_paper(ink, rng, (400, 360)), "L"), "PNG")
+
+
+def _fine_pen(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 240, 2)
+    return encode(to_image(_on_paper(ink, rng, (360, 300))), "PNG")
+
+
+def _ballpoint(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 300, 4)
+    return encode(to_image(_on_paper(ink, rng, (420, 380), (20, 40, 150))), "PNG")
+
+
+def _felt_tip(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 200, 9)
+    return encode(to_image(_on_paper(ink, rng, (320, 260))), "PNG")
+
+
+def _marker(digit: Digit, rng: Rng) -> bytes:
+    ink = marker(digit, 252)
+    return encode(to_image(_on_paper(ink, rng, (300, 300))), "PNG")
+
+
+def _fat_marker(digit: Digit, rng: Rng) -> bytes:
+    ink = marker(digit, 252, fatter=1)
+    return encode(to_image(_on_paper(ink, rng, (300, 300))), "PNG")
+
+
+def _chalkboard(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 240, 6)
+    canvas = (360, 300)
+    board = paint(ink, canvas, _place(rng, canvas, 240), (40, 62, 48), (235, 235, 225))
+    return encode(to_image(noise(board, rng, 5.0)), "JPEG", quality=85)
+
+
+def _canvas_black(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 256, 5)
+    rgba = np.zeros((*ink.shape, 4), np.float32)
+    rgba[..., 3] = ink * 255  # black strokes on a transparent canvas: only alpha carries them
+    return encode(to_image(rgba, "RGBA"), "PNG")
+
+
+def _canvas_white(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 192, 3)
+    rgba = np.full((*ink.shape, 4), 255, np.float32)
+    rgba[..., 3] = ink * 255
+    return encode(to_image(rgba, "RGBA"), "PNG")
+
+
+def _poor_jpeg(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 200, 3)
+    return encode(to_image(_on_paper(ink, rng, (280, 240))), "JPEG", quality=15)
+
+
+def _pencil_photo(digit: Digit, rng: Rng) -> bytes:
+    canvas = (640, 480)
+    ink = pen(digit, 300, 4)
+    drawn = paint(ink, canvas, _place(rng, canvas, 300), (236, 232, 222), (90, 90, 95))
+    photo = noise(drawn * lighting(canvas, rng, 0.55), rng, 6.0)
+    return encode(to_image(photo), "JPEG", quality=80)
+
+
+def _blue_ink_photo(digit: Digit, rng: Rng) -> bytes:
+    canvas = (640, 480)
+    ink = pen(digit, 260, 3)
+    drawn = paint(ink, canvas, _place(rng, canvas, 260), (245, 238, 215), (30, 50, 160))
+    photo = noise(drawn * lighting(canvas, rng, 0.6), rng, 8.0)
+    return encode(to_image(photo), "JPEG", quality=85)
+
+
+def _red_marker(digit: Digit, rng: Rng) -> bytes:
+    ink = marker(digit, 224)
+    return encode(to_image(_on_paper(ink, rng, (280, 280), (200, 20, 30))), "PNG")
+
+
+def _faint_pencil(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 240, 2)
+    drawn = paint(ink, (320, 320), _place(rng, (320, 320), 240), (235, 235, 235), (175, 175, 175))
+    return encode(to_image(drawn, "L"), "PNG")
+
+
+def _off_centre(digit: Digit, rng: Rng) -> bytes:
+    canvas = (1600, 1200)
+    ink = pen(digit, 220, 4)
+    page = np.full(canvas[::-1], 255, np.uint8)  # grey only: a float RGB page is 23 MB
+    top, left = _place(rng, canvas, ink.shape[0])
+    page[top : top + ink.shape[0], left : left + ink.shape[1]] = np.rint(255 * (1 - ink))
+    return encode(Image.fromarray(page), "PNG")
+
+
+_STORED: Final = {
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
+"""How a camera with each EXIF orientation stores an upright scene."""
+
+
+def _exif_rotated(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 240, 5)
+    upright = to_image(_on_paper(ink, rng, (360, 300)))
+    # A phone stores the pixels as the sensor saw them and says how to turn them upright.
+    orientation = int(rng.choice([3, 6, 8]))
+    turn = {
+        3: Image.Transpose.ROTATE_180,
+        6: Image.Transpose.ROTATE_90,
+        8: Image.Transpose.ROTATE_270,
+    }
+    stored = upright.transpose(turn[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return encode(stored, "JPEG", quality=90, exif=exif)
+
+
+def _thumbnail(digit: Digit, rng: Rng) -> bytes:
+    ink = pen(digit, 160, 8)
+    drawn = to_image(_on_paper(ink, rng, (200, 200)), "L")
+    return encode(drawn.resize((48, 48), Image.Resampling.BILINEAR), "PNG")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of drawing the test digits."""
+
+    name: str
+    description: str
+    render: Render
+
+
+VARIANTS: Final[tuple[Variant, ...]] = (
+    Variant("mnist", "plain MNIST: the raw 784 bytes", _mnist),
+    Variant("inverted-28px", "28x28 PNG, black ink on white", _inverted_small),
+    Variant("hairline-pen", "1 px aliased pen, digit 280 px on a 400x360 grey PNG", _hairline),
+    Variant("fine-pen", "2 px anti-aliased pen, digit 240 px, RGB PNG", _fine_pen),
+    Variant("ballpoint", "4 px blue ballpoint, digit 300 px, RGB PNG", _ballpoint),
+    Variant("felt-tip", "9 px felt tip, digit 200 px", _felt_tip),
+    Variant("marker", "MNIST's own strokes at 9x: a broad marker", _marker),
+    Variant("fat-marker", "MNIST's strokes thickened by 2 px, then at 9x", _fat_marker),
+    Variant("chalkboard", "light on dark: chalk on a green board, noise, JPEG", _chalkboard),
+    Variant("canvas-black", "black strokes on a transparent canvas (RGBA PNG)", _canvas_black),
+    Variant("canvas-white", "white strokes on a transparent canvas (RGBA PNG)", _canvas_white),
+    Variant("jpeg-q15", "3 px pen on white, JPEG quality 15", _poor_jpeg),
+    Variant(
+        "pencil-photo", "grey pencil, photo: lighting gradient, vignette, noise", _pencil_photo
+    ),
+    Variant(
+        "blue-ink-photo", "blue ink on cream paper, uneven light, noise, JPEG", _blue_ink_photo
+    ),
+    Variant("red-marker", "red marker on white, RGB PNG", _red_marker),
+    Variant("faint-pencil", "low contrast: light grey 2 px pencil on grey paper", _faint_pencil),
+    Variant("off-centre", "digit 220 px anywhere on a 1600x1200 page", _off_centre),
+    Variant(
+        "exif-rotated", "phone JPEG stored sideways or upside down, EXIF orientation", _exif_rotated
+    ),
+    Variant("thumbnail-48px", "8 px pen drawn at 200 px, shrunk to a 48x48 PNG", _thumbnail),
+)
+
+
+def render(variant: Variant, index: int, digit: Digit, seed: int) -> bytes:
+    """The file for one test digit in one variant; seeded by (seed, variant, image index)."""
+    position = next(i for i, v in enumerate(VARIANTS) if v.name == variant.name)
+    return variant.render(digit, np.random.default_rng([seed, position, index]))
+
+
+# --- classifying and reporting ----------------------------------------------------------------
+
+
+Predict = Callable[[list[bytes]], npt.NDArray[np.int64]]
+"""Labels [K, N] that K classifiers give a list of N image files (`FAILED` where refused)."""
+
+SERVER_BATCH: Final = 50
+"""Images per `PredictBatch` call when the report goes through a server."""
+
+
+def predict_locally(*sessions: Any) -> Predict:
+    """Classify files with the serving preprocessing (run once) and each onnxruntime session."""
+    from export.evaluate import onnx_probabilities
+
+    def run(files: list[bytes]) -> npt.NDArray[np.int64]:
+        inputs = np.zeros((len(files), 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        refused = np.zeros(len(files), bool)
+        for index, data in enumerate(files):
+            try:
+                inputs[index] = preprocess(data, max_pixels=MAX_PIXELS)
+            except InvalidImageError:
+                refused[index] = True
+        labels = np.stack(
+            [onnx_probabilities(s, inputs).argmax(axis=1).astype(np.int64) for s in sessions]
+        )
+        labels[:, refused] = FAILED
+        return labels
+
+    return run
+
+
+async def predict_remotely(address: str, files: Sequence[bytes]) -> npt.NDArray[np.int64]:
+    """Classify files through a running server, in `PredictBatch` calls of `SERVER_BATCH`."""
+    from mnist_service.client import MnistClient, Prediction
+
+    labels: list[int] = []
+    async with MnistClient(address) as client:
+        for start in range(0, len(files), SERVER_BATCH):
+            results = await client.predict_batch(files[start : start + SERVER_BATCH])
+            labels += [r.label if isinstance(r, Prediction) else FAILED for r in results]
+    return np.asarray(labels, np.int64)
+
+
+def predict_through(address: str) -> Predict:
+    """`predict_remotely` as a plain function (each call runs its own event loop)."""
+
+    def run(files: list[bytes]) -> npt.NDArray[np.int64]:
+        return asyncio.run(predict_remotely(address, files))[np.newaxis]
+
+    return run
+
+
+@dataclass(frozen=True)
+class Row:
+    """How many of a variant's images each classifier (a model, or a server) got right."""
+
+    variant: Variant
+    correct: tuple[int, ...]
+    total: int
+
+    @property
+    def accuracy(self) -> tuple[float, ...]:
+        """Fraction right, per classifier."""
+        return tuple(c / self.total for c in self.correct)
+
+
+def run_report(
+    classifiers: Sequence[Predict],
+    images: npt.NDArray[np.uint8],
+    labels: npt.NDArray[np.uint8],
+    variants: Sequence[Variant] = VARIANTS,
+    *,
+    seed: int = 0,
+    first: int = 0,
+    chunk: int = 250,
+) -> list[Row]:
+    """Render every image in every variant and score each classifier on the files.
+
+    `first` is the test-set index of ``images[0]`` (the drawings are seeded by it). Chunks of
+    images go through every variant in turn, so a digit's centre line is traced once for all
+    the pens.
+    """
+    correct: npt.NDArray[np.int64] | None = None
+    for start in range(0, len(images), chunk):
+        stop = min(start + chunk, len(images))
+        for row, variant in enumerate(variants):
+            files = [render(variant, first + i, images[i], seed) for i in range(start, stop)]
+            predicted = np.concatenate([classify(files) for classify in classifiers])
+            if correct is None:
+                correct = np.zeros((len(variants), predicted.shape[0]), np.int64)
+            correct[row] += (predicted == labels[start:stop]).sum(axis=1)
+        log.info("robustness: images %d-%d done", first, first + stop - 1)
+    assert correct is not None, "no images"
+    return [
+        Row(variant, tuple(int(c) for c in counts), len(images))
+        for variant, counts in zip(variants, correct, strict=True)
+    ]
+
+
+def merge(parts: Sequence[Sequence[Row]]) -> list[Row]:
+    """Add up the rows of reports on disjoint parts of the test set."""
+    return [
+        Row(
+            rows[0].variant,
+            tuple(sum(column) for column in zip(*(r.correct for r in rows), strict=True)),
+            sum(r.total for r in rows),
+        )
+        for rows in zip(*parts, strict=True)
+    ]
+
+
+def format_table(columns: Sequence[str], rows: Sequence[Row]) -> str:
+    """The report as a Markdown table: a line per variant, a column per classifier."""
+    lines = [
+        "| variant | " + " | ".join(columns) + " | how the digit is drawn |",
+        "|---|" + "---:|" * len(columns) + "---|",
+    ]
+    for row in rows:
+        cells = " | ".join(f"{100 * a:.2f} %" for a in row.accuracy)
+        lines.append(f"| `{row.variant.name}` | {cells} | {row.variant.description} |")
+    return "\n".join(lines)
