@@ -23,7 +23,7 @@ from grpclib.metadata import Deadline
 
 @dataclass(slots=True, eq=False)
 class Call:
-    """One RPC, from its handler's start to its status."""
+    """One RPC, from its arrival (when `Handler.accept` sees its headers) to its status."""
 
     method: str
     """The gRPC path, e.g. `/mnist.Mnist/Predict`."""
