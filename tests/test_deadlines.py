@@ -30,7 +30,7 @@ from mnist_service.engine.inference import FloatArray, ModelInfo, OnnxClassifier
 from mnist_service.runtime.server import MnistServer
 
 from .conftest import MnistSplit, png_bytes
-from .test_message_limits import WAIT_S, grpc_message
+from .test_message_limits import WAIT_S, grpc_message, record_statuses, start_call
 
 WEIGHTS_CONFIG = ServerConfig(port=0, workers=1)
 
@@ -101,18 +101,8 @@ def burst(port: int, bodies: list[bytes], timeouts: list[str | None]) -> list[St
         conn.initiate_connection()
         ids = []
         for body, timeout in zip(bodies, timeouts, strict=True):
-            stream_id = conn.get_next_available_stream_id()
-            headers = [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":authority", f"[::1]:{port}"),
-                (":path", "/mnist.Mnist/Predict"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ]
-            if timeout is not None:
-                headers.append(("grpc-timeout", timeout))
-            conn.send_headers(stream_id, headers)
+            extra = (("grpc-timeout", timeout),) if timeout is not None else ()
+            stream_id = start_call(conn, port, "/mnist.Mnist/Predict", extra)
             conn.send_data(stream_id, grpc_message(body), end_stream=True)
             ids.append(stream_id)
         sock.sendall(conn.data_to_send())
@@ -122,13 +112,7 @@ def burst(port: int, bodies: list[bytes], timeouts: list[str | None]) -> list[St
             data = sock.recv(65536)
             if not data:
                 break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    fields = dict(event.headers)
-                    if b"grpc-status" in fields:
-                        statuses[event.stream_id] = Status(int(fields[b"grpc-status"]))
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            record_statuses(conn, data, statuses)
             sock.sendall(conn.data_to_send())
         return [statuses.get(i, Status.UNKNOWN) for i in ids]
 

@@ -29,7 +29,7 @@ from mnist_service.client import MnistClient
 
 from .conftest import MnistSplit, ServerProcess
 from .test_hostile_inputs import chunks, frame, gzip_bomb, image_message, png_bomb
-from .test_message_limits import GIB, start_call
+from .test_message_limits import GIB, record_statuses, start_call
 
 MB = 1 << 20
 BOUND = 50 * MB
@@ -79,9 +79,7 @@ def push(port: int, streams: list[tuple[str, bytes, list[tuple[str, str]]]]) -> 
         conn.initiate_connection()
         pending: dict[int, list[bytes]] = {}
         for method, body, extra in streams:
-            stream_id = (
-                start_call(conn, port, method) if not extra else _start(conn, port, method, extra)
-            )
+            stream_id = start_call(conn, port, method, tuple(extra))
             pending[stream_id] = chunks(body)
         statuses: dict[int, Status] = {}
         end = time.monotonic() + SEND_S
@@ -104,27 +102,9 @@ def push(port: int, streams: list[tuple[str, bytes, list[tuple[str, str]]]]) -> 
                 continue
             if not data:
                 break
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
-                    fields = dict(event.headers)
-                    if b"grpc-status" in fields:
-                        statuses[event.stream_id] = Status(int(fields[b"grpc-status"]))
-                elif isinstance(event, h2.events.DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            record_statuses(conn, data, statuses)
             sock.sendall(conn.data_to_send())
         return statuses
-
-
-def _start(
-    conn: h2.connection.H2Connection, port: int, method: str, extra: list[tuple[str, str]]
-) -> int:
-    stream_id: int = conn.get_next_available_stream_id()
-    conn.send_headers(
-        stream_id,
-        [(":method", "POST"), (":scheme", "http"), (":authority", f"[::1]:{port}"),
-         (":path", method), ("content-type", "application/grpc"), ("te", "trailers"), *extra],
-    )  # fmt: skip
-    return stream_id
 
 
 PREDICT = "/mnist.Mnist/Predict"

@@ -70,6 +70,20 @@ def start_call(
     return stream_id
 
 
+def record_statuses(
+    conn: h2.connection.H2Connection, data: bytes, statuses: dict[int, Status]
+) -> None:
+    """Feed received bytes to `conn`: each call's grpc-status into `statuses` (by stream id),
+    and received data acknowledged so that flow control lets the server go on."""
+    for event in conn.receive_data(data):
+        if isinstance(event, h2.events.ResponseReceived | h2.events.TrailersReceived):
+            fields = dict(event.headers)
+            if b"grpc-status" in fields:
+                statuses[event.stream_id] = Status(int(fields[b"grpc-status"]))
+        elif isinstance(event, h2.events.DataReceived):
+            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+
+
 def text_headers(headers: Any) -> dict[str, str]:
     """h2's header pairs (bytes or str) as a str dict."""
     return {
