@@ -33,6 +33,8 @@ from mnist_service.errors import InvalidImageError, MnistServiceError
 from mnist_service.transport.codec import SizeLimitedCodec, read_message
 from mnist_service.transport.wire import WireFormatError, decode_message
 
+from .test_message_limits import varint
+
 FUZZ = settings(
     derandomize=True,
     database=None,
@@ -65,16 +67,7 @@ IMAGE_SEEDS = [
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return bytes([number << 3 | 2]) + varint(len(payload)) + payload
 
 
 MESSAGE_SEEDS: list[tuple[type[Any], bytes]] = [

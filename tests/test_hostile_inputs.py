@@ -28,7 +28,7 @@ from PIL import Image
 from mnist_service._proto.mnist import MnistPrediction, PredictBatchResponse, StreamPrediction
 
 from .conftest import MnistSplit, ServerProcess, png_bytes
-from .test_message_limits import GIB, raw_call, status_of
+from .test_message_limits import GIB, frame, image_message, raw_call, status_of, varint
 
 MARKER = b"HOSTILE-7f3a9c"
 """Planted in payloads: the server's log must never contain it."""
@@ -50,25 +50,6 @@ HEALTH = "/grpc.health.v1.Health/Check"
 
 
 # --- payloads -------------------------------------------------------------------------------
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def image_message(data: bytes) -> bytes:
-    """A serialised MnistImage{data}."""
-    return b"\x0a" + varint(len(data)) + data
-
-
-def frame(body: bytes, *, compressed: bool = False) -> bytes:
-    """A gRPC length-prefixed message."""
-    return struct.pack(">?I", compressed, len(body)) + body
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:

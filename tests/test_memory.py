@@ -28,8 +28,8 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from mnist_service.client import MnistClient
 
 from .conftest import MnistSplit, ServerProcess
-from .test_hostile_inputs import chunks, frame, gzip_bomb, image_message, png_bomb
-from .test_message_limits import GIB, record_statuses, start_call
+from .test_hostile_inputs import chunks, gzip_bomb, png_bomb
+from .test_message_limits import GIB, frame, image_message, record_statuses, start_call
 
 MB = 1 << 20
 BOUND = 50 * MB

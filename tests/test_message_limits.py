@@ -34,11 +34,22 @@ WAIT_S = 10.0
 
 def grpc_message(data: bytes, *, compressed: bool = False, announced: int | None = None) -> bytes:
     """A gRPC length-prefixed MnistImage{data}; `announced` overrides the prefix's length."""
-    body = b"\x0a" + _varint(len(data)) + data
+    body = image_message(data)
     return struct.pack(">?I", compressed, len(body) if announced is None else announced) + body
 
 
-def _varint(value: int) -> bytes:
+def frame(body: bytes, *, compressed: bool = False) -> bytes:
+    """A gRPC length-prefixed message."""
+    return struct.pack(">?I", compressed, len(body)) + body
+
+
+def image_message(data: bytes) -> bytes:
+    """A serialised MnistImage{data}, written by hand (not by the codec under test)."""
+    return b"\x0a" + varint(len(data)) + data
+
+
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
