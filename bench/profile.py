@@ -1,12 +1,14 @@
 """Where one request's CPU goes: a sampled profile of a pinned server under h2load.
 
     python bench/profile.py [--root DIR] [--in-flight 64] [--payload png] [--seconds 5]
+    python bench/profile.py --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
 
-Starts `python -m mnist_service serve --workers 1` from DIR (default: this checkout; point it
+Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this checkout; point it
 at a `git worktree` of an older commit to compare) pinned to core 1, drives unary Predict
-with h2load pinned to core 0, samples the server with py-spy, and reads the server's CPU time
+(or PredictBatch with 64 images a call) with h2load pinned to core 0, samples the server with py-spy, and reads the server's CPU time
 from /proc. Prints CPU per request and its split by the package of the innermost Python
-frame (native code is counted under the package that called it). Not a test: it measures.
+frame (native code is counted under the package that called it), and the functions that
+take the most samples themselves. Not a test: it measures.
 Needs h2load and py-spy (`pip install py-spy`).
 """
 
@@ -64,6 +66,9 @@ def main(
     in_flight: Annotated[int, typer.Option(help="Concurrent calls (h2load -m).")] = 64,
     payload: Annotated[str, typer.Option(help="png or raw.")] = "png",
     seconds: Annotated[int, typer.Option(help="Sampled seconds.")] = 5,
+    rpc: Annotated[str, typer.Option(help="predict, or batch (PredictBatch of 64).")] = "predict",
+    model: Annotated[str, typer.Option(help="conv or mlp.")] = "conv",
+    top: Annotated[int, typer.Option(help="How many of the hottest functions to list.")] = 15,
 ) -> None:
     """Profile a pinned server under load and print where a request's CPU goes."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -72,11 +77,17 @@ def main(
     from training.data import load_mnist
 
     images, _ = load_mnist("test")
-    data = encode(images[0], payload)
-    body = bytes([0x0A]) + _varint(len(data)) + data
+    count = BATCH_IMAGES if rpc == "batch" else 1
+    items = [encode(image, payload) for image in images[:count]]
+    if rpc == "batch":
+        images = (_field(1, _field(1, item)) for item in items)  # MnistImage{data}
+        body, method = b"".join(images), "PredictBatch"
+    else:
+        body, method = _field(1, items[0]), "Predict"
     server = subprocess.Popen(
         pinned(1, [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0",
-                   "--workers", "1", "--log-format", "json"]),
+                   "--workers", "1", "--log-format", "json", "--no-access-log",
+                   "--model-architecture", model]),
         cwd=root, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -96,7 +107,7 @@ def main(
             load = subprocess.Popen(
                 pinned(0, [h2load_path(), "-D", str(seconds + 3), "-c", "1", "-m", str(in_flight),
                            "-d", str(body_file), "-H", "content-type: application/grpc",
-                           "-H", "te: trailers", f"http://[::1]:{port}/mnist.Mnist/Predict"]),
+                           "-H", "te: trailers", f"http://[::1]:{port}/mnist.Mnist/{method}"]),
                 stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             time.sleep(1.5)
@@ -111,11 +122,20 @@ def main(
             wall = time.monotonic() - wall_before
             output, _ = load.communicate(timeout=seconds + 60)
             rate = _rate(output)
-            counts = _categorise(samples)
+            counts, leaves = _categorise(samples)
     finally:
         server.terminate()
         server.wait(30)
-    _report(root, in_flight, payload, rate, cpu / wall, counts)
+    label = f"{method} {payload} x{count}" if count > 1 else f"{method} {payload}"
+    _report(root, label, in_flight, rate, cpu / wall, counts, leaves, top)
+
+
+BATCH_IMAGES = 64
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return bytes([number << 3 | 2]) + _varint(len(data)) + data
 
 
 def _varint(value: int) -> bytes:
@@ -134,18 +154,28 @@ def _rate(h2load_output: str) -> float:
     raise SystemExit(f"cannot read h2load's rate:\n{h2load_output}")
 
 
-def _categorise(samples: Path) -> Counter[str]:
+def _categorise(samples: Path) -> tuple[Counter[str], Counter[str]]:
+    """Samples by category of their innermost frame, and by the innermost frame itself."""
     counts: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
     for line in samples.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
         # The innermost frame that is not the idle wait of the event loop itself.
         counts[category(frames[-1])] += int(count)
-    return counts
+        leaves[frames[-1]] += int(count)
+    return counts, leaves
 
 
 def _report(
-    root: Path, in_flight: int, payload: str, rate: float, busy: float, counts: Counter[str]
+    root: Path,
+    label: str,
+    in_flight: int,
+    rate: float,
+    busy: float,
+    counts: Counter[str],
+    leaves: Counter[str],
+    top: int,
 ) -> None:
     total = sum(counts.values())
     per_request_us = busy / rate * 1e6
@@ -153,11 +183,14 @@ def _report(
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
         capture_output=True, text=True, check=False,
     ).stdout.strip()  # fmt: skip
-    print(f"\n{root} ({commit}): Predict {payload}, {in_flight} in flight, server on one core")
+    print(f"\n{root} ({commit}): {label}, {in_flight} in flight, server on one core")
     print(f"{rate:,.0f} req/s; server busy {busy:.0%} of a core: {per_request_us:,.0f} us/request")
     print("\n| where | share | us/request |\n|---|--:|--:|")
     for name, count in counts.most_common():
         print(f"| {name} | {count / total:.0%} | {count / total * per_request_us:,.0f} |")
+    print("\n| hottest functions (own samples) | share | us/request |\n|---|--:|--:|")
+    for frame, count in leaves.most_common(top):
+        print(f"| `{frame}` | {count / total:.0%} | {count / total * per_request_us:,.0f} |")
 
 
 if __name__ == "__main__":

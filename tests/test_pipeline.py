@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from PIL import Image
 
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.pipeline import Pipeline
@@ -115,3 +119,48 @@ def _photo() -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class PixelEcho:
+    """Answers each image with ten of its own pixels: any mix-up of images or rows shows."""
+
+    info = RecordingClassifier.info
+
+    def classify(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.ascontiguousarray(batch.reshape(len(batch), -1)[:, 300:310])
+
+
+async def test_classify_many_answers_each_item_as_classify_does(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+) -> None:
+    digits = mnist_test_set[0][:40]
+    png = io.BytesIO()
+    Image.fromarray(255 - digits[1]).save(png, "PNG")
+    mixes = {  # items, and how many of them fail (blank, empty)
+        "all raw": ([d.tobytes() for d in digits], 0),
+        "raw, inverted raw, png, blank and empty": (
+            [
+                digits[2].tobytes(),
+                (255 - digits[3]).tobytes(),
+                png.getvalue(),
+                bytes(784),
+                b"",
+                digits[4].tobytes(),
+            ],
+            2,
+        ),
+    }
+    pipeline = Pipeline(
+        Batcher(PixelEcho(), max_batch_size=16), max_image_pixels=1 << 20, executor=executor
+    )
+    for items, failures in mixes.values():
+        results = await pipeline.classify_many(items)
+        assert len(results) == len(items)
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, np.ndarray):
+                np.testing.assert_array_equal(result, await pipeline.classify(item))
+            else:
+                with pytest.raises(type(result), match=re.escape(str(result))):
+                    await pipeline.classify(item)
+        assert sum(isinstance(r, Exception) for r in results) == failures

@@ -20,9 +20,11 @@ from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
 from mnist_service.engine.preprocess import (
     STROKE_TARGET,
     STROKE_THIN,
+    is_raw,
     limit_pillow,
     model_batch,
     preprocess,
+    raw_batch,
     scale_pixels,
     stroke_width,
 )
@@ -366,6 +368,27 @@ def test_mnist_raw_bytes_pass_through_bit_identical(mnist_test_set: tuple[Bytes,
     for image in mnist_test_set[0]:  # all 10,000: none may be mistaken for an image file
         out = preprocess(image.tobytes(), max_pixels=MAX_PIXELS)
         np.testing.assert_array_equal(out[0], scale_pixels(image))
+
+
+def test_raw_batch_settles_exactly_what_the_one_by_one_path_passes_through(
+    mnist_test_set: tuple[Bytes, Bytes],
+) -> None:
+    digits = list(mnist_test_set[0][:500])
+    dense = np.zeros(PIXELS, np.uint8)
+    dense[384:] = np.arange(400) % 255 + 1  # black is the most common level, not the majority
+    dense = dense.reshape(IMAGE_SIZE, IMAGE_SIZE)
+    odd = [255 - digits[0], np.zeros_like(digits[0]), np.full_like(digits[0], 20), dense]
+    items = [image.tobytes() for image in digits + odd]
+    assert all(is_raw(item) for item in items)
+
+    inputs, ready = raw_batch(items)
+
+    assert inputs.shape == (len(items), 1, IMAGE_SIZE, IMAGE_SIZE)
+    assert inputs.dtype == np.float32
+    assert ready[: len(digits)].all()  # every MNIST digit is settled in the vectorised pass
+    assert not ready[len(digits) :].any()  # dark on light, blank, faint, dense: one by one
+    for item, row in zip(items[: len(digits)], inputs[: len(digits)], strict=True):
+        np.testing.assert_array_equal(row, preprocess(item, max_pixels=MAX_PIXELS))
 
 
 def test_small_dark_on_light_image_is_not_taken_as_mnist_format(digits: Bytes) -> None:

@@ -37,6 +37,7 @@ import io
 import logging
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Final
 
 import numpy as np
@@ -182,6 +183,23 @@ def model_batch(images: npt.NDArray[np.uint8]) -> FloatImage:
     return scale_pixels(images)[:, np.newaxis]
 
 
+def is_raw(data: bytes) -> bool:
+    """Whether request bytes are 784 raw pixels: no supported image format starts like them."""
+    return len(data) == PIXELS and not data.startswith(_MAGIC)
+
+
+def raw_batch(items: Sequence[bytes]) -> tuple[FloatImage, npt.NDArray[np.bool_]]:
+    """Many raw 784-byte images (`is_raw`) at once -> model input float32 [N, 1, 28, 28], and
+    which rows are final: MNIST format (mostly black, with ink), as `to_model_input` would
+    pass them through. The other rows (dark on light, blank...) go through `to_model_input`
+    one by one. One vectorised pass instead of one small numpy round per image."""
+    pixels = np.frombuffer(b"".join(items), np.uint8).reshape(len(items), PIXELS)
+    mostly_black = np.count_nonzero(pixels, axis=1) * 2 < PIXELS
+    inked = pixels.max(axis=1) >= MIN_INK_CONTRAST * PIXEL_MAX
+    inputs = scale_pixels(pixels).reshape(len(items), 1, IMAGE_SIZE, IMAGE_SIZE)
+    return inputs, mostly_black & inked
+
+
 def pixel_count(opened: Opened) -> int:
     """How many pixels decoding `opened` means (from the header: nothing is decoded)."""
     if isinstance(opened, np.ndarray):
@@ -201,7 +219,7 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     the decode (`load`) runs. Raw 784-byte pixels come back as a ready uint8 [28, 28] array."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
-    if len(data) == PIXELS and not data.startswith(_MAGIC):
+    if is_raw(data):
         return _raw(data)  # no Pillow attempt: no supported format starts this way
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
