@@ -374,9 +374,9 @@ def test_raw_batch_settles_exactly_what_the_one_by_one_path_passes_through(
     mnist_test_set: tuple[Bytes, Bytes],
 ) -> None:
     digits = list(mnist_test_set[0][:500])
-    dense = np.zeros(PIXELS, np.uint8)
-    dense[384:] = np.arange(400) % 255 + 1  # black is the most common level, not the majority
-    dense = dense.reshape(IMAGE_SIZE, IMAGE_SIZE)
+    flat = np.zeros(PIXELS, np.uint8)
+    flat[384:] = np.arange(400) % 255 + 1  # black is the most common level, not the majority
+    dense = flat.reshape(IMAGE_SIZE, IMAGE_SIZE)
     odd = [255 - digits[0], np.zeros_like(digits[0]), np.full_like(digits[0], 20), dense]
     items = [image.tobytes() for image in digits + odd]
     assert all(is_raw(item) for item in items)

@@ -1,5 +1,5 @@
-"""Batch augmentation with torch ops: random affine warps with shear, elastic distortion,
-stroke-thickness and stroke-intensity changes.
+"""Batch augmentation with torch ops: digits redrawn with pens, random affine warps with shear,
+elastic distortion, stroke-thickness and stroke-intensity changes.
 
 Users draw digits thicker, thinner, fainter, tilted, slanted and wobblier than MNIST's own, and
 the serving preprocessing turns a thin pen into strokes thickened from a one-pixel line
@@ -32,16 +32,21 @@ class AugmentConfig:
     """Largest displacement of the smooth random (elastic) distortion, in pixels."""
     faint_fraction: float = 0.15
     """Fraction of images whose ink is dimmed (a faint pen the preprocessing only half saved)."""
+    pen_fraction: float = 0.2
+    """Fraction of images swapped for the same digit redrawn with a pen along its centre line,
+    as the serving preprocessing outputs it (`training.strokes`)."""
     clean_fraction: float = 0.25
     """Fraction of images left as they are: MNIST's own look stays in every batch, which keeps
     the clean test accuracy up under the stronger perturbations."""
 
 
-NO_AUGMENTATION = AugmentConfig(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 1.0)
+NO_AUGMENTATION = AugmentConfig(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
 _MORPH_KERNEL = 3
 MAX_EROSION_STRENGTH = 0.6
 """A full 3x3 erosion erases MNIST's thinnest strokes, hence its capped strength."""
+MAX_DILATION_STEPS = 2
+"""Thickened strokes grow by up to two 3x3 dilations (~4 px): a fat marker's, loops filling in."""
 ELASTIC_GRID = 4
 """The elastic field is random on a 4x4 grid, interpolated smoothly over the 28x28 image."""
 FAINT_RANGE = (0.7, 1.0)
@@ -105,15 +110,29 @@ def random_thickness(
     n = images.shape[0]
     pad = _MORPH_KERNEL // 2
     dilated = F.max_pool2d(images, _MORPH_KERNEL, stride=1, padding=pad)
+    twice = F.max_pool2d(dilated, _MORPH_KERNEL, stride=1, padding=pad)
     eroded = -F.max_pool2d(-images, _MORPH_KERNEL, stride=1, padding=pad)
     choice = torch.rand(n, generator=generator)
     thick = (choice < fraction / 2).view(n, 1, 1, 1)
     thin = ((choice >= fraction / 2) & (choice < fraction)).view(n, 1, 1, 1)
-    # Blend towards the morphed image by a random strength so thickness varies continuously.
+    # Blend towards the morphed image by a random strength so thickness varies continuously:
+    # up to MAX_DILATION_STEPS dilations, or part of one erosion.
     strength = torch.rand(n, generator=generator).view(n, 1, 1, 1)
-    strength = torch.where(thin, strength * MAX_EROSION_STRENGTH, strength)
-    target = torch.where(thick, dilated, torch.where(thin, eroded, images))
-    return images + strength * (target - images)
+    grown = strength * MAX_DILATION_STEPS
+    thickened = torch.where(
+        grown <= 1, images + grown * (dilated - images), dilated + (grown - 1) * (twice - dilated)
+    )
+    thinned = images + strength * MAX_EROSION_STRENGTH * (eroded - images)
+    return torch.where(thick, thickened, torch.where(thin, thinned, images))
+
+
+def with_pens(
+    images: torch.Tensor, pens: torch.Tensor, fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Swap a random fraction of the images for their pen redrawings (same digits, same order)."""
+    n = images.shape[0]
+    swap = (torch.rand(n, generator=generator) < fraction).view(n, 1, 1, 1)
+    return torch.where(swap, pens, images)
 
 
 def augment(
@@ -143,4 +162,5 @@ __all__ = [
     "random_affine",
     "random_faintness",
     "random_thickness",
+    "with_pens",
 ]
