@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
-import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFilter
 
-from mnist_service.constants import IMAGE_SIZE, PIXEL_MAX
+from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import preprocess, scale_pixels
 from mnist_service.errors import InvalidImageError
+from training.strokes import centre_lines
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ WHITE: Final = (255, 255, 255)
 # --- drawing ----------------------------------------------------------------------------------
 
 
-THIN_SCALE: Final = 4
-"""The digit's centre line is traced at this multiple of 28 px (strokes ~10 px wide there)."""
-
 SUPERSAMPLE: Final = 2
 """Anti-aliased pens are drawn at this multiple of their size, then box-averaged down."""
 
@@ -63,44 +60,16 @@ _NEIGHBOURS: Final = ((0, 1), (1, 0), (1, 1), (1, -1))
 
 
 def centre_line(digit: Digit) -> npt.NDArray[np.bool_]:
-    """The digit's strokes thinned to a one-pixel centre line (Zhang-Suen), at 4x28 px."""
+    """The digit's strokes thinned to a one-pixel centre line (Zhang-Suen), at 4x28 px: the
+    same line training redraws its pen digits from (`training.strokes`)."""
     return _centre_line(digit.tobytes()).copy()
 
 
 @functools.lru_cache(maxsize=1024)  # the pen variants of one digit share its centre line
 def _centre_line(pixels: bytes) -> npt.NDArray[np.bool_]:
-    digit = np.frombuffer(pixels, np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
-    side = IMAGE_SIZE * THIN_SCALE
-    big = Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)
-    smooth = np.asarray(big.filter(ImageFilter.GaussianBlur(THIN_SCALE / 2)))
-    return _thin(smooth > PIXEL_MAX / 2)
-
-
-def _thin(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """Zhang-Suen thinning of a mask to one-pixel lines."""
-    image = np.pad(inked, 1).astype(np.uint8)
-    changed = True
-    while changed:
-        changed = False
-        for first in (True, False):
-            p2, p3, p4 = image[:-2, 1:-1], image[:-2, 2:], image[1:-1, 2:]
-            p5, p6, p7 = image[2:, 2:], image[2:, 1:-1], image[2:, :-2]
-            p8, p9 = image[1:-1, :-2], image[:-2, :-2]
-            ring = (p2, p3, p4, p5, p6, p7, p8, p9, p2)
-            count = sum(n.astype(np.int8) for n in ring[:-1])
-            crossings = sum(
-                ((a == 0) & (b == 1)).astype(np.int8) for a, b in itertools.pairwise(ring)
-            )
-            if first:
-                side_ok = ((p2 & p4 & p6) == 0) & ((p4 & p6 & p8) == 0)
-            else:
-                side_ok = ((p2 & p4 & p8) == 0) & ((p2 & p6 & p8) == 0)
-            remove = (image[1:-1, 1:-1] == 1) & (count >= 2) & (count <= 6)
-            remove &= (crossings == 1) & side_ok
-            if remove.any():
-                image[1:-1, 1:-1][remove] = 0
-                changed = True
-    return image[1:-1, 1:-1].astype(bool)
+    digit = np.frombuffer(pixels, np.uint8).reshape(1, IMAGE_SIZE, IMAGE_SIZE)
+    line: npt.NDArray[np.bool_] = centre_lines(digit)[0]
+    return line
 
 
 def pen(digit: Digit, side: int, width: int, *, smooth: bool = True) -> Ink:
@@ -319,12 +288,7 @@ def _exif_rotated(digit: Digit, rng: Rng) -> bytes:
     upright = to_image(_on_paper(ink, rng, (360, 300)))
     # A phone stores the pixels as the sensor saw them and says how to turn them upright.
     orientation = int(rng.choice([3, 6, 8]))
-    turn = {
-        3: Image.Transpose.ROTATE_180,
-        6: Image.Transpose.ROTATE_90,
-        8: Image.Transpose.ROTATE_270,
-    }
-    stored = upright.transpose(turn[orientation])
+    stored = upright.transpose(_STORED[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
     return encode(stored, "JPEG", quality=90, exif=exif)

@@ -28,8 +28,8 @@ from mnist_service.constants import Architecture
 from mnist_service.engine.preprocess import model_batch
 from training.augment import AugmentConfig, augment, with_pens
 from training.data import default_data_dir, load_mnist
-from training.strokes import pen_digits
 from training.models import build_model, normalize
+from training.strokes import pen_digits
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,95 @@
+"""Pen redrawings of MNIST digits for training (`training.strokes`) and their augmentation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+
+from mnist_service.constants import IMAGE_SIZE
+from mnist_service.engine.preprocess import model_batch, stroke_width
+from training import strokes
+from training.augment import random_thickness, with_pens
+
+MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
+
+
+def test_thinning_many_masks_at_once_equals_one_at_a_time(mnist_test_set: MnistSplit) -> None:
+    digits = mnist_test_set[0][:12]
+    together = strokes.centre_lines(digits)
+    assert together.shape == (12, IMAGE_SIZE * strokes.THIN_SCALE, IMAGE_SIZE * strokes.THIN_SCALE)
+    for digit, line in zip(digits, together, strict=True):
+        np.testing.assert_array_equal(strokes.centre_lines(digit[np.newaxis])[0], line)
+
+
+def test_a_bar_thins_to_a_one_pixel_line() -> None:
+    bar = np.zeros((1, 40, 40), bool)
+    bar[0, 5:35, 15:24] = True  # 9 px wide, 30 px tall
+    line = strokes.thin(bar)[0]
+    rows = line.sum(axis=1)
+    assert rows[10:30].max() == 1  # one pixel wide along the bar
+    assert np.count_nonzero(rows) >= 20  # and most of its length is kept
+
+
+def test_pen_redrawings_look_like_the_serving_preprocessing_output(
+    mnist_test_set: MnistSplit,
+) -> None:
+    digits = mnist_test_set[0][:60]
+    steps = np.arange(60) % (strokes.MAX_PEN_STEPS + 1)
+    drawn = strokes.pen_redraw(digits, steps)
+    assert drawn.shape == digits.shape
+    assert drawn.dtype == np.uint8
+    for image in drawn:
+        patch = image.astype(np.float32) / 255
+        assert 1.1 < stroke_width(patch) < 3.3  # MNIST-like strokes (1.3-2.7), whatever the pen
+        total = patch.sum()
+        centre_y = patch.sum(axis=1) @ np.arange(IMAGE_SIZE) / total
+        centre_x = patch.sum(axis=0) @ np.arange(IMAGE_SIZE) / total
+        assert abs(centre_y - 14) < 1.5  # centred by mass
+        assert abs(centre_x - 14) < 1.5
+        assert image.max() == 255  # saturated ink
+
+
+def test_pen_digits_are_seeded_and_cached(
+    mnist_test_set: MnistSplit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    digits = mnist_test_set[0][:30]
+    first = strokes.pen_digits(digits, 7, tmp_path, workers=1)
+    assert list(tmp_path.glob("*.npy")) == [tmp_path / f"pens-v{strokes.VERSION}-n30-seed7.npy"]
+
+    def no_redraw(*args: object) -> None:
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(strokes, "pen_redraw", no_redraw)
+    np.testing.assert_array_equal(strokes.pen_digits(digits, 7, tmp_path, workers=1), first)
+    monkeypatch.undo()
+    other_seed = strokes.pen_digits(digits, 8, None, workers=1)
+    assert not np.array_equal(other_seed, first)  # other pens
+    np.testing.assert_array_equal(strokes.pen_digits(digits, 7, None, workers=1), first)
+
+
+def test_with_pens_swaps_the_asked_fraction(mnist_test_set: MnistSplit) -> None:
+    images = torch.from_numpy(model_batch(mnist_test_set[0][:400]))
+    pens = torch.from_numpy(
+        model_batch(strokes.pen_redraw(mnist_test_set[0][:400], np.zeros(400, np.int64)))
+    )
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(with_pens(images, pens, 0.0, generator), images)
+    assert torch.equal(with_pens(images, pens, 1.0, generator), pens)
+    mixed = with_pens(images, pens, 0.3, generator)
+    swapped = (mixed == pens).flatten(1).all(1) & ~(mixed == images).flatten(1).all(1)
+    assert 0.2 < float(swapped.float().mean()) < 0.4
+
+
+def test_thickening_reaches_past_one_dilation(mnist_test_set: MnistSplit) -> None:
+    images = torch.from_numpy(model_batch(mnist_test_set[0][:300]))
+    once = F.max_pool2d(images, 3, stride=1, padding=1)
+    thick = random_thickness(images, 1.0, torch.Generator().manual_seed(0))
+    grown = thick.flatten(1).sum(1) / images.flatten(1).sum(1)
+    one_step = once.flatten(1).sum(1) / images.flatten(1).sum(1)
+    assert bool((grown > one_step * 1.2).any())  # some strokes grow by more than a dilation
+    assert bool((grown < 1).any())  # and some are thinned
