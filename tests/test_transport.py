@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpclib
+import h2.config
+import h2.connection
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
@@ -21,6 +24,7 @@ from grpclib.health.service import Health
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.protocol import H2Protocol
+from hyperframe.frame import HeadersFrame
 
 from mnist_service._proto.mnist import (
     MnistBase,
@@ -31,7 +35,9 @@ from mnist_service._proto.mnist import (
     ModelInfoRequest,
     PredictBatchRequest,
 )
-from mnist_service.transport.server import CoalescingProtocol, CoalescingTransport, Server
+from mnist_service.transport.coalescing import CoalescingTransport
+from mnist_service.transport.h2trace import LazyRepr, defer_frame_reprs
+from mnist_service.transport.server import CoalescingProtocol, Server
 from mnist_service.transport.unary import Handler, unary_methods
 
 
@@ -96,6 +102,87 @@ async def test_nothing_is_written_to_a_closing_transport() -> None:
     await asyncio.sleep(0)
 
     assert real.writes == []
+
+
+async def test_a_last_flush_sends_at_once_when_nothing_else_is_queued() -> None:
+    real = RecordingTransport()
+    transport = CoalescingTransport(real, asyncio.get_running_loop())
+
+    transport.write(b"headers")
+    transport.write(b"trailers")
+    transport.flush_if_last()  # only its own flush is queued: nothing could join the write
+
+    assert real.writes == [b"headerstrailers"]
+    await asyncio.sleep(0)  # the queued flush finds nothing left
+    assert real.writes == [b"headerstrailers"]
+
+
+async def test_a_last_flush_waits_for_the_turn_when_other_work_is_queued() -> None:
+    real = RecordingTransport()
+    loop = asyncio.get_running_loop()
+    transport = CoalescingTransport(real, loop)
+
+    loop.call_soon(transport.write, b"theirs")  # another call, queued to answer this turn
+    transport.write(b"mine")
+    transport.flush_if_last()
+
+    assert real.writes == []
+    await asyncio.sleep(0)
+    assert real.writes == [b"minetheirs"]
+
+
+async def test_concurrent_lean_calls_still_share_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    flushed: list[int] = []  # buffered pieces per socket write
+    flush = CoalescingTransport.flush
+
+    def counting_flush(self: CoalescingTransport) -> None:
+        if self._buffer:
+            flushed.append(len(self._buffer))
+        flush(self)
+
+    monkeypatch.setattr(CoalescingTransport, "flush", counting_flush)
+    async with serving(Service()) as stub:
+        await stub.predict(MnistImage(data=b"warm up"))
+        flushed.clear()
+        replies = await asyncio.gather(*(stub.predict(MnistImage(data=b"x")) for _ in range(32)))
+
+    assert all(reply.label == 1 for reply in replies)
+    assert sum(flushed) >= 3 * 32  # headers, data and trailers of each call
+    assert len(flushed) <= 8  # 32 answers, a few writes: the early flush did not split them
+
+
+def test_h2_formats_a_received_frame_only_when_its_trace_is_logged() -> None:
+    """`transport.h2trace` swaps `repr` in `h2.connection`: it must be used there only for
+    the received-frame trace line (checked against the installed h2), and the line a real
+    trace logger writes must be what it was."""
+    source = inspect.getsource(h2.connection)
+    assert source.count("repr(") == 1
+    assert 'self.config.logger.trace("Received frame: %s", repr(frame))' in source
+
+    defer_frame_reprs()
+    frame = HeadersFrame(1, data=b"header block")
+    deferred = h2.connection.repr(frame)  # type: ignore[attr-defined]
+    assert isinstance(deferred, LazyRepr)
+    assert str(deferred) == repr(frame)
+    assert "Received frame: %s" % deferred == f"Received frame: {frame!r}"  # noqa: UP031 - h2's own formatting
+
+    lines: list[str] = []
+
+    class Recording(h2.config.OutputLogger):
+        def trace(self, fmtstr: str, *args: Any) -> None:
+            lines.append(fmtstr % args)
+
+    server = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, logger=Recording(trace_level=True))
+    )
+    server.initiate_connection()
+    client = h2.connection.H2Connection()
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    server.receive_data(client.data_to_send())
+    received = [line for line in lines if line.startswith("Received frame: ")]
+    assert any("HeadersFrame(stream_id=1" in line and "<hex:" in line for line in received)
 
 
 async def test_server_connections_use_the_coalescing_protocol() -> None:

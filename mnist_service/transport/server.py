@@ -6,10 +6,11 @@ answers with `grpc-accept-encoding: gzip`, and whose every call is recorded as a
 
 grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
 concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
-each connection's transport is wrapped so that writes are buffered and flushed once, at the
-end of the loop turn in which they were made: all the calls answered in that turn leave in
-one `send`. Ordering is kept (one buffer per connection), and flow control is untouched (the
-real transport still calls `pause_writing`/`resume_writing` on grpclib's protocol).
+each connection's transport is wrapped (`transport.coalescing`) so that writes are buffered
+and flushed once, at the end of the loop turn in which they were made: all the calls answered
+in that turn leave in one `send`. Ordering is kept (one buffer per connection), and flow
+control is untouched (the real transport still calls `pause_writing`/`resume_writing` on
+grpclib's protocol). h2's per-frame trace formatting is made lazy (`transport.h2trace`).
 
 The server keeps its connections, for the drain (`transport.drain`): `stop_accepting` closes
 the listening socket, `goaway` sends the two-step GOAWAY on every connection (after which
@@ -46,6 +47,7 @@ from ..api.calls import (
     ignore,
     request_id,
 )
+from .coalescing import CoalescingTransport
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import (
     DRAIN_PING,
@@ -55,6 +57,7 @@ from .drain import (
     goaway_frame,
     ping_frame,
 )
+from .h2trace import defer_frame_reprs
 from .unary import Handler, RefusedCallback, UnaryMethod, observe, request_id_header
 
 log = logging.getLogger(__name__)
@@ -69,45 +72,6 @@ _LINGER_S = 1.0
 
 _CLOSE_WAIT_S = 1.0
 """How long closing connections may take to send what they hold before they are aborted."""
-
-
-class CoalescingTransport:
-    """Proxy of an asyncio transport that joins the writes of one loop turn into one."""
-
-    __slots__ = ("_buffer", "_loop", "_scheduled", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._buffer: list[bytes] = []
-        self._scheduled = False
-
-    def write(self, data: bytes) -> None:
-        """Buffer `data`; it is sent with the rest of this loop turn's writes."""
-        if not data:
-            return
-        self._buffer.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
-
-    def flush(self) -> None:
-        """Send what is buffered, in one write."""
-        self._scheduled = False
-        if not self._buffer:
-            return
-        data = b"".join(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
-        self._buffer.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def close(self) -> None:
-        """Send what is buffered, then close."""
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 class CoalescingProtocol(asyncio.Protocol):
@@ -250,6 +214,7 @@ class Server(grpclib.server.Server):
         **kwargs: Any,
     ) -> None:
         super().__init__(handlers, **kwargs)
+        defer_frame_reprs()
         self._unary = dict(unary or {})
         self._observer = observer
         self._on_refused = on_refused

@@ -64,6 +64,7 @@ from ..api.calls import (
     ignore,
     request_id,
 )
+from .coalescing import CoalescingTransport
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import MAX_STREAM_ID
 
@@ -265,6 +266,9 @@ async def _handle(
     finally:
         release_stream()
         observe(observer, call)
+        transport = stream._transport
+        if isinstance(transport, CoalescingTransport):
+            transport.flush_if_last()  # one call in flight: its answer leaves now, not a turn later
 
 
 def request_id_header(call: Call) -> tuple[str, str]:
