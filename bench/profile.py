@@ -3,9 +3,10 @@
     python bench/profile.py [--root DIR] [--in-flight 64] [--payload png] [--seconds 5]
     python bench/profile.py --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
 
-Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this checkout; point it
-at a `git worktree` of an older commit to compare) pinned to core 1, drives unary Predict
-(or PredictBatch with 64 images a call) with h2load pinned to core 0, samples the server with py-spy, and reads the server's CPU time
+Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this
+checkout; point it at a `git worktree` of an older commit to compare) pinned to core 1, drives
+unary Predict (or PredictBatch with 64 images a call) with h2load pinned to core 0, samples the
+server with py-spy, and reads the server's CPU time
 from /proc. Prints CPU per request and its split by the package of the innermost Python
 frame (native code is counted under the package that called it), and the functions that
 take the most samples themselves. Not a test: it measures.

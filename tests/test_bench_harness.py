@@ -96,3 +96,35 @@ def test_a_failing_grpc_status_is_reported_as_errors_not_raised(
     assert "| batch | grpcio thread pool | - | - | - | - | - | 3 (UNIMPLEMENTED" in (
         bench.report.table([row], "conv")
     )
+
+
+def test_latency_rows_run_in_alternating_rounds_and_report_the_median(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    """One call in flight: each server is measured `latency_rounds` times, taking turns."""
+    plan = bench.replace(bench.SMOKE, in_flight=(1,), seconds=2, warmup_s=0.2, latency_rounds=2)
+    assert plan.round_seconds == 1
+    order: list[str] = []
+    with bench.ServerPool() as pool:
+        service = pool.service("conv", None, workers=1, flags=bench.service_flags(), extra=[])
+        baseline = pool.baseline(bench.THREADPOOL, "conv", None)
+        harness = bench.Bench(plan, bench.Cores(None, None), tmp_path)
+        payload = bench.Payload.write("raw", tmp_path)
+        rows = [
+            bench.Row("conv", "raw", "Predict", 1, bench.PINNED, name, f"latency {name}")
+            for name in (bench.SERVICE, bench.THREADPOOL)
+        ]
+        for _ in range(plan.latency_rounds):
+            for row, server in zip(rows, (service, baseline), strict=True):
+                harness.attempt(row, server, harness.predict, payload, 1, 1)
+                order.append(row.server)
+
+    assert order == [bench.SERVICE, bench.THREADPOOL] * 2
+    assert harness.rows == rows  # each row once, however many rounds it had
+    for row in rows:
+        assert (row.errors, row.problem) == (0, "")
+        assert row.checked_calls == 12  # two rounds, each with three checks before and after
+        runs = harness._runs[id(row)]
+        assert len(runs) == 2
+        assert row.p99_ms == pytest.approx(sum(run.percentile(99) for run in runs) / 2)
+        assert row.req_per_s == pytest.approx(sum(run.rate for run in runs) / 2)
