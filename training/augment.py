@@ -40,7 +40,17 @@ class AugmentConfig:
     the clean test accuracy up under the stronger perturbations."""
 
 
-NO_AUGMENTATION = AugmentConfig(0.0, 0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+NO_AUGMENTATION = AugmentConfig(
+    max_rotation_deg=0.0,
+    max_shift_px=0.0,
+    scale_range=(1.0, 1.0),
+    thickness_fraction=0.0,
+    max_shear=0.0,
+    elastic_px=0.0,
+    faint_fraction=0.0,
+    pen_fraction=0.0,
+    clean_fraction=1.0,
+)
 
 _MORPH_KERNEL = 3
 MAX_EROSION_STRENGTH = 0.6
