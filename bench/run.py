@@ -73,9 +73,9 @@ class Plan:
     warmup_s: float = 1.0
     latency_rounds: int = 3
     """One call in flight is about latency, and a burst of noise from the shared machine that
-    hits one server's run and not the next one's decides a p99: those rows are measured in
-    this many rounds of half the time each, alternating between the servers, and report the
-    median round's figures."""
+    hits one server's run and not the next one's decides a p99: Predict at one call in flight
+    is measured in this many rounds of `round_seconds` each, alternating between the servers,
+    and reports the median round's figures."""
 
     @property
     def round_seconds(self) -> int:
