@@ -14,6 +14,7 @@ import resource
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,42 +153,60 @@ def _valid(prediction: Any) -> bool:
     return 0 <= prediction.label <= 9 and len(prediction.probabilities) == 10
 
 
-def check_predict(address: str, data: bytes, label: int) -> Check:
-    """Send `data` to Predict a few times; every call must be OK with the right label."""
+def _check(
+    address: str, call: Callable[[grpc.Channel], Any], problem: Callable[[Any], str | None]
+) -> Check:
+    """Make `call` CHECK_CALLS times on one channel: each must end OK, and `problem` must find
+    nothing wrong with its reply."""
     problems: list[str] = []
     reply_bytes = 0
     with grpc.insecure_channel(address) as channel:
-        stub = mnist_pb2_grpc.MnistStub(channel)
         for _ in range(CHECK_CALLS):
             try:
-                reply = stub.Predict(mnist_pb2.MnistImage(data=data), timeout=CHECK_TIMEOUT_S)
+                reply = call(channel)
             except grpc.RpcError as exc:
                 problems.append(f"{exc.code().name}: {exc.details()}")
                 continue
             reply_bytes = len(grpc_frame(reply))
-            if not _valid(reply) or reply.label != label:
-                problems.append(f"wrong answer: label {reply.label}, expected {label}")
+            found = problem(reply)
+            if found is not None:
+                problems.append(found)
     return Check(CHECK_CALLS, problems, reply_bytes)
+
+
+def check_predict(address: str, data: bytes, label: int) -> Check:
+    """Send `data` to Predict a few times; every call must be OK with the right label."""
+    request = mnist_pb2.MnistImage(data=data)
+
+    def problem(reply: Any) -> str | None:
+        if _valid(reply) and reply.label == label:
+            return None
+        return f"wrong answer: label {reply.label}, expected {label}"
+
+    return _check(
+        address,
+        lambda channel: mnist_pb2_grpc.MnistStub(channel).Predict(request, timeout=CHECK_TIMEOUT_S),
+        problem,
+    )
 
 
 def check_batch(address: str, images: list[bytes]) -> Check:
     """Send the batch to PredictBatch a few times; every call OK, every item a valid label."""
-    problems: list[str] = []
-    reply_bytes = 0
     request = mnist_pb2.PredictBatchRequest(images=[mnist_pb2.MnistImage(data=i) for i in images])
-    with grpc.insecure_channel(address) as channel:
-        stub = mnist_pb2_grpc.MnistStub(channel)
-        for _ in range(CHECK_CALLS):
-            try:
-                reply = stub.PredictBatch(request, timeout=CHECK_TIMEOUT_S)
-            except grpc.RpcError as exc:
-                problems.append(f"{exc.code().name}: {exc.details()}")
-                continue
-            reply_bytes = len(grpc_frame(reply))
-            good = sum(r.HasField("prediction") and _valid(r.prediction) for r in reply.results)
-            if len(reply.results) != len(images) or good != len(images):
-                problems.append(f"{good} good results of {len(reply.results)}, sent {len(images)}")
-    return Check(CHECK_CALLS, problems, reply_bytes)
+
+    def problem(reply: Any) -> str | None:
+        good = sum(r.HasField("prediction") and _valid(r.prediction) for r in reply.results)
+        if len(reply.results) == len(images) and good == len(images):
+            return None
+        return f"{good} good results of {len(reply.results)}, sent {len(images)}"
+
+    return _check(
+        address,
+        lambda channel: mnist_pb2_grpc.MnistStub(channel).PredictBatch(
+            request, timeout=CHECK_TIMEOUT_S
+        ),
+        problem,
+    )
 
 
 def model_infer_request(model: str, data: bytes, payload: str) -> Any:
@@ -208,22 +227,21 @@ def model_infer_request(model: str, data: bytes, payload: str) -> Any:
 
 def check_model_infer(address: str, request: Any, label: int) -> Check:
     """Send `request` to ModelInfer a few times; every call must be OK with the right label."""
-    problems: list[str] = []
-    reply_bytes = 0
-    with grpc.insecure_channel(address) as channel:
-        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(CHECK_CALLS):
-            try:
-                reply = stub.ModelInfer(request, timeout=CHECK_TIMEOUT_S)
-            except grpc.RpcError as exc:
-                problems.append(f"{exc.code().name}: {exc.details()}")
-                continue
-            reply_bytes = len(grpc_frame(reply))
-            names = [output.name for output in reply.outputs]
-            got = np.frombuffer(reply.raw_output_contents[names.index("label")], "<i8")
-            if got.tolist() != [label]:
-                problems.append(f"wrong answer: label {got.tolist()}, expected [{label}]")
-    return Check(CHECK_CALLS, problems, reply_bytes)
+
+    def problem(reply: Any) -> str | None:
+        names = [output.name for output in reply.outputs]
+        got = np.frombuffer(reply.raw_output_contents[names.index("label")], "<i8")
+        if got.tolist() == [label]:
+            return None
+        return f"wrong answer: label {got.tolist()}, expected [{label}]"
+
+    return _check(
+        address,
+        lambda channel: inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request, timeout=CHECK_TIMEOUT_S
+        ),
+        problem,
+    )
 
 
 def short_replies(result: H2Result, reply_bytes: int) -> int:
