@@ -25,6 +25,8 @@ from grpclib.const import Status
 from h2.errors import ErrorCodes
 from hyperframe.frame import Frame, GoAwayFrame
 
+from mnist_service._proto.mnist import StreamPrediction
+
 from .conftest import MnistSplit, ServerProcess, png_bytes
 from .test_message_limits import grpc_message, start_call, status_of, text_headers
 from .test_workers import children
@@ -229,6 +231,56 @@ def test_raw_h2_client_sees_the_two_step_goaway_and_a_late_stream_is_refused(
     assert [e["method"] for e in refused] == ["/mnist.Mnist/Predict"]
     (drained,) = log_entries(server, "drained")
     assert drained["streams_refused"] == 1
+
+
+def test_a_drained_stream_is_reset_without_error_and_the_connection_lingers(
+    mnist_test_set: MnistSplit,
+) -> None:
+    """A stream whose client is still sending when the drain ends it gets its trailers, then
+    RST_STREAM NO_ERROR (stop sending); the server then ends its side of the connection
+    (EOF) but still reads: a client that writes after that is not answered with a reset,
+    which would make grpcio drop the answers it had not read yet."""
+    images, labels = mnist_test_set
+    server = ServerProcess("--workers", "1", "--grace-period", str(GRACE_S))
+    client = RawClient(server.port or 0)
+    try:
+        stream = start_call(client.conn, client.port, "/mnist.Mnist/PredictStream")
+        client.conn.send_data(stream, grpc_message(png_bytes(images[0])))  # no END_STREAM
+        client.flush()
+        client.receive_until(
+            lambda: any(isinstance(e, h2.events.DataReceived) for e in client.stream_events(stream))
+        )
+        server.process.send_signal(signal.SIGTERM)
+        client.receive_until(lambda: client.ended(stream) and len(client.goaways) == 2)
+        client.receive_until(
+            lambda: any(isinstance(e, h2.events.StreamReset) for e in client.stream_events(stream))
+        )
+        client.sock.settimeout(WAIT_S)
+        while client.sock.recv(65536):  # up to the server's FIN: it has ended its side
+            pass
+        client.conn.ping(b"lingered")  # written after that FIN: read, and dropped
+        client.flush()
+        time.sleep(0.1)
+        after_fin = client.sock.recv(65536)  # a reset would raise ConnectionResetError
+        client.sock.close()
+        code = server.wait(WAIT_S)
+    finally:
+        client.sock.close()
+        server.stop(signal.SIGKILL)
+
+    kinds = [type(e) for e in client.stream_events(stream)]
+    assert kinds[-3:] == [h2.events.TrailersReceived, h2.events.StreamEnded, h2.events.StreamReset]
+    (trailers,) = [e for e in client.events if isinstance(e, h2.events.TrailersReceived)]
+    received = text_headers(trailers.headers)
+    assert status_of(received)[0] is Status.OK
+    assert received["mnist-draining"] == "true"
+    (reset,) = [e for e in client.stream_events(stream) if isinstance(e, h2.events.StreamReset)]
+    assert reset.error_code == ErrorCodes.NO_ERROR
+    (answer,) = [e for e in client.stream_events(stream) if isinstance(e, h2.events.DataReceived)]
+    item = StreamPrediction.parse(answer.data[5:])
+    assert (item.index, item.prediction and item.prediction.label) == (0, labels[0])
+    assert after_fin == b"", "nothing is sent after the server ended its side"
+    assert code == 0
 
 
 def test_a_draining_worker_hands_its_client_to_the_other_with_no_failed_call(

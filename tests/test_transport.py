@@ -93,6 +93,22 @@ async def test_close_sends_what_is_buffered_first() -> None:
     assert transport.get_extra_info("peername") == ("::1", 1234)  # the rest is delegated
 
 
+async def test_end_sends_what_is_buffered_and_drops_later_writes() -> None:
+    """The connection's side ends after `end` (a FIN follows): a write after it, which the
+    socket's transport would refuse, is dropped."""
+    real = RecordingTransport()
+    transport = CoalescingTransport(real, asyncio.get_running_loop())
+
+    transport.write(b"trailers")
+    transport.end()
+    transport.write(b"a WINDOW_UPDATE for a frame read while lingering")
+    await asyncio.sleep(0)
+
+    assert real.writes == [b"trailers"]
+    assert transport.raw is real
+    assert not real.closed  # ending is the caller's to do
+
+
 async def test_nothing_is_written_to_a_closing_transport() -> None:
     real = RecordingTransport()
     transport = CoalescingTransport(real, asyncio.get_running_loop())

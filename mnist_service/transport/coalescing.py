@@ -18,17 +18,24 @@ __all__ = ["CoalescingTransport"]
 class CoalescingTransport:
     """Proxy of an asyncio transport that joins the writes of one loop turn into one."""
 
-    __slots__ = ("_buffer", "_loop", "_scheduled", "_transport")
+    __slots__ = ("_buffer", "_ended", "_loop", "_scheduled", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._buffer: list[bytes] = []
         self._scheduled = False
+        self._ended = False
+
+    @property
+    def raw(self) -> asyncio.Transport:
+        """The socket's own transport."""
+        return self._transport
 
     def write(self, data: bytes) -> None:
-        """Buffer `data`; it is sent with the rest of this loop turn's writes."""
-        if not data:
+        """Buffer `data`; it is sent with the rest of this loop turn's writes. Once `end` has
+        run, nothing more is sent."""
+        if not data or self._ended:
             return
         self._buffer.append(data)
         if not self._scheduled:
@@ -52,9 +59,14 @@ class CoalescingTransport:
         if self._scheduled and len(getattr(self._loop, "_ready", ())) == 1:
             self.flush()
 
+    def end(self) -> None:
+        """Send what is buffered; later writes are dropped (the caller ends the connection)."""
+        self.flush()
+        self._ended = True
+
     def close(self) -> None:
         """Send what is buffered, then close."""
-        self.flush()
+        self.end()
         self._transport.close()
 
     def __getattr__(self, name: str) -> Any:

@@ -35,6 +35,7 @@ import grpclib.server
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
+from grpclib.protocol import Stream as H2Stream
 from h2.errors import ErrorCodes
 from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
@@ -68,10 +69,11 @@ _TOO_MANY_CONNECTIONS = bytes(SettingsFrame(0).serialize()) + goaway_frame(
 """A server preface (an empty SETTINGS frame) and a GOAWAY: what a turned-away client reads."""
 
 _LINGER_S = 1.0
-"""How long a turned-away client has to read its GOAWAY and close."""
+"""How long a client has, once our side of the connection ended, to read what we sent and
+close; then the connection is aborted."""
 
 _CLOSE_WAIT_S = 1.0
-"""How long closing connections may take to send what they hold before they are aborted."""
+"""How long cancelled calls have to end before their connection closes anyway."""
 
 
 class CoalescingProtocol(asyncio.Protocol):
@@ -82,6 +84,9 @@ class CoalescingProtocol(asyncio.Protocol):
     _linger: asyncio.TimerHandle | None = None
     refused = False
     """Turned away on arrival: the worker already had `max_connections`."""
+    ended = False
+    """Our side is done (turned away, or closed by the drain): what the client sends is read
+    and dropped until it closes too."""
 
     def __init__(
         self,
@@ -107,12 +112,7 @@ class CoalescingProtocol(asyncio.Protocol):
             log.debug("connection refused: %d open already", len(self._connections))
             stream_transport = cast(asyncio.Transport, transport)
             stream_transport.write(_TOO_MANY_CONNECTIONS)
-            # A lingering close: our side ends after the GOAWAY, what the client sends is read
-            # and dropped until it closes too. Closing with its preface unread would make the
-            # kernel answer with a reset, which can overtake the GOAWAY on the client's side.
-            if stream_transport.can_write_eof():
-                stream_transport.write_eof()
-            self._linger = asyncio.get_running_loop().call_later(_LINGER_S, stream_transport.abort)
+            self._end(stream_transport)
             self.handler.close()  # never used: the server may forget it
             return
         # A stream transport (uvloop's do not subclass asyncio.Transport, hence the cast).
@@ -123,13 +123,13 @@ class CoalescingProtocol(asyncio.Protocol):
         self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
-        """Feed HTTP/2 frames to grpclib."""
-        if not self.refused:
+        """Feed HTTP/2 frames to grpclib (or drop them once our side has ended)."""
+        if not self.ended:
             self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
         """The peer closed its side (grpclib has no use for half-closed connections)."""
-        return None if self.refused else self.inner.eof_received()  # None: close ours too
+        return None if self.ended else self.inner.eof_received()  # None: close ours too
 
     def pause_writing(self) -> None:
         """The socket's buffer is full: grpclib stops writing."""
@@ -144,9 +144,9 @@ class CoalescingProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone: grpclib ends its streams."""
         self.lost.set()
+        if self._linger is not None:
+            self._linger.cancel()
         if self.refused:
-            if self._linger is not None:
-                self._linger.cancel()
             return
         self._connections.discard(self)
         self.inner.connection_lost(exc)
@@ -182,8 +182,8 @@ class CoalescingProtocol(asyncio.Protocol):
         self.transport.write(goaway_frame(handler.last_stream_id))
 
     async def close(self) -> None:
-        """Cancel what still runs here, then close the connection (aborted if it cannot send
-        what it holds within a second)."""
+        """Cancel what still runs here, then end the connection (`_end`) and wait until it
+        is gone."""
         self.handler.close()
         try:
             await asyncio.wait_for(self.handler.wait_closed(), _CLOSE_WAIT_S)
@@ -191,11 +191,25 @@ class CoalescingProtocol(asyncio.Protocol):
             log.warning("calls did not end when cancelled")
         if self.transport is None or self.lost.is_set():
             return
-        self.transport.close()
-        try:
-            await asyncio.wait_for(self.lost.wait(), _CLOSE_WAIT_S)
-        except TimeoutError:
-            self.transport.abort()
+        self.transport.end()
+        self._end(self.transport.raw)
+        await self.lost.wait()  # the client closes, or the linger aborts the connection
+
+    def _end(self, transport: asyncio.Transport) -> None:
+        """A lingering close: our side ends (a FIN once all is sent; over TLS, the TLS close),
+        what the client still sends is read and dropped until it closes too, and after
+        `_LINGER_S` the connection is aborted.
+
+        Closing the socket with the client's frames unread would make the kernel answer its
+        next write with a reset, and a client whose write fails may drop what it has not yet
+        read: grpcio, on EPIPE, lost the answers and trailers of streams that were drained.
+        """
+        self.ended = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+        self._linger = asyncio.get_running_loop().call_later(_LINGER_S, transport.abort)
 
 
 class Server(grpclib.server.Server):
@@ -328,6 +342,7 @@ def _observed(
         # grpclib refuses grpc-* names as metadata, so these join at the HTTP/2 stream.
         h2_stream.send_headers = partial(  # type: ignore[method-assign]
             _send_headers,
+            h2_stream,
             h2_stream.send_headers,
             [ACCEPT_ENCODING, request_id_header(call)],
         )
@@ -355,16 +370,25 @@ def _observed(
 
 
 async def _send_headers(
+    stream: H2Stream,
     send_headers: Callable[..., Awaitable[None]],
     extra: list[tuple[str, str]],
     headers: list[tuple[str, str]],
     end_stream: bool = False,
 ) -> None:
     """An HTTP/2 stream's `send_headers`, adding `extra` (`grpc-accept-encoding`, the request
-    id) to the response headers (the first block: it starts with `:status`), not to trailers."""
+    id) to the response headers (the first block: it starts with `:status`), not to trailers.
+
+    After the trailers of a call whose client is still sending (a stream ended by the drain,
+    or by the server), a RST_STREAM NO_ERROR asks it to stop, as RFC 9113 section 8.1 allows
+    and the grpc-core and grpc-go servers do (grpclib sends one only after an error status):
+    the client then ends the call at once instead of writing to a connection about to close.
+    """
     if headers and headers[0][0] == ":status":
         headers = [*headers, *extra]
     await send_headers(headers, end_stream=end_stream)
+    if end_stream and stream.closable:
+        stream.reset_nowait()
 
 
 async def _recv_message(stream: grpclib.server.Stream[Any, Any]) -> Any:
