@@ -11,7 +11,8 @@ stop`):
 3. every connection gets the two-step GOAWAY (`transport.drain`); calls opened before the
    final one are served, streams opened after it get REFUSED_STREAM (grpcio retries them);
 4. the calls still running get what is left of `grace_period` to finish; then what still
-   runs is cancelled, every connection closes, a log line counts calls finished, cut off and
+   runs is cancelled, every connection ends (a lingering close: our side first, then the
+   client's, see `CoalescingProtocol.close`), a log line counts calls finished, cut off and
    refused, and `serve` returns (the process exits 0).
 
 A second signal skips the waiting: what still runs is cut off at once.
