@@ -312,6 +312,9 @@ async def test_sigterm_drains_in_flight_calls_then_exits_zero(mnist_test_set: Mn
 
 
 async def _refused_soon(address: str, image: object) -> bool:
+    """Whether connecting is refused within 5 s. A connection the kernel queued just before a
+    worker closed its listening socket is reset (or, once accepted, ended by the drain): the
+    port is closing, so try again."""
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         try:
@@ -319,6 +322,8 @@ async def _refused_soon(address: str, image: object) -> bool:
                 await late.predict(image)  # type: ignore[arg-type]
         except ConnectionRefusedError:
             return True
+        except (ConnectionResetError, StreamTerminatedError):
+            pass
         await asyncio.sleep(0.05)
     return False
 
