@@ -94,14 +94,14 @@ async def test_close_sends_what_is_buffered_first() -> None:
 
 
 async def test_end_sends_what_is_buffered_and_drops_later_writes() -> None:
-    """The connection's side ends after `end` (a FIN follows): a write after it, which the
-    socket's transport would refuse, is dropped."""
+    """Our side of the connection ends after `end` (a FIN follows): a late write, which the
+    socket's transport would refuse after its FIN, is dropped."""
     real = RecordingTransport()
     transport = CoalescingTransport(real, asyncio.get_running_loop())
 
     transport.write(b"trailers")
     transport.end()
-    transport.write(b"a WINDOW_UPDATE for a frame read while lingering")
+    transport.write(b"a late frame")
     await asyncio.sleep(0)
 
     assert real.writes == [b"trailers"]
