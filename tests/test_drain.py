@@ -106,7 +106,7 @@ def test_sigterm_during_calls_and_streams_loses_nothing(
     finally:
         server.stop(signal.SIGKILL)
 
-    assert code == 0
+    assert code == 0, server.logs[-40:]
     assert exited_after < GRACE_S
     assert [reply.label for reply in replies] == list(labels[:UNARY_CALLS])
     for answers, status, trailers in stream_results:

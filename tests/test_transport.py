@@ -210,6 +210,40 @@ async def test_server_connections_use_the_coalescing_protocol() -> None:
     assert isinstance(protocol.inner.handler, Handler)
 
 
+class GoneTransport(RecordingTransport):
+    """A socket's transport whose peer has just reset the connection: `connection_lost` is
+    still to come, and ending our side fails as `socket.shutdown` does then."""
+
+    def __init__(self, protocol: CoalescingProtocol) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.aborted = False
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(107, "Transport endpoint is not connected")
+
+    def abort(self) -> None:
+        self.aborted = True
+        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
+async def test_closing_a_connection_the_client_just_reset_is_not_an_error() -> None:
+    """The drain closes every connection at once; one whose client reset it a moment before
+    is aborted instead of failing the drain (which exited 1)."""
+    protocol = Server([Health()])._protocol_factory()
+    assert isinstance(protocol, CoalescingProtocol)
+    transport = GoneTransport(protocol)
+    protocol.connection_made(transport)
+
+    await asyncio.wait_for(protocol.close(), 5)
+
+    assert transport.aborted
+    assert protocol.lost.is_set()
+
+
 @pytest.mark.parametrize("calls", [1, 32])
 async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
     """Concurrent calls over a real loopback connection all complete."""

@@ -205,10 +205,14 @@ class CoalescingProtocol(asyncio.Protocol):
         read: grpcio, on EPIPE, lost the answers and trailers of streams that were drained.
         """
         self.ended = True
-        if transport.can_write_eof():
-            transport.write_eof()
-        else:
+        if not transport.can_write_eof():
             transport.close()
+        else:
+            try:
+                transport.write_eof()
+            except OSError:  # the client is gone already (ENOTCONN): nothing to linger for
+                transport.abort()
+                return
         self._linger = asyncio.get_running_loop().call_later(_LINGER_S, transport.abort)
 
 
@@ -301,8 +305,13 @@ class Server(grpclib.server.Server):
         return sum(c.handler.refused for c in self._connections)
 
     async def close_connections(self) -> None:
-        """Cancel whatever still runs and close every connection."""
-        await asyncio.gather(*(c.close() for c in list(self._connections)))
+        """Cancel whatever still runs and close every connection; one that fails to close is
+        logged, and does not stop the others or the drain."""
+        closing = (c.close() for c in list(self._connections))
+        results = await asyncio.gather(*closing, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("closing a connection failed", exc_info=result)
 
 
 GrpclibHandler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
