@@ -8,8 +8,10 @@ model, or through a running server, and the report gives the accuracy of each va
 plain MNIST. Rendering is seeded per (variant, image), so a subset is the full run's prefix.
 
 Pens are drawn along the digit's centre line: the MNIST digit is upscaled 4x, smoothed and
-thinned to one pixel (Zhang-Suen), and the line is drawn again at the drawing's size with a
-round pen of the wanted width; markers use MNIST's own strokes, upscaled.
+thinned to one pixel (Zhang-Suen), keeping the loops the writer left visible, and the line is
+drawn again at the drawing's size with a round pen of the wanted width, by the same functions
+training draws its pen digits with (`training.strokes.centre_lines` and `draw`); markers use
+MNIST's own strokes, upscaled.
 """
 
 from __future__ import annotations
@@ -24,12 +26,12 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import preprocess, scale_pixels
 from mnist_service.errors import InvalidImageError
-from training.strokes import centre_lines
+from training.strokes import centre_lines, draw
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +54,6 @@ WHITE: Final = (255, 255, 255)
 # --- drawing ----------------------------------------------------------------------------------
 
 
-SUPERSAMPLE: Final = 2
-"""Anti-aliased pens are drawn at this multiple of their size, then box-averaged down."""
-
-_NEIGHBOURS: Final = ((0, 1), (1, 0), (1, 1), (1, -1))
-"""Offsets to the next pixel of an 8-connected centre line, each pair counted once."""
-
-
 def centre_line(digit: Digit) -> npt.NDArray[np.bool_]:
     """The digit's strokes thinned to a one-pixel centre line (Zhang-Suen), at 4x28 px: the
     same line training redraws its pen digits from (`training.strokes`)."""
@@ -74,28 +69,7 @@ def _centre_line(pixels: bytes) -> npt.NDArray[np.bool_]:
 
 def pen(digit: Digit, side: int, width: int, *, smooth: bool = True) -> Ink:
     """The digit redrawn at side x side along its centre line with a round pen `width` px wide."""
-    line = centre_line(digit)
-    factor = SUPERSAMPLE if smooth else 1
-    scale = side * factor / line.shape[0]
-    drawn = Image.new("L", (side * factor, side * factor), 0)
-    draw = ImageDraw.Draw(drawn)
-    ys, xs = np.nonzero(line)
-    points = {(int(y), int(x)) for y, x in zip(ys, xs, strict=True)}
-    thickness = width * factor
-    for y, x in points:
-        start = ((x + 0.5) * scale, (y + 0.5) * scale)
-        for dy, dx in _NEIGHBOURS:
-            if (y + dy, x + dx) in points:
-                end = ((x + dx + 0.5) * scale, (y + dy + 0.5) * scale)
-                draw.line((start, end), fill=255, width=thickness)
-        if thickness > 2:  # round joints
-            radius = thickness / 2
-            draw.ellipse(
-                (start[0] - radius, start[1] - radius, start[0] + radius, start[1] + radius), 255
-            )
-    if smooth:
-        drawn = drawn.reduce(factor)
-    return scale_pixels(np.asarray(drawn))
+    return draw(centre_line(digit), side, width, smooth=smooth)
 
 
 def marker(digit: Digit, side: int, *, fatter: int = 0) -> Ink:

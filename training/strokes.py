@@ -1,13 +1,21 @@
 """Digits redrawn with a pen along their centre line, as the serving preprocessing outputs them.
 
-People draw digits with pens far thinner than MNIST's broad strokes: a one-pixel line, which
-the serving preprocessing (`mnist_service.engine.preprocess.centre_like_mnist`) widens to an
-MNIST-like stroke. A digit drawn that way loses what a thin pen cannot draw: an inked-in loop
-becomes a line, touching strokes part. Training on MNIST's own digits redrawn like that (thinned
-to their centre line at 4x, drawn again with a pen of random width, then put through the
-serving preprocessing's own crop, resize, stroke normalisation and centring) teaches the model
-what the service will really feed it for a pen drawing. The robustness report
-(`export.robustness`) draws its pen variants from the same centre line.
+People draw digits with pens far thinner than MNIST's broad strokes, on canvases of a few
+hundred pixels; the serving preprocessing (`mnist_service.engine.preprocess.centre_like_mnist`)
+shrinks such a drawing to MNIST's 20 px box and widens its strokes to MNIST's. A digit drawn
+that way loses what a thin pen cannot draw: an inked-in loop becomes a line, touching strokes
+part. Training on MNIST's own digits redrawn like that teaches the model what the service will
+really feed it for a pen drawing: each digit is thinned to its centre line at 4x
+(`centre_lines`), drawn again by `draw` on a canvas of random size with a round pen of random
+width, anti-aliased or not, then put through the serving preprocessing's own crop, resize,
+stroke normalisation and centring. The robustness report (`export.robustness`) draws its pen
+variants of the test digits with the same two functions.
+
+A loop that a broad pen inked in still shows in most MNIST digits as paper a little less
+inked than the ring around it (the eye of a filled 9, 6 or 8). A person with a thin pen draws
+that loop as a loop, so the centre line keeps it open: background enclosed by brighter ink in
+the 28 px digit (`enclosed`, at any of `LOOP_LEVELS`) is cut out of the stroke before
+thinning, and the thinning, which keeps holes, draws a loop around it.
 
 The redrawings of the 60,000 training digits take a minute or two on two cores, so they are
 cached next to the MNIST files, keyed by `VERSION` and the seed.
@@ -19,26 +27,44 @@ import itertools
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE, PIXEL_MAX
-from mnist_service.engine.preprocess import centre_like_mnist
+from mnist_service.engine.preprocess import centre_like_mnist, scale_pixels
 
 log = logging.getLogger(__name__)
 
 THIN_SCALE: Final = 4
 """The centre line is traced at this multiple of 28 px (MNIST's strokes are ~10 px wide there)."""
 
-MAX_PEN_STEPS: Final = 3
-"""Training pens are the centre line widened by 0 to this many 3x3 dilations at 4x: from a
-hairline to ~7 px at 112 px, about MNIST's narrowest stroke after the resize to 20 px."""
+CANVAS_SIDES: Final = (128, 320)
+"""Training digits are drawn on square canvases of a random side in this range (px)."""
 
-VERSION: Final = 1
+MAX_PEN_WIDTH: Final = 0.05
+"""Training pens are from 1 px to this fraction of the canvas wide (log-uniform): a hairline to
+a felt tip. Broader markers look like MNIST's own strokes, which the model sees anyway."""
+
+ALIASED_FRACTION: Final = 0.25
+"""Fraction of training pens drawn without anti-aliasing (a hard-edged canvas brush)."""
+
+SUPERSAMPLE: Final = 2
+"""Anti-aliased pens are drawn at this multiple of their size, then box-averaged down."""
+
+_NEIGHBOURS: Final = ((0, 1), (1, 0), (1, 1), (1, -1))
+"""Offsets to the next pixel of an 8-connected centre line, each pair counted once."""
+
+LOOP_LEVELS: Final = (0.6, 0.7, 0.8, 0.9)
+"""Background enclosed by ink brighter than one of these fractions of full scale, in the 28 px
+digit, is a loop the writer drew, kept open even where the stroke's outline (at half scale)
+covers it."""
+
+VERSION: Final = 2
 """Bump when the redrawing changes, so stale caches are not used."""
 
 CHUNK: Final = 500
@@ -46,14 +72,36 @@ CHUNK: Final = 500
 
 
 def centre_lines(digits: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
-    """The strokes of digits [N, 28, 28] thinned to a one-pixel centre line, [N, 112, 112]."""
+    """The strokes of digits [N, 28, 28] thinned to a one-pixel centre line, [N, 112, 112],
+    with the loops the writer left visible kept as loops."""
     side = IMAGE_SIZE * THIN_SCALE
     masks = np.empty((len(digits), side, side), bool)
     for index, digit in enumerate(digits):
         big = Image.fromarray(digit).resize((side, side), Image.Resampling.BICUBIC)
         smooth = np.asarray(big.filter(ImageFilter.GaussianBlur(THIN_SCALE / 2)))
         masks[index] = smooth > PIXEL_MAX / 2
-    return thin(masks)
+    loops = np.zeros(digits.shape, bool)
+    for level in LOOP_LEVELS:
+        loops |= enclosed(digits <= level * PIXEL_MAX)
+    return thin(masks & ~loops.repeat(THIN_SCALE, axis=1).repeat(THIN_SCALE, axis=2))
+
+
+def enclosed(free: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels of masks [N, H, W] that no path of 4-connected `free` pixels joins to the
+    border: the holes that `free` (the background) leaves inside the ink."""
+    outside = np.zeros_like(free)
+    outside[:, [0, -1], :] = free[:, [0, -1], :]
+    outside[:, :, [0, -1]] |= free[:, :, [0, -1]]
+    while True:
+        grown = outside.copy()
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown[:, :, 1:] |= outside[:, :, :-1]
+        grown[:, :, :-1] |= outside[:, :, 1:]
+        grown &= free
+        if np.array_equal(grown, outside):
+            return free & ~outside
+        outside = grown
 
 
 def thin(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -83,27 +131,78 @@ def thin(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return inner.astype(bool)
 
 
-def pen_redraw(
-    digits: npt.NDArray[np.uint8], steps: npt.NDArray[np.int64]
-) -> npt.NDArray[np.uint8]:
-    """Digits [N, 28, 28] redrawn along their centre line with pens widened by `steps` [N]
-    dilations, as the serving preprocessing outputs such drawings: uint8 [N, 28, 28]."""
+def draw(
+    line: npt.NDArray[np.bool_], side: int, width: int, *, smooth: bool = True
+) -> npt.NDArray[np.float32]:
+    """A centre line [112, 112] drawn on a side x side canvas with a round pen `width` px wide,
+    anti-aliased if `smooth`: ink coverage, float32 in [0, 1]."""
+    factor = SUPERSAMPLE if smooth else 1
+    scale = side * factor / line.shape[0]
+    canvas = Image.new("L", (side * factor, side * factor), 0)
+    ink = 255
+    pen = ImageDraw.Draw(canvas)
+    ys, xs = np.nonzero(line)
+    points = {(int(y), int(x)) for y, x in zip(ys, xs, strict=True)}
+    thickness = width * factor
+    for y, x in points:
+        start = ((x + 0.5) * scale, (y + 0.5) * scale)
+        for dy, dx in _NEIGHBOURS:
+            if (y + dy, x + dx) in points:
+                end = ((x + dx + 0.5) * scale, (y + dy + 0.5) * scale)
+                pen.line((start, end), fill=ink, width=thickness)
+        if thickness > 2:  # round joints
+            radius = thickness / 2
+            box = (start[0] - radius, start[1] - radius, start[0] + radius, start[1] + radius)
+            pen.ellipse(box, ink)
+    if smooth:
+        canvas = canvas.reduce(factor)
+    return scale_pixels(np.asarray(canvas))
+
+
+@dataclass(frozen=True)
+class Pens:
+    """How each of N digits is redrawn: canvas side, pen width (px) and anti-aliasing, [N]."""
+
+    sides: npt.NDArray[np.int64]
+    widths: npt.NDArray[np.int64]
+    smooth: npt.NDArray[np.bool_]
+
+    @classmethod
+    def random(cls, count: int, seed: int) -> Pens:
+        """Pens for `count` digits, from `CANVAS_SIDES`, `MAX_PEN_WIDTH`, `ALIASED_FRACTION`."""
+        rng = np.random.default_rng(seed)
+        sides = rng.integers(CANVAS_SIDES[0], CANVAS_SIDES[1] + 1, count)
+        widths = np.exp(rng.uniform(0, np.log(sides * MAX_PEN_WIDTH)))
+        smooth = rng.random(count) >= ALIASED_FRACTION
+        return cls(sides, np.maximum(1, np.rint(widths)).astype(np.int64), smooth)
+
+    def __getitem__(self, part: slice) -> Pens:
+        return Pens(self.sides[part], self.widths[part], self.smooth[part])
+
+
+def pen_redraw(digits: npt.NDArray[np.uint8], pens: Pens) -> npt.NDArray[np.uint8]:
+    """Digits [N, 28, 28] redrawn along their centre line with `pens`, as the serving
+    preprocessing outputs such drawings: uint8 [N, 28, 28]."""
     out = np.empty_like(digits)
     for start in range(0, len(digits), CHUNK):
         lines = centre_lines(digits[start : start + CHUNK])
         for offset, line in enumerate(lines):
-            ink = Image.fromarray(line.astype(np.uint8) * PIXEL_MAX)
-            for _ in range(int(steps[start + offset])):
-                ink = ink.filter(ImageFilter.MaxFilter(3))
-            drawn = centre_like_mnist(np.asarray(ink, np.float32) / PIXEL_MAX)
-            out[start + offset] = np.rint(drawn * PIXEL_MAX).astype(np.uint8)
+            index = start + offset
+            ink = draw(
+                line,
+                int(pens.sides[index]),
+                int(pens.widths[index]),
+                smooth=bool(pens.smooth[index]),
+            )
+            out[index] = np.rint(centre_like_mnist(ink) * PIXEL_MAX).astype(np.uint8)
     return out
 
 
 def pen_digits(
     digits: npt.NDArray[np.uint8], seed: int, cache_dir: Path | None, workers: int
 ) -> npt.NDArray[np.uint8]:
-    """`pen_redraw` of every digit with a seeded random pen width, cached in `cache_dir`."""
+    """`pen_redraw` of every digit with seeded random pens (`Pens.random`), cached in
+    `cache_dir`."""
     cache = None
     if cache_dir is not None:
         cache = cache_dir / f"pens-v{VERSION}-n{len(digits)}-seed{seed}.npy"
@@ -111,7 +210,7 @@ def pen_digits(
             cached: npt.NDArray[np.uint8] = np.load(cache)
             if cached.shape == digits.shape and cached.dtype == np.uint8:
                 return cached
-    steps = np.random.default_rng(seed).integers(0, MAX_PEN_STEPS + 1, len(digits))
+    pens = Pens.random(len(digits), seed)
     log.info("Redrawing %d digits with pens along their centre line", len(digits))
     parts = range(0, len(digits), CHUNK)
     with ProcessPoolExecutor(max(1, workers)) as pool:
@@ -119,16 +218,26 @@ def pen_digits(
             pool.map(
                 pen_redraw,
                 (digits[i : i + CHUNK] for i in parts),
-                (steps[i : i + CHUNK] for i in parts),
+                (pens[i : i + CHUNK] for i in parts),
             )
         )
-    pens = np.concatenate(drawn) if drawn else np.empty_like(digits)
+    redrawn = np.concatenate(drawn) if drawn else np.empty_like(digits)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         partial = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(partial, pens)
+        np.save(partial, redrawn)
         partial.replace(cache)
-    return pens
+    return redrawn
 
 
-__all__ = ["THIN_SCALE", "centre_lines", "pen_digits", "pen_redraw", "thin"]
+__all__ = [
+    "LOOP_LEVELS",
+    "THIN_SCALE",
+    "Pens",
+    "centre_lines",
+    "draw",
+    "enclosed",
+    "pen_digits",
+    "pen_redraw",
+    "thin",
+]

@@ -35,12 +35,69 @@ def test_a_bar_thins_to_a_one_pixel_line() -> None:
     assert np.count_nonzero(rows) >= 20  # and most of its length is kept
 
 
+def test_enclosed_is_the_background_that_ink_surrounds() -> None:
+    ring = np.ones((1, 9, 9), bool)
+    ring[0, 2:7, 2:7] = False  # ink: a square ring around a 3x3 hole
+    ring[0, 3:6, 3:6] = True
+    holes = strokes.enclosed(ring)[0]
+    assert holes.sum() == 9
+    assert holes[3:6, 3:6].all()
+    opened = ring.copy()
+    opened[0, 4, 2] = True  # a gap in the ring: the hole joins the outside
+    assert not strokes.enclosed(opened).any()
+
+
+@pytest.mark.parametrize(("eye", "loops"), [(0.7, 1), (1.0, 0)])
+def test_a_loop_a_broad_pen_inked_in_is_drawn_as_a_loop_if_it_shows(eye: float, loops: int) -> None:
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    blob = np.hypot(yy - 14, xx - 14) <= 6  # a filled 0, 13 px across
+    digit = np.where(blob, 255, 0).astype(np.uint8)
+    digit[np.hypot(yy - 14, xx - 14) <= 1.5] = round(eye * 255)  # its eye, faintly visible or not
+    line = strokes.centre_lines(digit[np.newaxis])
+    found = strokes.enclosed(~line)[0]
+    assert bool(found.any()) == bool(loops)
+    if loops:
+        rows = np.nonzero(line[0])[0]
+        assert rows.max() - rows.min() >= 3 * strokes.THIN_SCALE  # a loop, not a dot
+
+
+def test_random_pens_span_hairlines_to_felt_tips_and_are_seeded() -> None:
+    pens = strokes.Pens.random(2000, seed=3)
+    low, high = strokes.CANVAS_SIDES
+    assert pens.sides.min() >= low
+    assert pens.sides.max() <= high
+    assert pens.widths.min() == 1  # hairlines
+    assert (pens.widths <= np.rint(pens.sides * strokes.MAX_PEN_WIDTH)).all()
+    assert pens.widths.max() >= 0.9 * high * strokes.MAX_PEN_WIDTH  # felt tips
+    assert 0.2 < float(pens.smooth.mean()) < 0.9  # anti-aliased and hard-edged
+    again = strokes.Pens.random(2000, seed=3)
+    np.testing.assert_array_equal(again.widths, pens.widths)
+    assert not np.array_equal(strokes.Pens.random(2000, seed=4).widths, pens.widths)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_a_line_is_drawn_with_the_pen_width_along_its_length(smooth: bool) -> None:
+    line = np.zeros((112, 112), bool)
+    line[20:92, 56] = True  # a vertical stroke, 72 of the 112 px
+    ink = strokes.draw(line, 224, 6, smooth=smooth)
+    assert ink.shape == (224, 224)
+    assert ink.dtype == np.float32
+    assert float(ink.min()) >= 0.0
+    assert float(ink.max()) == 1.0
+    length = 72 * 224 / 112
+    assert 0.85 < float(ink.sum()) / (6 * length) < 1.25  # width x length, round ends
+    columns = np.flatnonzero(ink[112] > 0.5)
+    assert 5 <= len(columns) <= 7
+    assert abs(columns.mean() - 113) < 1.5  # centred on the line
+    partial = np.count_nonzero((ink > 0) & (ink < 1))
+    assert (partial > 0) == smooth  # anti-aliased edges, or a hard brush
+
+
 def test_pen_redrawings_look_like_the_serving_preprocessing_output(
     mnist_test_set: MnistSplit,
 ) -> None:
     digits = mnist_test_set[0][:60]
-    steps = np.arange(60) % (strokes.MAX_PEN_STEPS + 1)
-    drawn = strokes.pen_redraw(digits, steps)
+    drawn = strokes.pen_redraw(digits, strokes.Pens.random(60, seed=0))
     assert drawn.shape == digits.shape
     assert drawn.dtype == np.uint8
     for image in drawn:
@@ -75,7 +132,7 @@ def test_pen_digits_are_seeded_and_cached(
 def test_with_pens_swaps_the_asked_fraction(mnist_test_set: MnistSplit) -> None:
     images = torch.from_numpy(model_batch(mnist_test_set[0][:400]))
     pens = torch.from_numpy(
-        model_batch(strokes.pen_redraw(mnist_test_set[0][:400], np.zeros(400, np.int64)))
+        model_batch(strokes.pen_redraw(mnist_test_set[0][:400], strokes.Pens.random(400, 0)))
     )
     generator = torch.Generator().manual_seed(0)
     assert torch.equal(with_pens(images, pens, 0.0, generator), images)
