@@ -61,8 +61,8 @@ _NEIGHBOURS: Final = ((0, 1), (1, 0), (1, 1), (1, -1))
 
 LOOP_LEVELS: Final = (0.6, 0.7, 0.8, 0.9)
 """Background enclosed by ink brighter than one of these fractions of full scale, in the 28 px
-digit, is a loop the writer drew, kept open even where the stroke's outline (at half scale)
-covers it."""
+digit, is a loop the writer drew: it is kept open even where the stroke's outline (traced at
+half of full scale) covers it."""
 
 VERSION: Final = 2
 """Bump when the redrawing changes, so stale caches are not used."""
