@@ -47,16 +47,16 @@ def test_enclosed_is_the_background_that_ink_surrounds() -> None:
     assert not strokes.enclosed(opened).any()
 
 
-@pytest.mark.parametrize(("eye", "loops"), [(0.7, 1), (1.0, 0)])
-def test_a_loop_a_broad_pen_inked_in_is_drawn_as_a_loop_if_it_shows(eye: float, loops: int) -> None:
+@pytest.mark.parametrize(("eye", "loop"), [(0.7, True), (1.0, False)])
+def test_a_loop_a_broad_pen_inked_in_is_drawn_as_a_loop_if_it_shows(eye: float, loop: bool) -> None:
     yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
     blob = np.hypot(yy - 14, xx - 14) <= 6  # a filled 0, 13 px across
     digit = np.where(blob, 255, 0).astype(np.uint8)
     digit[np.hypot(yy - 14, xx - 14) <= 1.5] = round(eye * 255)  # its eye, faintly visible or not
     line = strokes.centre_lines(digit[np.newaxis])
     found = strokes.enclosed(~line)[0]
-    assert bool(found.any()) == bool(loops)
-    if loops:
+    assert bool(found.any()) == loop
+    if loop:
         rows = np.nonzero(line[0])[0]
         assert rows.max() - rows.min() >= 3 * strokes.THIN_SCALE  # a loop, not a dot
 
