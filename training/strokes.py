@@ -17,7 +17,7 @@ that loop as a loop, so the centre line keeps it open: background enclosed by br
 the 28 px digit (`enclosed`, at any of `LOOP_LEVELS`) is cut out of the stroke before
 thinning, and the thinning, which keeps holes, draws a loop around it.
 
-The redrawings of the 60,000 training digits take a minute or two on two cores, so they are
+The redrawings of the 60,000 training digits take about two minutes on two cores, so they are
 cached next to the MNIST files, keyed by `VERSION` and the seed.
 """
 
