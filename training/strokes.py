@@ -18,11 +18,14 @@ the 28 px digit (`enclosed`, at any of `LOOP_LEVELS`) is cut out of the stroke b
 thinning, and the thinning, which keeps holes, draws a loop around it.
 
 The redrawings of the 60,000 training digits take about two minutes on two cores, so they are
-cached next to the MNIST files, keyed by `VERSION` and the seed.
+cached next to the MNIST files, keyed by the seed and a fingerprint of the redrawing itself
+(`fingerprint`): a change anywhere along the way, here or in the serving preprocessing, makes
+a new cache instead of reusing a stale one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -71,8 +74,8 @@ LOOP_LEVELS: Final = (0.6, 0.7, 0.8, 0.9)
 digit, is a loop the writer drew: it is kept open even where the stroke's outline (traced at
 half of full scale) covers it."""
 
-VERSION: Final = 3
-"""Bump when the redrawing changes, so stale caches are not used."""
+PROBE: Final = 16
+"""Digits redrawn to fingerprint the redrawing for the cache's name."""
 
 CHUNK: Final = 500
 """Digits thinned together in one vectorised pass."""
@@ -205,19 +208,27 @@ def pen_redraw(digits: npt.NDArray[np.uint8], pens: Pens) -> npt.NDArray[np.uint
     return out
 
 
+def fingerprint(digits: npt.NDArray[np.uint8], pens: Pens) -> str:
+    """A short digest of the first `PROBE` digits redrawn with their pens: it changes with any
+    change to the centre line, the pen or the serving preprocessing they go through."""
+    probe = pen_redraw(digits[:PROBE], pens[:PROBE])
+    return hashlib.sha256(probe.tobytes()).hexdigest()[:12]
+
+
 def pen_digits(
     digits: npt.NDArray[np.uint8], seed: int, cache_dir: Path | None, workers: int
 ) -> npt.NDArray[np.uint8]:
     """`pen_redraw` of every digit with seeded random pens (`Pens.random`), cached in
-    `cache_dir`."""
+    `cache_dir` under the redrawing's `fingerprint`."""
+    pens = Pens.random(len(digits), seed)
     cache = None
     if cache_dir is not None:
-        cache = cache_dir / f"pens-v{VERSION}-n{len(digits)}-seed{seed}.npy"
+        name = f"pens-{fingerprint(digits, pens)}-n{len(digits)}-seed{seed}.npy"
+        cache = cache_dir / name
         if cache.exists():
             cached: npt.NDArray[np.uint8] = np.load(cache)
             if cached.shape == digits.shape and cached.dtype == np.uint8:
                 return cached
-    pens = Pens.random(len(digits), seed)
     log.info("Redrawing %d digits with pens along their centre line", len(digits))
     parts = range(0, len(digits), CHUNK)
     with ProcessPoolExecutor(max(1, workers)) as pool:
@@ -245,6 +256,7 @@ __all__ = [
     "centre_lines",
     "draw",
     "enclosed",
+    "fingerprint",
     "pen_digits",
     "pen_redraw",
     "thin",

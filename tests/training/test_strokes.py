@@ -116,17 +116,37 @@ def test_pen_digits_are_seeded_and_cached(
 ) -> None:
     digits = mnist_test_set[0][:30]
     first = strokes.pen_digits(digits, 7, tmp_path, workers=1)
-    assert list(tmp_path.glob("*.npy")) == [tmp_path / f"pens-v{strokes.VERSION}-n30-seed7.npy"]
+    key = strokes.fingerprint(digits, strokes.Pens.random(30, 7))
+    assert list(tmp_path.glob("*.npy")) == [tmp_path / f"pens-{key}-n30-seed7.npy"]
 
-    def no_redraw(*args: object) -> None:
-        raise AssertionError("the cache was not used")
+    redrawn: list[int] = []
+    redraw = strokes.pen_redraw
 
-    monkeypatch.setattr(strokes, "pen_redraw", no_redraw)
+    def counted(digits: npt.NDArray[np.uint8], pens: strokes.Pens) -> npt.NDArray[np.uint8]:
+        redrawn.append(len(digits))
+        return redraw(digits, pens)
+
+    monkeypatch.setattr(strokes, "pen_redraw", counted)
     np.testing.assert_array_equal(strokes.pen_digits(digits, 7, tmp_path, workers=1), first)
+    assert redrawn == [strokes.PROBE]  # only the fingerprint's probe: the rest came from disk
     monkeypatch.undo()
     other_seed = strokes.pen_digits(digits, 8, None, workers=1)
     assert not np.array_equal(other_seed, first)  # other pens
     np.testing.assert_array_equal(strokes.pen_digits(digits, 7, None, workers=1), first)
+
+
+def test_a_change_in_the_serving_preprocessing_makes_a_new_cache(
+    mnist_test_set: MnistSplit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pens go through the serving preprocessing: a cache drawn before it changed is stale."""
+    digits, pens = mnist_test_set[0][:20], strokes.Pens.random(20, 3)
+    strokes.pen_digits(digits, 3, tmp_path, workers=1)
+    before = strokes.fingerprint(digits, pens)
+    centre = strokes.centre_like_mnist
+    monkeypatch.setattr(strokes, "centre_like_mnist", lambda ink: centre(ink) * 0.5)
+    assert strokes.fingerprint(digits, pens) != before
+    strokes.pen_digits(digits, 3, tmp_path, workers=1)
+    assert len(list(tmp_path.glob("pens-*-n20-seed3.npy"))) == 2
 
 
 def test_with_pens_swaps_the_asked_fraction(mnist_test_set: MnistSplit) -> None:
