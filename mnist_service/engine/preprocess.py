@@ -115,9 +115,9 @@ STROKE_THIN: Final = 1.5
 """Strokes narrower than this (px at the 20 px scale, `stroke_width`) are thickened. MNIST's
 training digits: 5th percentile 1.30, median 1.92, 90th 2.67; pens of 1-4 px on drawings of
 200-300 px measure 0.8-1.1 here (after `_saturate`), a 9 px felt tip on a 200 px drawing 1.3.
-Widening from 1.5 rather than 1.2 brings the felt tip to MNIST's width too (the shipped
-ConvNet misread 103 of the 10,000 test digits drawn so, 95 widened); MNIST's own digits in
-the 28 px inverted variant lose nothing (49 and 46 misread)."""
+Widening from 1.5 rather than 1.2 brings the felt tip to MNIST's width too: the ConvNet
+shipped before misread 103 of the 10,000 test digits drawn so, 95 widened, and MNIST's own
+digits inverted at 28 px lost nothing (49 misread, 46)."""
 
 STROKE_TARGET: Final = 1.9
 """The width thin strokes are brought to: MNIST's median."""

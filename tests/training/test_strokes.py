@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
 from mnist_service.constants import IMAGE_SIZE
-from mnist_service.engine.preprocess import model_batch, stroke_width
+from mnist_service.engine.preprocess import centre_like_mnist, model_batch, stroke_width
 from training import strokes
 from training.augment import random_thickness, with_pens
 
@@ -142,8 +142,7 @@ def test_a_change_in_the_serving_preprocessing_makes_a_new_cache(
     digits, pens = mnist_test_set[0][:20], strokes.Pens.random(20, 3)
     strokes.pen_digits(digits, 3, tmp_path, workers=1)
     before = strokes.fingerprint(digits, pens)
-    centre = strokes.centre_like_mnist
-    monkeypatch.setattr(strokes, "centre_like_mnist", lambda ink: centre(ink) * 0.5)
+    monkeypatch.setattr(strokes, "centre_like_mnist", lambda ink: centre_like_mnist(ink) * 0.5)
     assert strokes.fingerprint(digits, pens) != before
     strokes.pen_digits(digits, 3, tmp_path, workers=1)
     assert len(list(tmp_path.glob("pens-*-n20-seed3.npy"))) == 2
