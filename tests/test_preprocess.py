@@ -643,7 +643,7 @@ def test_a_hairline_pen_comes_out_with_saturated_mnist_wide_strokes(digits: Byte
     mnist = scale_pixels(digits[TWO])
     # MNIST's median stroke is 1.9 px wide (the same measure); untreated, a 1 px pen drawn at
     # 280 px is about 0.8 px at the 20 px scale. Widened, it lands on the target, not past it
-    # (saturating after the widening used to lift the partly inked rim to full ink: 2.6 px).
+    # (saturating after the widening used to lift the partly inked rim to full ink: 2.5 px).
     assert abs(stroke_width(hairline) - STROKE_TARGET) < 0.25
     assert abs(stroke_width(hairline) - stroke_width(mnist)) < 0.6
     # Saturated like MNIST's, not a grey ghost (a 1 px pen drawn at 280 px stays at 0.2-0.5
