@@ -20,7 +20,7 @@ thinning, and the thinning, which keeps holes, draws a loop around it.
 The redrawings of the 60,000 training digits take about two minutes on two cores, so they are
 cached next to the MNIST files, keyed by the seed and a fingerprint of the redrawing itself
 (`fingerprint`): a change anywhere along the way, here or in the serving preprocessing, makes
-a new cache instead of reusing a stale one.
+a new cache instead of reusing a stale one, and the stale one is deleted.
 """
 
 from __future__ import annotations
@@ -245,6 +245,12 @@ def pen_digits(
         partial = cache.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(partial, redrawn)
         partial.replace(cache)
+        # Caches of the same digits and seed under another fingerprint (or the older
+        # `pens-v*` names) were drawn by a redrawing that no longer exists: 47 MB each.
+        for stale in cache.parent.glob(f"pens-*-n{len(digits)}-seed{seed}.npy"):
+            if stale != cache:
+                stale.unlink(missing_ok=True)
+                log.info("Removed the stale redrawing cache %s", stale.name)
     return redrawn
 
 

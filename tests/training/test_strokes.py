@@ -138,14 +138,23 @@ def test_pen_digits_are_seeded_and_cached(
 def test_a_change_in_the_serving_preprocessing_makes_a_new_cache(
     mnist_test_set: MnistSplit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The pens go through the serving preprocessing: a cache drawn before it changed is stale."""
-    digits, pens = mnist_test_set[0][:20], strokes.Pens.random(20, 3)
+    """The pens go through the serving preprocessing: a cache drawn before it changed is stale,
+    and is replaced; the cache of another seed is left alone."""
+    digits = mnist_test_set[0][:20]
+
+    def cache(seed: int) -> str:
+        return (
+            f"pens-{strokes.fingerprint(digits, strokes.Pens.random(20, seed))}-n20-seed{seed}.npy"
+        )
+
     strokes.pen_digits(digits, 3, tmp_path, workers=1)
-    before = strokes.fingerprint(digits, pens)
+    strokes.pen_digits(digits, 4, tmp_path, workers=1)
+    other_seed, before = cache(4), cache(3)
     monkeypatch.setattr(strokes, "centre_like_mnist", lambda ink: centre_like_mnist(ink) * 0.5)
-    assert strokes.fingerprint(digits, pens) != before
+    after = cache(3)
+    assert after != before
     strokes.pen_digits(digits, 3, tmp_path, workers=1)
-    assert len(list(tmp_path.glob("pens-*-n20-seed3.npy"))) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == sorted([after, other_seed])
 
 
 def test_with_pens_swaps_the_asked_fraction(mnist_test_set: MnistSplit) -> None:
