@@ -8,10 +8,10 @@ model, or through a running server, and the report gives the accuracy of each va
 plain MNIST. Rendering is seeded per (variant, image), so a subset is the full run's prefix.
 
 Pens are drawn along the digit's centre line: the MNIST digit is upscaled 4x, smoothed and
-thinned to one pixel (Zhang-Suen), keeping the loops the writer left visible, and the line is
-drawn again at the drawing's size with a round pen of the wanted width, by the same functions
-training draws its pen digits with (`training.strokes.centre_lines` and `draw`); markers use
-MNIST's own strokes, upscaled.
+thinned to one pixel (Zhang-Suen), keeping the loops the writer left visible or inked in solid
+and the strokes the writer pressed only lightly, and the line is drawn again at the drawing's
+size with a round pen of the wanted width, by the same functions training draws its pen digits
+with (`training.strokes.centre_lines` and `draw`); markers use MNIST's own strokes, upscaled.
 """
 
 from __future__ import annotations

@@ -61,6 +61,50 @@ def test_a_loop_a_broad_pen_inked_in_is_drawn_as_a_loop_if_it_shows(eye: float, 
         assert rows.max() - rows.min() >= 3 * strokes.THIN_SCALE  # a loop, not a dot
 
 
+@pytest.mark.parametrize(("head", "loop"), [(4.5, True), (1.5, False)])
+def test_a_loop_inked_in_solid_is_drawn_as_a_loop(head: float, loop: bool) -> None:
+    yy, xx = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE]
+    stem = (abs(xx - 17) <= 1) & (yy >= 9) & (yy <= 25)  # a 3 px stroke
+    digit = np.where(stem | (np.hypot(yy - 9, xx - 14) <= head), 255, 0).astype(np.uint8)
+    line = strokes.centre_lines(digit[np.newaxis])
+    found = strokes.enclosed(~line)[0]
+    # A head three times as wide as the stem is a 9 whose loop was inked in: drawn as a loop.
+    # A knob on the stem no wider than twice the stroke stays a stroke.
+    assert bool(found.any()) == loop
+    if loop:
+        rows = np.nonzero(found)[0]
+        assert rows.mean() < 14 * strokes.THIN_SCALE  # in the head, not the stem
+        assert rows.max() - rows.min() >= 2 * strokes.THIN_SCALE  # a loop, not a pinhole
+
+
+@pytest.mark.parametrize(("gap", "whole"), [(70, True), (0, False)])
+def test_a_faint_stroke_is_kept_whole_but_a_gap_is_not_closed(gap: int, whole: bool) -> None:
+    digit = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+    digit[4:25, 13:15] = 255
+    digit[13:15, 13:15] = gap  # 0.27 of full ink: below the trace's half, a light stroke
+    line = strokes.centre_lines(digit[np.newaxis])[0]
+    rows = np.flatnonzero(line.any(axis=1))
+    assert rows.max() - rows.min() >= 18 * strokes.THIN_SCALE  # top to bottom, either way
+    assert (len(rows) == rows.max() - rows.min() + 1) == whole  # no row skipped: one stroke
+
+
+def test_a_bridge_joins_the_nearest_ends_over_ink_only() -> None:
+    line = np.zeros((40, 40), bool)
+    line[2:15, 20] = True
+    line[22:38, 20] = True  # a gap of 7 px: rows 15-21
+    line[18, 30:38] = True  # a third piece, 10 px to the side
+    inked = np.zeros_like(line)
+    inked[:, 19:22] = True
+    joined = strokes.bridge(line, inked)
+    assert joined[15:22, 20].all()  # the gap was inked: joined straight
+    assert np.array_equal(joined & ~line, np.pad(np.ones((7, 1), bool), ((15, 18), (20, 19))))
+    assert np.array_equal(strokes.bridge(line, np.zeros_like(line)), line)  # no ink: no bridge
+    far = np.zeros_like(line)
+    far[2:5, 2] = far[2:5, 38] = True
+    assert strokes.BRIDGE_REACH < 36  # the nearest ends, (2, 2) and (2, 38)
+    assert np.array_equal(strokes.bridge(far, np.ones_like(far)), far)  # too far apart
+
+
 def test_random_pens_span_hairlines_to_felt_tips_and_are_seeded() -> None:
     pens = strokes.Pens.random(2000, seed=3)
     low, high = strokes.CANVAS_SIDES
