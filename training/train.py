@@ -51,9 +51,9 @@ class TrainConfig:
     """Train on only the first N training images (smoke tests); None uses all 60,000."""
 
 
-# Measured on a 2-core CPU: ~17 s per ConvNet epoch and ~3 s per MLP epoch including
-# augmentation, so both defaults together take ~9 minutes, plus ~110 s the first time for the
-# pen redrawings (`training.strokes`, cached): within the 15-minute budget.
+# Measured on a 2-core CPU: ~21 s per ConvNet epoch and ~3 s per MLP epoch including
+# augmentation, so both defaults together take ~8.5 minutes, plus ~160 s the first time for
+# the pen redrawings (`training.strokes`, cached): within the 15-minute budget.
 DEFAULTS: dict[Architecture, TrainConfig] = {
     "conv": TrainConfig(epochs=18, batch_size=128, lr=3e-3, weight_decay=1e-4),
     "mlp": TrainConfig(epochs=40, batch_size=128, lr=2e-3, weight_decay=1e-4),
