@@ -249,11 +249,12 @@ def bridge(line: npt.NDArray[np.bool_], inked: npt.NDArray[np.bool_]) -> npt.NDA
     height, width = line.shape
     neighbours = sum(pad[1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] for dy, dx in _RING)
     ends = np.argwhere(line & (neighbours <= 1))
-    gaps = sorted(
+    across = [
         (float(np.hypot(*(a - b))), (int(a[0]), int(a[1])), (int(b[0]), int(b[1])))
         for a, b in itertools.combinations(ends, 2)
-        if labels[tuple(a)] != labels[tuple(b)] and np.hypot(*(a - b)) <= BRIDGE_REACH
-    )
+        if labels[tuple(a)] != labels[tuple(b)]
+    ]
+    gaps = sorted(gap for gap in across if gap[0] <= BRIDGE_REACH)
     joined = list(range(pieces))
 
     def root(piece: int) -> int:
