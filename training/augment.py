@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
 from mnist_service.constants import IMAGE_SIZE
+from mnist_service.engine.preprocess import centre_like_mnist
+from mnist_service.errors import BlankImageError
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class AugmentConfig:
     scale_range: tuple[float, float] = (0.9, 1.1)
     thickness_fraction: float = 0.4
     """Fraction of images whose strokes get thicker or thinner (half each)."""
+    recentre_thickened: bool = True
+    """Put thickened digits through the serving preprocessing's crop, fit and centring
+    (`centre_like_mnist`), as a drawing with such strokes comes out of it."""
     max_shear: float = 0.15
     """Horizontal shear (slant) up to this fraction of the height, either way."""
     elastic_px: float = 1.0
@@ -45,6 +51,7 @@ NO_AUGMENTATION = AugmentConfig(
     max_shift_px=0.0,
     scale_range=(1.0, 1.0),
     thickness_fraction=0.0,
+    recentre_thickened=False,
     max_shear=0.0,
     elastic_px=0.0,
     faint_fraction=0.0,
@@ -114,9 +121,18 @@ def random_faintness(
 
 
 def random_thickness(
-    images: torch.Tensor, fraction: float, generator: torch.Generator
+    images: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    *,
+    recentre: bool = False,
 ) -> torch.Tensor:
-    """Dilate or erode a random fraction of the images' strokes by a random strength."""
+    """Dilate or erode a random fraction of the images' strokes by a random strength.
+
+    With `recentre`, the thickened digits then go through the serving centring
+    (`centred_like_serving`): a thick stroke widens the digit's box, and the serving fits the
+    box back to 20 px, so a fat marker's digit reaches the model smaller and re-centred, not
+    grown to 24 px as a dilation in place leaves it."""
     n = images.shape[0]
     pad = _MORPH_KERNEL // 2
     dilated = F.max_pool2d(images, _MORPH_KERNEL, stride=1, padding=pad)
@@ -133,7 +149,24 @@ def random_thickness(
         grown <= 1, images + grown * (dilated - images), dilated + (grown - 1) * (twice - dilated)
     )
     thinned = images + strength * MAX_EROSION_STRENGTH * (eroded - images)
-    return torch.where(thick, thickened, torch.where(thin, thinned, images))
+    morphed = torch.where(thick, thickened, torch.where(thin, thinned, images))
+    if recentre:
+        chosen = thick.view(n)
+        morphed[chosen] = centred_like_serving(morphed[chosen])
+    return morphed
+
+
+def centred_like_serving(images: torch.Tensor) -> torch.Tensor:
+    """Each [0, 1] image [N, 1, 28, 28] cropped to its ink, fitted to 20 px, saturated and
+    centred by mass, by the serving preprocessing's own `centre_like_mnist`; an image with no
+    ink stays as it is."""
+    out = images.clone()
+    for index, image in enumerate(images[:, 0].numpy()):
+        try:
+            out[index, 0] = torch.from_numpy(centre_like_mnist(np.ascontiguousarray(image)))
+        except BlankImageError:
+            continue
+    return out
 
 
 def with_pens(
@@ -155,7 +188,9 @@ def augment(
     clean = (torch.rand(n, generator=generator) < config.clean_fraction).view(n, 1, 1, 1)
     original = images
     if config.thickness_fraction > 0:
-        images = random_thickness(images, config.thickness_fraction, generator)
+        images = random_thickness(
+            images, config.thickness_fraction, generator, recentre=config.recentre_thickened
+        )
     warps = (config.max_rotation_deg, config.max_shift_px, config.max_shear, config.elastic_px)
     if any(w > 0 for w in warps) or config.scale_range != (1.0, 1.0):
         images = random_affine(images, config, generator)
@@ -168,6 +203,7 @@ __all__ = [
     "NO_AUGMENTATION",
     "AugmentConfig",
     "augment",
+    "centred_like_serving",
     "elastic_field",
     "random_affine",
     "random_faintness",

@@ -13,7 +13,7 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import centre_like_mnist, model_batch, stroke_width
 from training import strokes
-from training.augment import random_thickness, with_pens
+from training.augment import centred_like_serving, random_thickness, with_pens
 
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 
@@ -222,3 +222,27 @@ def test_thickening_reaches_past_one_dilation(mnist_test_set: MnistSplit) -> Non
     one_step = once.flatten(1).sum(1) / images.flatten(1).sum(1)
     assert bool((grown > one_step * 1.2).any())  # some strokes grow by more than a dilation
     assert bool((grown < 1).any())  # and some are thinned
+
+
+def _box(image: torch.Tensor) -> int:
+    rows = torch.nonzero(image.flatten(0, -2).any(-1)).flatten()
+    cols = torch.nonzero(image.flatten(0, -2).any(-2)).flatten()
+    return int(max(rows[-1] - rows[0], cols[-1] - cols[0])) + 1
+
+
+def test_thickened_digits_are_recentred_as_the_serving_would(mnist_test_set: MnistSplit) -> None:
+    images = torch.from_numpy(model_batch(mnist_test_set[0][:200]))
+    in_place = random_thickness(images, 1.0, torch.Generator().manual_seed(0))
+    recentred = random_thickness(images, 1.0, torch.Generator().manual_seed(0), recentre=True)
+    served = centred_like_serving(in_place)
+    np.testing.assert_array_equal(
+        served[0, 0].numpy(), centre_like_mnist(in_place[0, 0].numpy().copy())
+    )
+    same = (recentred == in_place).flatten(1).all(1)
+    centred = (recentred == served).flatten(1).all(1)
+    assert bool((same | centred).all())  # each image is one or the other
+    thickened = centred & ~same
+    assert 0.35 < float(thickened.float().mean()) < 0.65  # half of them are thickened
+    # A dilation in place grows the digit past MNIST's 20 px box; the serving fits it back.
+    assert max(_box(image) for image in in_place[thickened]) > 20
+    assert max(_box(image) for image in recentred[thickened]) <= 20
