@@ -13,6 +13,7 @@ from mnist_service.constants import WEIGHT_FILES, Architecture
 
 if TYPE_CHECKING:
     from export.robustness import Row
+    from training.data import Split
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -93,6 +94,15 @@ def robustness_command(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random drawing choices.")] = 0,
     jobs: Annotated[int, typer.Option(min=1, help="Worker processes (parts of the set).")] = 1,
+    held_out: Annotated[
+        int | None,
+        typer.Option(
+            "--held-out",
+            min=1,
+            help="Draw the last N training digits instead of the test set: for models trained"
+            " with `python -m training --holdout N`, to decide on a recipe without the test set.",
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Accuracy on the MNIST test digits drawn in many real-world ways (a Markdown table).
@@ -105,9 +115,18 @@ def robustness_command(
     from export.robustness import format_table, merge
     from training.data import load_mnist
 
-    labels = load_mnist("test", data_dir)[1][:limit]
-    parts = np.array_split(np.arange(labels.shape[0]), jobs)
-    tasks = [(models, address, int(p[0]), int(p[-1]) + 1, seed, data_dir) for p in parts]
+    split: Split = "test" if held_out is None else "train"
+    labels = load_mnist(split, data_dir)[1]
+    first = 0
+    if held_out is not None:
+        if held_out >= labels.shape[0]:
+            raise typer.BadParameter(
+                f"{held_out}: there are {labels.shape[0]} training digits", param_hint="--held-out"
+            )
+        first = labels.shape[0] - held_out
+    count = labels[first:][:limit].shape[0]
+    parts = np.array_split(np.arange(first, first + count), jobs)
+    tasks = [(models, address, split, int(p[0]), int(p[-1]) + 1, seed, data_dir) for p in parts]
     if jobs == 1:
         rows = _robustness_part(*tasks[0])
     else:
@@ -116,24 +135,31 @@ def robustness_command(
     columns = [model.name for model in models]
     if address is not None:
         columns.append(f"server {address}")
-    typer.echo(f"Accuracy on {labels.shape[0]} MNIST test images, seed {seed}:\n")
+    if held_out is None:
+        typer.echo(f"Accuracy on {count} MNIST test images, seed {seed}:\n")
+    else:
+        typer.echo(
+            f"Accuracy on {count} held-out MNIST training images"
+            f" ({first}-{first + count - 1}), seed {seed}:\n"
+        )
     typer.echo(format_table(columns, rows))
 
 
 def _robustness_part(
     models: list[Path],
     address: str | None,
+    split: Split,
     start: int,
     stop: int,
     seed: int,
     data_dir: Path | None,
 ) -> list[Row]:
-    """The report on test images start..stop-1 (one worker's share)."""
+    """The report on the split's images start..stop-1 (one worker's share)."""
     from export.evaluate import open_session
     from export.robustness import Predict, predict_locally, predict_through, run_report
     from training.data import load_mnist
 
-    images, labels = load_mnist("test", data_dir)
+    images, labels = load_mnist(split, data_dir)
     classifiers: list[Predict] = [predict_locally(*(open_session(m) for m in models))]
     if address is not None:
         classifiers.append(predict_through(address))

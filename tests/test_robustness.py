@@ -110,3 +110,16 @@ def test_command_prints_a_table_with_a_column_per_model() -> None:
     lines = [line for line in result.output.splitlines() if line.startswith("| `")]
     assert len(lines) == len(VARIANTS)
     assert all(line.count(" %") == 2 for line in lines)
+
+
+def test_held_out_training_digits_replace_the_test_set() -> None:
+    """`--held-out N` draws the last N training digits (for models trained without them)."""
+    result = CliRunner().invoke(
+        app, ["robustness", str(CONVNET), "--held-out", "20", "--limit", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Accuracy on 3 held-out MNIST training images (59980-59982)" in result.output
+    assert sum(line.startswith("| `") for line in result.output.splitlines()) == len(VARIANTS)
+    refused = CliRunner().invoke(app, ["robustness", str(CONVNET), "--held-out", "60000"])
+    assert refused.exit_code != 0
+    assert "60000 training digits" in refused.output

@@ -18,6 +18,7 @@ from training.train import DEFAULT_SEED
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
+SHIPPED = Path("weights")
 DRY_RUN_IMAGES = 2048
 DRY_RUN_EPOCHS = 1
 
@@ -29,7 +30,7 @@ def main(
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate of OneCycle.")] = None,
     seed: Annotated[int, typer.Option()] = DEFAULT_SEED,
-    output_dir: Annotated[Path, typer.Option(help="Where the ONNX models go.")] = Path("weights"),
+    output_dir: Annotated[Path, typer.Option(help="Where the ONNX models go.")] = SHIPPED,
     checkpoint_dir: Annotated[Path, typer.Option(help="Where .pt checkpoints go.")] = Path(
         "checkpoints"
     ),
@@ -43,6 +44,15 @@ def main(
         bool, typer.Option("--augment/--no-augment", help="Augment training batches.")
     ] = True,
     threads: Annotated[int | None, typer.Option(min=1, help="Default: all usable cores.")] = None,
+    holdout: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Leave the last N training digits out, to score recipes on them with"
+            " `python -m export robustness --held-out N` instead of on the test set."
+            " Needs an --output-dir other than weights/.",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option(help=f"One epoch on {DRY_RUN_IMAGES} images: checks the pipeline.")
     ] = False,
@@ -56,6 +66,10 @@ def main(
     from training.augment import NO_AUGMENTATION
     from training.train import DEFAULTS, configure_threads, save_checkpoint, train
 
+    if holdout is not None and output_dir.resolve() == SHIPPED.resolve():
+        raise typer.BadParameter(
+            "a run with digits held out does not make shipped weights", param_hint="--output-dir"
+        )
     quiet_exporter_logs()
     architectures = _architectures(arch)
     configure_threads(threads)
@@ -69,6 +83,8 @@ def main(
             config = replace(config, lr=lr)
         if not augment:
             config = replace(config, augment=NO_AUGMENTATION)
+        if holdout is not None:
+            config = replace(config, train_holdout=holdout)
         if dry_run:
             config = replace(config, epochs=DRY_RUN_EPOCHS, train_limit=DRY_RUN_IMAGES)
         result = train(name, config, data_dir, show_progress=progress)

@@ -21,6 +21,7 @@ from mnist_service.constants import (
     WEIGHT_FILES,
 )
 from mnist_service.engine.preprocess import model_batch
+from training import train as train_module
 from training.__main__ import app
 from training.augment import (
     NO_AUGMENTATION,
@@ -30,8 +31,9 @@ from training.augment import (
     random_affine,
     random_faintness,
 )
+from training.data import load_mnist
 from training.models import MLP, ConvNet, build_model
-from training.train import usable_cores
+from training.train import TrainConfig, to_tensors, train, usable_cores
 
 MnistSplit = tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]
 
@@ -159,6 +161,34 @@ def test_training_cli_dry_run_trains_saves_and_exports(tmp_path: Path, mnist_dir
         # Even one epoch on 2,048 images learns something real.
         assert float(metadata[META_TEST_ACCURACY]) > 0.5
         assert len(metadata[META_SOURCE_SHA256]) == 64
+
+
+def test_holdout_trains_without_the_last_digits(
+    monkeypatch: pytest.MonkeyPatch, mnist_dir: Path
+) -> None:
+    seen: list[npt.NDArray[np.uint8]] = []
+
+    def recording(
+        images: npt.NDArray[np.uint8], labels: npt.NDArray[np.uint8]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(images)
+        return to_tensors(images, labels)
+
+    monkeypatch.setattr(train_module, "to_tensors", recording)
+    config = TrainConfig(
+        epochs=1, batch_size=256, lr=1e-3, weight_decay=0.0, augment=NO_AUGMENTATION
+    )
+    train("mlp", replace(config, train_holdout=59_000), mnist_dir, show_progress=False)
+    everything = load_mnist("train", mnist_dir)[0]
+    np.testing.assert_array_equal(seen[0], everything[:1000])  # then the test set
+    with pytest.raises(ValueError, match="cannot hold out 60000 of 60000"):
+        train("mlp", replace(config, train_holdout=60_000), mnist_dir, show_progress=False)
+
+
+def test_a_holdout_run_does_not_write_the_shipped_weights() -> None:
+    result = CliRunner().invoke(app, ["--holdout", "10000"], env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    assert "does not make shipped weights" in result.output
 
 
 def test_parity_check_fails_loudly_on_mismatch(tmp_path: Path, mnist_test_set: MnistSplit) -> None:
