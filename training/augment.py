@@ -132,7 +132,7 @@ def random_thickness(
     With `recentre`, the thickened digits then go through the serving centring
     (`centred_like_serving`): a thick stroke widens the digit's box, and the serving fits the
     box back to 20 px, so a fat marker's digit reaches the model smaller and re-centred, not
-    grown to 24 px as a dilation in place leaves it."""
+    grown to up to 24 px as a dilation in place leaves it."""
     n = images.shape[0]
     pad = _MORPH_KERNEL // 2
     dilated = F.max_pool2d(images, _MORPH_KERNEL, stride=1, padding=pad)
