@@ -53,11 +53,11 @@ class TrainConfig:
     """Leave the last N training images out (scored as held-out drawings instead)."""
 
 
-# Measured on a 2-core CPU: ~26 s per ConvNet epoch (~5 s of it the serving centring of the
-# thickened digits) and ~3 s per MLP epoch including augmentation, so both defaults together
-# take ~10 minutes, plus ~160 s the first time for the pen redrawings (`training.strokes`,
-# cached): within the 15-minute budget. The MLP skips the centring: 40 epochs of it would add
-# ~3.5 minutes, past the budget, and the MLP's target is MNIST's own test set.
+# Measured on a 2-core CPU: ~29 s per ConvNet epoch (~5 s of it the serving centring of the
+# thickened digits) and ~4 s per MLP epoch, evaluation included, so both defaults take ~11.5
+# minutes, plus ~2 minutes the first time for the pen redrawings (`training.strokes`, cached):
+# 13 min 50 s from scratch, within the 15-minute budget. The MLP skips the centring: 40 epochs
+# of it would add ~3.5 minutes, past the budget, and the MLP's target is MNIST's test set.
 DEFAULTS: dict[Architecture, TrainConfig] = {
     "conv": TrainConfig(epochs=18, batch_size=128, lr=3e-3, weight_decay=1e-4),
     "mlp": TrainConfig(
