@@ -113,17 +113,16 @@ def robustness_command(
     from concurrent.futures import ProcessPoolExecutor
 
     from export.robustness import format_table, merge
-    from training.data import load_mnist
+    from training.data import held_out_start, load_mnist
 
     split: Split = "test" if held_out is None else "train"
     labels = load_mnist(split, data_dir)[1]
     first = 0
     if held_out is not None:
-        if held_out >= labels.shape[0]:
-            raise typer.BadParameter(
-                f"{held_out}: there are {labels.shape[0]} training digits", param_hint="--held-out"
-            )
-        first = labels.shape[0] - held_out
+        try:
+            first = held_out_start(labels.shape[0], held_out)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--held-out") from error
     count = labels[first:][:limit].shape[0]
     parts = np.array_split(np.arange(first, first + count), jobs)
     tasks = [(models, address, split, int(p[0]), int(p[-1]) + 1, seed, data_dir) for p in parts]

@@ -120,6 +120,8 @@ def test_held_out_training_digits_replace_the_test_set() -> None:
     assert result.exit_code == 0, result.output
     assert "Accuracy on 3 held-out MNIST training images (59980-59982)" in result.output
     assert sum(line.startswith("| `") for line in result.output.splitlines()) == len(VARIANTS)
-    refused = CliRunner().invoke(app, ["robustness", str(CONVNET), "--held-out", "60000"])
+    refused = CliRunner().invoke(
+        app, ["robustness", str(CONVNET), "--held-out", "60000"], env={"COLUMNS": "200"}
+    )
     assert refused.exit_code != 0
-    assert "60000 training digits" in refused.output
+    assert "cannot hold out 60000 of 60000 training digits" in refused.output

@@ -397,3 +397,11 @@ def load_mnist(
     if int(labels.max()) >= NUM_CLASSES:
         raise IdxFormatError(f"{paths[label_spec.name]}: label {int(labels.max())} out of range")
     return images.astype(np.uint8, copy=False), labels.astype(np.uint8, copy=False)
+
+
+def held_out_start(total: int, held_out: int) -> int:
+    """Where the last `held_out` of `total` training digits begin: the digits a run with
+    `--holdout` leaves out and `export robustness --held-out` draws."""
+    if not 0 < held_out < total:
+        raise ValueError(f"cannot hold out {held_out} of {total} training digits")
+    return total - held_out

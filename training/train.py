@@ -27,7 +27,7 @@ from torch import nn
 from mnist_service.constants import Architecture
 from mnist_service.engine.preprocess import model_batch
 from training.augment import AugmentConfig, augment, with_pens
-from training.data import default_data_dir, load_mnist
+from training.data import default_data_dir, held_out_start, load_mnist
 from training.models import build_model, normalize
 from training.strokes import pen_digits
 
@@ -183,11 +183,7 @@ def train(
     generator = seed_everything(config.seed)
     train_images, train_labels = load_mnist("train", data_dir)
     if config.train_holdout:
-        kept = len(train_images) - config.train_holdout
-        if kept <= 0:
-            raise ValueError(
-                f"cannot hold out {config.train_holdout} of {len(train_images)} digits"
-            )
+        kept = held_out_start(len(train_images), config.train_holdout)
         train_images, train_labels = train_images[:kept], train_labels[:kept]
     if config.train_limit is not None:
         train_images = train_images[: config.train_limit]

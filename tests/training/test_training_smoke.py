@@ -182,7 +182,7 @@ def test_holdout_trains_without_the_last_digits(
     everything = load_mnist("train", mnist_dir)[0]
     # The first conversion is the training digits' (the second, the test set's).
     np.testing.assert_array_equal(seen[0], everything[:1000])
-    with pytest.raises(ValueError, match="cannot hold out 60000 of 60000"):
+    with pytest.raises(ValueError, match="cannot hold out 60000 of 60000 training digits"):
         train("mlp", replace(config, train_holdout=60_000), mnist_dir, show_progress=False)
 
 
