@@ -82,7 +82,7 @@ async def test_accuracy_through_the_wire_matches_offline_inference(
     wire_probabilities = np.array([r.probabilities for r in results if isinstance(r, Prediction)])
     np.testing.assert_allclose(wire_probabilities, offline, atol=1e-6)
     # A sanity bound only (the equality with offline inference above is the test): the shipped
-    # ConvNet scores 99.52 % on all 10,000, 99.0 % on these first 1,000, which are harder.
+    # ConvNet scores 99.57 % on all 10,000, 99.2 % on these first 1,000, which are harder.
     assert (wire_labels == labels).mean() >= 0.985
 
 

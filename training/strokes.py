@@ -21,7 +21,7 @@ stroke (`open_blob`): its core is cut out the same way. A stroke so faint that i
 outline breaks into pieces is joined again where the digit shows ink all along the gap
 (`bridge`): a thin pen does not lift where the broad one only pressed lightly.
 
-The redrawings of the 60,000 training digits take about two and a half minutes on two cores,
+The redrawings of the 60,000 training digits take about two minutes on two cores,
 so they are cached next to the MNIST files, keyed by the seed and a fingerprint of the
 redrawing itself (`fingerprint`): a change anywhere along the way, here or in the serving
 preprocessing, makes a new cache instead of reusing a stale one, and the stale one is deleted.
