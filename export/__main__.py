@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Final, Literal
 
 import numpy as np
 import typer
@@ -14,6 +14,14 @@ from mnist_service.constants import WEIGHT_FILES, Architecture
 if TYPE_CHECKING:
     from export.robustness import Row
     from training.data import Split
+
+Views = Literal["shifted", "single", "both"]
+VIEW_MODES: Final[dict[Views, tuple[bool, ...]]] = {
+    "shifted": (True,),
+    "single": (False,),
+    "both": (True, False),
+}
+"""`--views`: for each column of a model, whether it averages over the shifted views."""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -103,6 +111,14 @@ def robustness_command(
             " with `python -m training --holdout N`, to decide on a recipe without the test set.",
         ),
     ] = None,
+    views: Annotated[
+        Views,
+        typer.Option(
+            help="Classify redrawn digits over the server's shifted views (its default), as"
+            " the preprocessed image alone (the server's --no-shift-views), or both (two"
+            " columns per model).",
+        ),
+    ] = "shifted",
     data_dir: DataDir = None,
 ) -> None:
     """Accuracy on the MNIST test digits drawn in many real-world ways (a Markdown table).
@@ -125,13 +141,20 @@ def robustness_command(
             raise typer.BadParameter(str(error), param_hint="--held-out") from error
     count = labels[first:][:limit].shape[0]
     parts = np.array_split(np.arange(first, first + count), jobs)
-    tasks = [(models, address, split, int(p[0]), int(p[-1]) + 1, seed, data_dir) for p in parts]
+    modes = VIEW_MODES[views]
+    tasks = [
+        (models, address, split, int(p[0]), int(p[-1]) + 1, seed, data_dir, modes) for p in parts
+    ]
     if jobs == 1:
         rows = _robustness_part(*tasks[0])
     else:
         with ProcessPoolExecutor(jobs) as pool:
             rows = merge(list(pool.map(_robustness_part, *zip(*tasks, strict=True))))
-    columns = [model.name for model in models]
+    columns = [
+        model.name if shifted or len(modes) == 1 else f"{model.name}, one view"
+        for model in models
+        for shifted in modes
+    ]
     if address is not None:
         columns.append(f"server {address}")
     if held_out is None:
@@ -152,6 +175,7 @@ def _robustness_part(
     stop: int,
     seed: int,
     data_dir: Path | None,
+    modes: tuple[bool, ...] = (True,),
 ) -> list[Row]:
     """The report on the split's images start..stop-1 (one worker's share)."""
     from export.evaluate import open_session
@@ -159,7 +183,8 @@ def _robustness_part(
     from training.data import load_mnist
 
     images, labels = load_mnist(split, data_dir)
-    classifiers: list[Predict] = [predict_locally(*(open_session(m) for m in models))]
+    sessions = [open_session(m) for m in models]
+    classifiers: list[Predict] = [predict_locally(*sessions, views=modes)]
     if address is not None:
         classifiers.append(predict_through(address))
     return run_report(classifiers, images[start:stop], labels[start:stop], seed=seed, first=start)

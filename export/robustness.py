@@ -3,9 +3,10 @@
 Each `Variant` renders a real MNIST test digit as an image file someone could send: drawn with
 a pen from a hairline to a fat marker, dark on light or light on dark, on a transparent canvas,
 photographed on unevenly lit paper, saved as a poor JPEG, rotated by EXIF... The bytes then go
-through the exact serving preprocessing (`mnist_service.engine.preprocess.preprocess`) and the
-model, or through a running server, and the report gives the accuracy of each variant next to
-plain MNIST. Rendering is seeded per (variant, image), so a subset is the full run's prefix.
+through the exact serving preprocessing (`mnist_service.engine.preprocess.prepare`) and the
+model, over the same shifted views as the server (`mnist_service.engine.views`), or through a
+running server, and the report gives the accuracy of each variant next to plain MNIST.
+Rendering is seeded per (variant, image), so a subset is the full run's prefix.
 
 Pens are drawn along the digit's centre line: the MNIST digit is upscaled 4x, smoothed and
 thinned to one pixel (Zhang-Suen), keeping the loops the writer left visible or inked in solid
@@ -29,7 +30,8 @@ import numpy.typing as npt
 from PIL import Image, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE
-from mnist_service.engine.preprocess import preprocess, scale_pixels
+from mnist_service.engine.preprocess import Prepared, open_image, prepare, scale_pixels
+from mnist_service.engine.views import collapse, expand
 from mnist_service.errors import InvalidImageError
 from training.strokes import centre_lines, draw
 
@@ -328,23 +330,34 @@ SERVER_BATCH: Final = 50
 """Images per `PredictBatch` call when the report goes through a server."""
 
 
-def predict_locally(*sessions: Any) -> Predict:
-    """Classify files with the serving preprocessing (run once) and each onnxruntime session."""
+def predict_locally(*sessions: Any, views: Sequence[bool] = (True,)) -> Predict:
+    """Classify files with the serving preprocessing (run once) and each onnxruntime session:
+    a classifier per session and per entry of `views`, with the shifted views the server
+    averages over (True) or the preprocessed image alone (False)."""
     from export.evaluate import onnx_probabilities
 
+    blank = Prepared(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32), redrawn=False)
+
     def run(files: list[bytes]) -> npt.NDArray[np.int64]:
-        inputs = np.zeros((len(files), 1, IMAGE_SIZE, IMAGE_SIZE), np.float32)
+        prepared: list[Prepared] = []
         refused = np.zeros(len(files), bool)
         for index, data in enumerate(files):
             try:
-                inputs[index] = preprocess(data, max_pixels=MAX_PIXELS)
+                prepared.append(prepare(open_image(data, MAX_PIXELS)))
             except InvalidImageError:
+                prepared.append(blank)
                 refused[index] = True
-        labels = np.stack(
-            [onnx_probabilities(s, inputs).argmax(axis=1).astype(np.int64) for s in sessions]
-        )
-        labels[:, refused] = FAILED
-        return labels
+        batch, counts = expand(prepared)
+        alone = np.cumsum(counts) - counts  # each image's first view is the image itself
+        labels = []
+        for session in sessions:
+            probabilities = onnx_probabilities(session, batch)
+            for shifted in views:
+                chosen = collapse(probabilities, counts) if shifted else probabilities[alone]
+                labels.append(chosen.argmax(axis=1).astype(np.int64))
+        out = np.stack(labels)
+        out[:, refused] = FAILED
+        return out
 
     return run
 

@@ -207,6 +207,14 @@ class ServerConfig:
             shown_default="the --model-architecture one",
         ),
     )
+    shift_views: bool = field(
+        default=True,
+        metadata=setting(
+            "Classify a digit the preprocessing redrew (a drawing, a photo: not MNIST format)"
+            " as the mean over it and four copies shifted by a pixel; four more model rows each.",
+            "Model",
+        ),
+    )
     device: Device = field(
         default="auto",
         metadata=setting(

@@ -17,6 +17,7 @@ from PIL import Image
 
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.pipeline import Pipeline
+from mnist_service.engine.preprocess import preprocess
 from mnist_service.errors import DeadlineExpiredError, OverloadedError
 
 from .test_batcher import RecordingClassifier
@@ -164,3 +165,50 @@ async def test_classify_many_answers_each_item_as_classify_does(
                 with pytest.raises(type(result), match=re.escape(str(result))):
                     await pipeline.classify(item)
         assert sum(isinstance(r, Exception) for r in results) == failures
+
+
+class MiddleRow:
+    """Answers each image with ten pixels of its middle row, where a digit has ink."""
+
+    info = RecordingClassifier.info
+
+    def classify(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return np.ascontiguousarray(batch[:, 0, 14, 9:19])
+
+
+def _by_hand(image: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
+    """A [28, 28] image and its copies one pixel up, down, left and right (black comes in)."""
+    copies = [np.zeros_like(image) for _ in range(4)]
+    copies[0][:27], copies[1][1:] = image[1:], image[:27]
+    copies[2][:, :27], copies[3][:, 1:] = image[:, 1:], image[:, :27]
+    return [image, *copies]
+
+
+@pytest.mark.parametrize("shift_views", [True, False])
+async def test_a_redrawn_image_is_read_as_the_mean_over_its_shifted_copies(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+    shift_views: bool,
+) -> None:
+    """Inline, in the decode pool and in `classify_many` alike; MNIST format is read once."""
+    digit = mnist_test_set[0][0]
+    model = MiddleRow()
+    batcher = Batcher(model, max_batch_size=64)
+    pipeline = Pipeline(
+        batcher, max_image_pixels=1 << 22, executor=executor, shift_views=shift_views
+    )
+    files = {"mnist format": digit.tobytes(), "inverted": (255 - digit).tobytes()}
+    files["photo"] = _photo()  # over 256x256: prepared in the decode pool
+    for name, data in files.items():
+        image = preprocess(data, max_pixels=1 << 22)[0]
+        redrawn = name != "mnist format"
+        copies = _by_hand(image) if shift_views and redrawn else [image]
+        expected = np.mean([model.classify(c[np.newaxis, np.newaxis])[0] for c in copies], 0)
+        assert expected.any(), name  # the model sees ink, so a wrong copy shows
+        rows_before = batcher.stats.images
+        np.testing.assert_allclose(await pipeline.classify(data), expected, rtol=1e-6)
+        assert batcher.stats.images - rows_before == len(copies), name
+        (many,) = await pipeline.classify_many([data])
+        assert isinstance(many, np.ndarray)
+        np.testing.assert_allclose(many, expected, rtol=1e-6)
+    assert pipeline.pending == 0

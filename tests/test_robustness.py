@@ -13,8 +13,9 @@ from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from export.__main__ import app
-from export.evaluate import open_session
+from export.evaluate import onnx_probabilities, open_session
 from export.robustness import (
+    MAX_PIXELS,
     VARIANTS,
     Variant,
     centre_line,
@@ -25,6 +26,7 @@ from export.robustness import (
     run_report,
 )
 from mnist_service.constants import WEIGHT_FILES
+from mnist_service.engine.preprocess import preprocess
 
 from .conftest import ServerProcess
 
@@ -110,6 +112,25 @@ def test_command_prints_a_table_with_a_column_per_model() -> None:
     lines = [line for line in result.output.splitlines() if line.startswith("| `")]
     assert len(lines) == len(VARIANTS)
     assert all(line.count(" %") == 2 for line in lines)
+
+
+def test_views_both_gives_each_model_a_column_with_and_without_shifted_views(
+    mnist_test_set: Split,
+) -> None:
+    result = CliRunner().invoke(
+        app, ["robustness", str(CONVNET), "--limit", "3", "--views", "both"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| mnist_convnet.onnx | mnist_convnet.onnx, one view |" in result.output
+
+    images = mnist_test_set[0][:40]
+    files = [render(v, i, images[i], 0) for v in VARIANTS[2:6] for i in range(len(images))]
+    session = open_session(CONVNET)
+    shifted, alone = predict_locally(session, views=(True, False))(files)
+    np.testing.assert_array_equal(shifted, predict_locally(session)(files)[0])
+    singles = np.concatenate([preprocess(f, max_pixels=MAX_PIXELS) for f in files])[:, None]
+    np.testing.assert_array_equal(alone, onnx_probabilities(session, singles).argmax(axis=1))
+    assert (shifted != alone).sum() < len(files) // 10  # the same model, read a little apart
 
 
 def test_held_out_training_digits_replace_the_test_set() -> None:

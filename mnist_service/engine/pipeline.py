@@ -2,8 +2,9 @@
 
 Small images (a 28x28 PNG decodes in ~55 us) are preprocessed inline on the event loop: a
 thread hand-off costs more than that on a busy core. Images whose header announces more than
-`inline_max_pixels` are decoded in the executor, so a photo never stalls the loop. Nothing
-here knows about gRPC.
+`inline_max_pixels` are decoded in the executor, so a photo never stalls the loop. An image
+the preprocessing redrew is classified as the mean over its shifted `views`, unless
+`shift_views` is off. Nothing here knows about gRPC.
 """
 
 from __future__ import annotations
@@ -18,15 +19,8 @@ import numpy as np
 
 from ..errors import DeadlineExpiredError, OverloadedError
 from .inference import FloatArray, ModelInfo, Predictor
-from .preprocess import (
-    FloatImage,
-    Opened,
-    is_raw,
-    open_image,
-    pixel_count,
-    raw_batch,
-    to_model_input,
-)
+from .preprocess import Opened, Prepared, is_raw, open_image, pixel_count, prepare, raw_batch
+from .views import collapse, expand, views
 
 INLINE_MAX_PIXELS: Final = 256 * 256
 """Images up to this many pixels are decoded on the event loop (about 0.5 ms at most)."""
@@ -47,6 +41,7 @@ class Pipeline:
         max_queue: int = 2048,
         max_decode_bytes: int = 64 * 1024 * 1024,
         inline_max_pixels: int = INLINE_MAX_PIXELS,
+        shift_views: bool = True,
     ) -> None:
         self._predictor = predictor
         self._max_image_pixels = max_image_pixels
@@ -54,6 +49,7 @@ class Pipeline:
         self._max_queue = max_queue
         self._max_decode_bytes = max_decode_bytes
         self._inline_max_pixels = inline_max_pixels
+        self._shift_views = shift_views
         self._pending = 0
         self._decode_bytes = 0
 
@@ -129,8 +125,11 @@ class Pipeline:
         try:
             opened = open_image(data, self._max_image_pixels)
             if self._is_small(opened):
-                image = to_model_input(opened)[np.newaxis]
-                future = self._predictor.submit(image, expires_at, on_batch)
+                rows = views(prepare(opened), self._shift_views)
+                if len(rows) == 1:
+                    future = self._predictor.submit(rows, expires_at, on_batch)
+                else:  # a drawing: its preprocessing costs far more than this task
+                    future = asyncio.ensure_future(self._predict_views(rows, expires_at, on_batch))
             else:
                 self._admit_decode(len(data))
                 future = asyncio.ensure_future(
@@ -154,10 +153,20 @@ class Pipeline:
     ) -> FloatArray:
         loop = asyncio.get_running_loop()
         try:
-            image = await loop.run_in_executor(self._executor, to_model_input, opened)
+            prepared = await loop.run_in_executor(self._executor, prepare, opened)
         finally:
             self._release_decode(size)
-        return await self._predictor.predict(image[np.newaxis], expires_at, on_batch)
+        return await self._predict_views(views(prepared, self._shift_views), expires_at, on_batch)
+
+    async def _predict_views(
+        self,
+        rows: FloatArray,
+        expires_at: float | None,
+        on_batch: Callable[[int], None] | None,
+    ) -> FloatArray:
+        """One image's views [V, 1, 28, 28] -> its probabilities [1, 10], their mean."""
+        probabilities = await self._predictor.predict(rows, expires_at, on_batch)
+        return collapse(probabilities, np.array([len(rows)], np.intp))
 
     async def classify_prepared(
         self,
@@ -194,14 +203,14 @@ class Pipeline:
     async def _classify_many(
         self, items: Sequence[bytes], expires_at: float | None
     ) -> list[ItemResult]:
-        prepared: list[FloatImage | Exception | None] = [None] * len(items)
+        prepared: list[Prepared | Exception | None] = [None] * len(items)
         raw = [index for index, data in enumerate(items) if is_raw(data)]
         one_batch = None  # the model input when every item is raw, MNIST-format pixels
         if raw:  # raw pixels in one vectorised pass; what it cannot settle goes item by item
             raw_inputs, ready = raw_batch([items[index] for index in raw])
             for row, index in enumerate(raw):
                 if ready[row]:
-                    prepared[index] = raw_inputs[row]
+                    prepared[index] = Prepared(raw_inputs[row], redrawn=False)
             if len(raw) == len(items) and bool(ready.all()):
                 one_batch = raw_inputs
         big: dict[int, Opened] = {}
@@ -212,7 +221,7 @@ class Pipeline:
             try:
                 image = open_image(data, self._max_image_pixels)
                 if self._is_small(image):
-                    prepared[index] = to_model_input(image)
+                    prepared[index] = prepare(image)
                 else:
                     big[index] = image
                     big_bytes += len(data)
@@ -224,7 +233,7 @@ class Pipeline:
             try:
                 done = await asyncio.gather(
                     *(
-                        loop.run_in_executor(self._executor, to_model_input, i)
+                        loop.run_in_executor(self._executor, prepare, i)
                         for i in big.values()
                     ),
                     return_exceptions=True,
@@ -232,17 +241,24 @@ class Pipeline:
             finally:
                 self._release_decode(big_bytes)
             for index, outcome in zip(big, done, strict=True):
-                prepared[index] = outcome if isinstance(outcome, np.ndarray) else _error(outcome)
+                prepared[index] = outcome if isinstance(outcome, Prepared) else _error(outcome)
         results: list[ItemResult] = []
-        for item in prepared:
+        ready_items: list[Prepared] = []
+        valid: list[int] = []
+        for index, item in enumerate(prepared):
             assert item is not None  # every item is prepared, or failed, by now
-            results.append(item)
-        valid = [index for index, item in enumerate(results) if isinstance(item, np.ndarray)]
+            if isinstance(item, Prepared):
+                valid.append(index)
+                ready_items.append(item)
+                results.append(item.image)  # replaced by its probabilities below
+            else:
+                results.append(item)
         if valid:
-            batch = one_batch
-            if batch is None:  # not the usual raw call, which is one batch already (no copy)
-                batch = np.stack([results[i] for i in valid])  # type: ignore[misc]
-            probabilities = await self._predictor.predict(batch, expires_at)
+            if one_batch is not None:  # the usual raw call, one batch already (no copy)
+                probabilities = await self._predictor.predict(one_batch, expires_at)
+            else:
+                batch, counts = expand(ready_items, self._shift_views)
+                probabilities = collapse(await self._predictor.predict(batch, expires_at), counts)
             for i, row in zip(valid, probabilities, strict=True):
                 results[i] = row
         return results

@@ -38,7 +38,7 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +53,7 @@ from mnist_service.errors import (
 )
 
 __all__ = [
+    "Prepared",
     "centre_like_mnist",
     "decode",
     "ink_map",
@@ -62,6 +63,7 @@ __all__ = [
     "model_batch",
     "open_image",
     "pixel_count",
+    "prepare",
     "preprocess",
     "scale_pixels",
     "stroke_width",
@@ -154,6 +156,16 @@ def limit_pillow(max_pixels: int) -> None:
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
+class Prepared(NamedTuple):
+    """An image made model input, and how."""
+
+    image: FloatImage
+    """Float32 [1, 28, 28] in [0, 1], white ink on black."""
+    redrawn: bool
+    """Whether the preprocessing cropped, scaled and centred the ink (`centre_like_mnist`);
+    False for an image in MNIST format, which passes through untouched."""
+
+
 def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
     """One request's bytes -> model input: float32 [1, 28, 28] in [0, 1], white ink on black."""
     return to_model_input(open_image(data, max_pixels))
@@ -161,18 +173,23 @@ def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
 
 def to_model_input(opened: Opened) -> FloatImage:
     """What `open_image` gave -> model input: float32 [1, 28, 28] in [0, 1]."""
+    return prepare(opened).image
+
+
+def prepare(opened: Opened) -> Prepared:
+    """What `open_image` gave -> model input, and whether the preprocessing redrew it."""
     if isinstance(opened, np.ndarray):
         pixels = opened
     else:
         image = load(opened)
         if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            return centre_like_mnist(ink_map(image))[np.newaxis]
+            return Prepared(centre_like_mnist(ink_map(image))[np.newaxis], redrawn=True)
         pixels = np.asarray(image)
     if not _black_background(pixels):
-        return centre_like_mnist(ink_map(Image.fromarray(pixels)))[np.newaxis]
+        return Prepared(centre_like_mnist(ink_map(Image.fromarray(pixels)))[np.newaxis], True)
     if pixels.max() < MIN_INK_CONTRAST * 255:
         raise BlankImageError("image has no ink: every pixel is (nearly) black")
-    return scale_pixels(pixels)[np.newaxis]
+    return Prepared(scale_pixels(pixels)[np.newaxis], redrawn=False)
 
 
 def scale_pixels(pixels: npt.NDArray[np.uint8]) -> FloatImage:

@@ -220,6 +220,7 @@ class MnistServer:
             executor=executor,
             max_queue=self.config.limits.max_queue,
             max_decode_bytes=self.config.limits.max_decode_bytes,
+            shift_views=self.config.shift_views,
         )
 
     async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
