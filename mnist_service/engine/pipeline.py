@@ -232,10 +232,7 @@ class Pipeline:
             loop = asyncio.get_running_loop()
             try:
                 done = await asyncio.gather(
-                    *(
-                        loop.run_in_executor(self._executor, prepare, i)
-                        for i in big.values()
-                    ),
+                    *(loop.run_in_executor(self._executor, prepare, i) for i in big.values()),
                     return_exceptions=True,
                 )
             finally:

@@ -144,7 +144,7 @@ class Metrics:
         )
         self.inference_count = Counter(
             "mnist_inference_count_total",
-            "Images inferred (each image of a batch counts).",
+            "Model input rows inferred: an image each, a redrawn digit's shifted views each.",
             registry=registry,
         )
         self.exec_count = Counter(
@@ -154,7 +154,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "mnist_inference_batch_size",
-            "Images per model run.",
+            "Model input rows per model run.",
             buckets=BATCH_BUCKETS,
             registry=registry,
         )
