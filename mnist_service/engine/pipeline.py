@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Final
 
@@ -239,25 +239,17 @@ class Pipeline:
                 self._release_decode(big_bytes)
             for index, outcome in zip(big, done, strict=True):
                 prepared[index] = outcome if isinstance(outcome, Prepared) else _error(outcome)
+        valid = [item for item in prepared if isinstance(item, Prepared)]
+        answers: Iterator[FloatArray] = iter(())
+        if one_batch is not None:  # the usual raw call, one batch already (no copy)
+            answers = iter(await self._predictor.predict(one_batch, expires_at))
+        elif valid:
+            batch, counts = expand(valid, self._shift_views)
+            answers = iter(collapse(await self._predictor.predict(batch, expires_at), counts))
         results: list[ItemResult] = []
-        ready_items: list[Prepared] = []
-        valid: list[int] = []
-        for index, item in enumerate(prepared):
+        for item in prepared:
             assert item is not None  # every item is prepared, or failed, by now
-            if isinstance(item, Prepared):
-                valid.append(index)
-                ready_items.append(item)
-                results.append(item.image)  # replaced by its probabilities below
-            else:
-                results.append(item)
-        if valid:
-            if one_batch is not None:  # the usual raw call, one batch already (no copy)
-                probabilities = await self._predictor.predict(one_batch, expires_at)
-            else:
-                batch, counts = expand(ready_items, self._shift_views)
-                probabilities = collapse(await self._predictor.predict(batch, expires_at), counts)
-            for i, row in zip(valid, probabilities, strict=True):
-                results[i] = row
+            results.append(next(answers) if isinstance(item, Prepared) else item)
         return results
 
     def _is_small(self, opened: Opened) -> bool:

@@ -67,7 +67,6 @@ __all__ = [
     "preprocess",
     "scale_pixels",
     "stroke_width",
-    "to_model_input",
 ]
 
 log = logging.getLogger(__name__)
@@ -168,12 +167,7 @@ class Prepared(NamedTuple):
 
 def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
     """One request's bytes -> model input: float32 [1, 28, 28] in [0, 1], white ink on black."""
-    return to_model_input(open_image(data, max_pixels))
-
-
-def to_model_input(opened: Opened) -> FloatImage:
-    """What `open_image` gave -> model input: float32 [1, 28, 28] in [0, 1]."""
-    return prepare(opened).image
+    return prepare(open_image(data, max_pixels)).image
 
 
 def prepare(opened: Opened) -> Prepared:
@@ -210,8 +204,8 @@ def is_raw(data: bytes) -> bool:
 
 def raw_batch(items: Sequence[bytes]) -> tuple[FloatImage, npt.NDArray[np.bool_]]:
     """Many raw 784-byte images (`is_raw`) at once -> model input float32 [N, 1, 28, 28], and
-    which rows are final: MNIST format (mostly black, with ink), as `to_model_input` would
-    pass them through. The other rows (dark on light, blank...) go through `to_model_input`
+    which rows are final: MNIST format (mostly black, with ink), as `prepare` would
+    pass them through. The other rows (dark on light, blank...) go through `prepare`
     one by one. One vectorised pass instead of one small numpy round per image."""
     pixels = np.frombuffer(b"".join(items), np.uint8).reshape(len(items), PIXELS)
     mostly_black = np.count_nonzero(pixels, axis=1) * 2 < PIXELS
