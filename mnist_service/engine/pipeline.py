@@ -205,14 +205,13 @@ class Pipeline:
     ) -> list[ItemResult]:
         prepared: list[Prepared | Exception | None] = [None] * len(items)
         raw = [index for index, data in enumerate(items) if is_raw(data)]
-        one_batch = None  # the model input when every item is raw, MNIST-format pixels
         if raw:  # raw pixels in one vectorised pass; what it cannot settle goes item by item
             raw_inputs, ready = raw_batch([items[index] for index in raw])
+            if len(raw) == len(items) and bool(ready.all()):  # the usual call: one batch, as is
+                return list(await self._predictor.predict(raw_inputs, expires_at))
             for row, index in enumerate(raw):
                 if ready[row]:
                     prepared[index] = Prepared(raw_inputs[row], redrawn=False)
-            if len(raw) == len(items) and bool(ready.all()):
-                one_batch = raw_inputs
         big: dict[int, Opened] = {}
         big_bytes = 0
         for index, data in enumerate(items):
@@ -241,9 +240,7 @@ class Pipeline:
                 prepared[index] = outcome if isinstance(outcome, Prepared) else _error(outcome)
         valid = [item for item in prepared if isinstance(item, Prepared)]
         answers: Iterator[FloatArray] = iter(())
-        if one_batch is not None:  # the usual raw call, one batch already (no copy)
-            answers = iter(await self._predictor.predict(one_batch, expires_at))
-        elif valid:
+        if valid:
             batch, counts = expand(valid, self._shift_views)
             answers = iter(collapse(await self._predictor.predict(batch, expires_at), counts))
         results: list[ItemResult] = []
