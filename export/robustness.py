@@ -31,7 +31,7 @@ from PIL import Image, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import Prepared, open_image, prepare, scale_pixels
-from mnist_service.engine.views import collapse, expand
+from mnist_service.engine.views import collapse, expand, unshifted
 from mnist_service.errors import InvalidImageError
 from training.strokes import centre_lines, draw
 
@@ -348,12 +348,12 @@ def predict_locally(*sessions: Any, views: Sequence[bool] = (True,)) -> Predict:
                 prepared.append(blank)
                 refused[index] = True
         batch, counts = expand(prepared)
-        alone = np.cumsum(counts) - counts  # each image's first view is the image itself
         labels = []
         for session in sessions:
             probabilities = onnx_probabilities(session, batch)
             for shifted in views:
-                chosen = collapse(probabilities, counts) if shifted else probabilities[alone]
+                read = collapse if shifted else unshifted
+                chosen = read(probabilities, counts)
                 labels.append(chosen.argmax(axis=1).astype(np.int64))
         out = np.stack(labels)
         out[:, refused] = FAILED

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mnist_service.engine.preprocess import Prepared
-from mnist_service.engine.views import SHIFTS, collapse, expand, shifted, views
+from mnist_service.engine.views import SHIFTS, collapse, expand, shifted, unshifted, views
 
 
 def numbered() -> np.ndarray:
@@ -61,6 +61,7 @@ def test_expand_and_collapse_average_each_image_over_its_own_views() -> None:
     np.testing.assert_array_equal(out[1], probabilities[5])
     np.testing.assert_allclose(out[2], probabilities[6:11].mean(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(out[3], probabilities[11])
+    np.testing.assert_array_equal(unshifted(probabilities, counts), probabilities[[0, 5, 6, 11]])
 
 
 def test_one_view_each_is_passed_through_as_is() -> None:

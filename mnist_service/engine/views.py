@@ -67,10 +67,21 @@ def collapse(probabilities: FloatArray, counts: npt.NDArray[np.intp]) -> FloatAr
     the mean over each image's views."""
     if len(probabilities) == len(counts):  # one view each: nothing to average
         return probabilities
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    sums = np.add.reduceat(probabilities, starts, axis=0)
+    sums = np.add.reduceat(probabilities, _starts(counts), axis=0)
     mean: FloatArray = (sums / counts[:, np.newaxis]).astype(np.float32)
     return mean
 
 
-__all__ = ["SHIFTS", "collapse", "expand", "shifted", "views"]
+def unshifted(probabilities: FloatArray, counts: npt.NDArray[np.intp]) -> FloatArray:
+    """The batch's probabilities [sum(counts), 10] -> each image's own row [len(counts), 10]:
+    its first view, the one `SHIFTS` leaves in place (what `--no-shift-views` reads)."""
+    own: FloatArray = probabilities[_starts(counts)]
+    return own
+
+
+def _starts(counts: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """Where each image's rows start in a batch of `expand`."""
+    return np.cumsum(counts) - counts
+
+
+__all__ = ["SHIFTS", "collapse", "expand", "shifted", "unshifted", "views"]
