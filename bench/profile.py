@@ -1,6 +1,6 @@
 """Where one request's CPU goes: a sampled profile of a pinned server under h2load.
 
-    python bench/profile.py [--root DIR] [--in-flight 64] [--payload png] [--seconds 5]
+    python bench/profile.py [--root DIR] [--in-flight 64] [--payload mnist-png] [--seconds 5]
     python bench/profile.py --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
 
 Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this
@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from load import encode, h2load_path
+from load import h2load_path
+from payloads import KINDS, render
 from servers import pinned
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def cpu_seconds(pid: int) -> float:
 def main(
     root: Annotated[Path, typer.Option(help="Checkout whose server to profile.")] = ROOT,
     in_flight: Annotated[int, typer.Option(help="Concurrent calls (h2load -m).")] = 64,
-    payload: Annotated[str, typer.Option(help="png or raw.")] = "png",
+    payload: Annotated[str, typer.Option(help=f"One of {', '.join(KINDS)}.")] = "mnist-png",
     seconds: Annotated[int, typer.Option(help="Sampled seconds.")] = 5,
     rpc: Annotated[str, typer.Option(help="predict, or batch (PredictBatch of 64).")] = "predict",
     model: Annotated[str, typer.Option(help="conv or mlp.")] = "conv",
@@ -79,10 +80,10 @@ def main(
 
     images, _ = load_mnist("test")
     count = BATCH_IMAGES if rpc == "batch" else 1
-    items = [encode(image, payload) for image in images[:count]]
+    items = [render(payload, image, i) for i, image in enumerate(images[:count])]
     if rpc == "batch":
-        images = (_field(1, _field(1, item)) for item in items)  # MnistImage{data}
-        body, method = b"".join(images), "PredictBatch"
+        fields = (_field(1, _field(1, item)) for item in items)  # MnistImage{data}
+        body, method = b"".join(fields), "PredictBatch"
     else:
         body, method = _field(1, items[0]), "Predict"
     server = subprocess.Popen(

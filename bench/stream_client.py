@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import grpc
 import stubs
 import typer
-from load import encode
+from payloads import render
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
 
@@ -92,14 +92,14 @@ def one_stream(
 
 def main(
     address: Annotated[str, typer.Option(help="Server HOST:PORT.")],
-    payload: Annotated[str, typer.Option(help="raw or png.")] = "raw",
+    payload: Annotated[str, typer.Option(help="A kind of bench/payloads.py.")] = "raw",
     seconds: Annotated[float, typer.Option(help="Time limit of the timed stream.")] = 4.0,
 ) -> None:
     """Warm up, then time one stream; print the result as JSON."""
     from training.data import load_mnist
 
     pixels, _ = load_mnist("test")
-    images = [encode(image, payload) for image in pixels[:DISTINCT_IMAGES]]
+    images = [render(payload, image, i) for i, image in enumerate(pixels[:DISTINCT_IMAGES])]
     with grpc.insecure_channel(address) as channel:
         stub = mnist_pb2_grpc.MnistStub(channel)
         one_stream(stub, images, WARMUP_IMAGES, seconds)
