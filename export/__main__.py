@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, Literal
 
@@ -12,6 +14,7 @@ import typer
 from mnist_service.constants import WEIGHT_FILES, Architecture
 
 if TYPE_CHECKING:
+    from export.baseline import Baseline
     from export.robustness import Row
     from training.data import Split
 
@@ -119,17 +122,46 @@ def robustness_command(
             " columns per model).",
         ),
     ] = "shifted",
+    variants: Annotated[
+        str | None,
+        typer.Option(
+            "--variants",
+            metavar="NAME[,NAME...]",
+            help="Only these rows, by variant name (e.g. mnist,fine-pen,fat-marker); all by"
+            " default.",
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            metavar="REF",
+            help="Compare MODEL with a baseline on the same drawings: an .onnx file (read with"
+            " the current preprocessing), or a commit of this repository (its preprocessing and"
+            " its weights/<MODEL's name>, as its server read them). Each row gets the paired"
+            " change and its standard error; the command exits with 1 when a row fell by more"
+            " than 2 standard errors.",
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Accuracy on the MNIST test digits drawn in many real-world ways (a Markdown table).
 
     Each variant goes through the serving preprocessing and each model, and through the server
-    too with --address.
+    too with --address. With --baseline REF it is a non-regression gate: exit status 1 when
+    any row is worse than the baseline's by more than 2 standard errors.
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from export.robustness import format_table, merge
+    from export.baseline import BaselineError, open_baseline
+    from export.robustness import compare, format_comparison, format_table, merge
     from training.data import held_out_start, load_mnist
+
+    names = None if variants is None else _variant_names(variants)
+    if baseline is not None and (len(models) != 1 or address is not None or views == "both"):
+        raise typer.BadParameter(
+            "compares one MODEL, without --address or --views both", param_hint="--baseline"
+        )
 
     split: Split = "test" if held_out is None else "train"
     labels = load_mnist(split, data_dir)[1]
@@ -140,16 +172,32 @@ def robustness_command(
         except ValueError as error:
             raise typer.BadParameter(str(error), param_hint="--held-out") from error
     count = labels[first:][:limit].shape[0]
-    parts = np.array_split(np.arange(first, first + count), jobs)
+    parts = np.array_split(np.arange(first, first + count), min(jobs, count))
     modes = VIEW_MODES[views]
-    tasks = [
-        (models, address, split, int(p[0]), int(p[-1]) + 1, seed, data_dir, modes) for p in parts
-    ]
-    if jobs == 1:
-        rows = _robustness_part(*tasks[0])
-    else:
-        with ProcessPoolExecutor(jobs) as pool:
-            rows = merge(list(pool.map(_robustness_part, *zip(*tasks, strict=True))))
+    try:
+        with ExitStack() as stack:
+            reference = None
+            if baseline is not None:
+                reference = stack.enter_context(open_baseline(baseline, models[0].name))
+            run_part = functools.partial(
+                _robustness_part,
+                models,
+                address,
+                split,
+                seed=seed,
+                data_dir=data_dir,
+                modes=modes,
+                names=names,
+                baseline=reference,
+            )
+            starts, stops = [int(p[0]) for p in parts], [int(p[-1]) + 1 for p in parts]
+            if len(parts) == 1:
+                rows = run_part(starts[0], stops[0])
+            else:
+                with ProcessPoolExecutor(len(parts)) as pool:
+                    rows = merge(list(pool.map(run_part, starts, stops)))
+    except BaselineError as error:
+        raise typer.BadParameter(str(error), param_hint="--baseline") from error
     columns = [
         model.name if shifted or len(modes) == 1 else f"{model.name}, one view"
         for model in models
@@ -164,7 +212,26 @@ def robustness_command(
             f"Accuracy on {count} held-out MNIST training images"
             f" ({first}-{first + count - 1}), seed {seed}:\n"
         )
-    typer.echo(format_table(columns, rows))
+    if reference is None:
+        typer.echo(format_table(columns, rows))
+        return
+    shifted = modes[0] and reference.views
+    typer.echo(
+        f"Baseline: {reference.description}, "
+        + ("over the shifted views" if shifted else "one view")
+        + (" (it had no shifted views)" if modes[0] and not shifted else "")
+        + ".\n"
+    )
+    typer.echo(format_comparison((columns[0], reference.label), rows))
+    regressed = [r.variant.name for r in rows if compare(r.outcomes[0], r.outcomes[1]).regressed]
+    if not regressed:
+        typer.echo("\nNo row fell by more than 2 standard errors of its paired change.")
+        return
+    typer.echo(
+        f"\nRegressed ({len(regressed)} of {len(rows)} rows fell by more than 2 standard errors"
+        " of their paired change): " + ", ".join(f"`{name}`" for name in regressed)
+    )
+    raise typer.Exit(1)
 
 
 def _robustness_part(
@@ -176,18 +243,58 @@ def _robustness_part(
     seed: int,
     data_dir: Path | None,
     modes: tuple[bool, ...] = (True,),
+    names: tuple[str, ...] | None = None,
+    baseline: Baseline | None = None,
 ) -> list[Row]:
-    """The report on the split's images start..stop-1 (one worker's share)."""
+    """The report on the split's images start..stop-1 (one worker's share), on the variants
+    named (all by default); with a baseline, its column follows the (one) model's."""
+    from export.baseline import PreprocessWorker, predict_at_commit
     from export.evaluate import open_session
-    from export.robustness import Predict, predict_locally, predict_through, run_report
+    from export.robustness import (
+        MAX_PIXELS,
+        VARIANTS,
+        Predict,
+        predict_locally,
+        predict_through,
+        run_report,
+    )
     from training.data import load_mnist
 
     images, labels = load_mnist(split, data_dir)
+    by_name = {v.name: v for v in VARIANTS}
+    chosen = VARIANTS if names is None else tuple(by_name[n] for n in names)
     sessions = [open_session(m) for m in models]
-    classifiers: list[Predict] = [predict_locally(*sessions, views=modes)]
-    if address is not None:
-        classifiers.append(predict_through(address))
-    return run_report(classifiers, images[start:stop], labels[start:stop], seed=seed, first=start)
+    with ExitStack() as stack:
+        if baseline is not None and baseline.tree is None:  # a weights file: same preprocessing
+            sessions.append(open_session(baseline.weights))
+        classifiers: list[Predict] = [predict_locally(*sessions, views=modes)]
+        if baseline is not None and baseline.tree is not None:
+            worker = stack.enter_context(
+                PreprocessWorker(baseline.tree, MAX_PIXELS, baseline.label)
+            )
+            shifted = modes[0] and baseline.views
+            session = open_session(baseline.weights)
+            classifiers.append(predict_at_commit(worker, session, shifted=shifted))
+        if address is not None:
+            classifiers.append(predict_through(address))
+        return run_report(
+            classifiers, images[start:stop], labels[start:stop], chosen, seed=seed, first=start
+        )
+
+
+def _variant_names(text: str) -> tuple[str, ...]:
+    """`--variants`: the names, checked, in the order given, each once."""
+    from export.robustness import VARIANTS
+
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    known = [v.name for v in VARIANTS]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"unknown {', '.join(unknown) or 'empty list'}; the variants are {', '.join(known)}",
+            param_hint="--variants",
+        )
+    return names
 
 
 def _architecture(name: str) -> Architecture:

@@ -6,7 +6,9 @@ photographed on unevenly lit paper, saved as a poor JPEG, rotated by EXIF... The
 through the exact serving preprocessing (`mnist_service.engine.preprocess.prepare`) and the
 model, over the same shifted views as the server (`mnist_service.engine.views`), or through a
 running server, and the report gives the accuracy of each variant next to plain MNIST.
-Rendering is seeded per (variant, image), so a subset is the full run's prefix.
+Rendering is seeded per (variant, image), so a subset is the full run's prefix. Each row keeps
+whether each classifier read each image right, so a model can be compared with a baseline
+(`export.baseline`) on the same drawings, pair by pair (`compare`).
 
 Pens are drawn along the digit's centre line: the MNIST digit is upscaled 4x, smoothed and
 thinned to one pixel (Zhang-Suen), keeping the loops the writer left visible or inked in solid
@@ -383,13 +385,23 @@ def predict_through(address: str) -> Predict:
     return run
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Row:
-    """How many of a variant's images each classifier (a model, or a server) got right."""
+    """Which of a variant's images each classifier (a model, or a server) got right."""
 
     variant: Variant
-    correct: tuple[int, ...]
-    total: int
+    outcomes: npt.NDArray[np.bool_]
+    """[K, N]: whether classifier k read image n right (a refused image is wrong)."""
+
+    @property
+    def total(self) -> int:
+        """How many images."""
+        return int(self.outcomes.shape[1])
+
+    @property
+    def correct(self) -> tuple[int, ...]:
+        """How many images right, per classifier."""
+        return tuple(int(c) for c in self.outcomes.sum(axis=1))
 
     @property
     def accuracy(self) -> tuple[float, ...]:
@@ -413,31 +425,25 @@ def run_report(
     images go through every variant in turn, so a digit's centre line is traced once for all
     the pens.
     """
-    correct: npt.NDArray[np.int64] | None = None
+    assert len(images) > 0, "no images"
+    outcomes: list[list[npt.NDArray[np.bool_]]] = [[] for _ in variants]
     for start in range(0, len(images), chunk):
         stop = min(start + chunk, len(images))
         for row, variant in enumerate(variants):
             files = [render(variant, first + i, images[i], seed) for i in range(start, stop)]
             predicted = np.concatenate([classify(files) for classify in classifiers])
-            if correct is None:
-                correct = np.zeros((len(variants), predicted.shape[0]), np.int64)
-            correct[row] += (predicted == labels[start:stop]).sum(axis=1)
+            outcomes[row].append(predicted == labels[start:stop])
         log.info("robustness: images %d-%d done", first, first + stop - 1)
-    assert correct is not None, "no images"
     return [
-        Row(variant, tuple(int(c) for c in counts), len(images))
-        for variant, counts in zip(variants, correct, strict=True)
+        Row(variant, np.concatenate(chunks, axis=1))
+        for variant, chunks in zip(variants, outcomes, strict=True)
     ]
 
 
 def merge(parts: Sequence[Sequence[Row]]) -> list[Row]:
-    """Add up the rows of reports on disjoint parts of the test set."""
+    """Join the rows of reports on consecutive parts of the test set, in order."""
     return [
-        Row(
-            rows[0].variant,
-            tuple(sum(column) for column in zip(*(r.correct for r in rows), strict=True)),
-            sum(r.total for r in rows),
-        )
+        Row(rows[0].variant, np.concatenate([r.outcomes for r in rows], axis=1))
         for rows in zip(*parts, strict=True)
     ]
 
@@ -451,4 +457,70 @@ def format_table(columns: Sequence[str], rows: Sequence[Row]) -> str:
     for row in rows:
         cells = " | ".join(f"{100 * a:.2f} %" for a in row.accuracy)
         lines.append(f"| `{row.variant.name}` | {cells} | {row.variant.description} |")
+    return "\n".join(lines)
+
+
+REGRESSION_SE: Final = 2.0
+"""A row regressed when it fell by more than this many standard errors (and by an image)."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """How one classifier's accuracy on a row differs from a baseline's, on the same images."""
+
+    difference: float
+    """Accuracy minus the baseline's (a fraction; negative: worse)."""
+    standard_error: float
+    """Of the difference, from the paired outcomes; 0 when no image changed, NaN when one
+    image alone changed (a single pair has no variance to measure)."""
+    images: int
+    """Images right minus the baseline's."""
+
+    @property
+    def regressed(self) -> bool:
+        """Whether it fell by at least an image and by more than `REGRESSION_SE` errors."""
+        return self.images <= -1 and -self.difference > REGRESSION_SE * self.standard_error
+
+
+def compare(new: npt.NDArray[np.bool_], base: npt.NDArray[np.bool_]) -> Change:
+    """The paired change from `base` to `new`, whether each classifier read each image right.
+
+    With d = new - base per image (-1, 0 or 1), the difference is mean(d) and its standard
+    error sqrt(var(d) / n), var the sample variance: only the images the two read differently
+    count, so two close classifiers are told apart on far fewer images than two independent
+    samples would need.
+    """
+    if new.shape != base.shape or new.ndim != 1 or new.size == 0:
+        raise ValueError(
+            f"expected two equal, non-empty 1-D outcomes, got {new.shape}, {base.shape}"
+        )
+    d = new.astype(np.int64) - base.astype(np.int64)
+    if not d.any():
+        error = 0.0
+    elif d.size < 2:
+        error = float("nan")
+    else:
+        error = float(np.sqrt(d.var(ddof=1) / d.size))
+    return Change(float(d.mean()), error, int(d.sum()))
+
+
+def format_comparison(columns: tuple[str, str], rows: Sequence[Row]) -> str:
+    """A report of two classifiers (the model, then its baseline) as a Markdown table: both
+    accuracies, the change in percentage points, its standard error, and whether it regressed."""
+    lines = [
+        f"| variant | {columns[0]} | {columns[1]} | change | standard error | regressed |"
+        " how the digit is drawn |",
+        "|---|---:|---:|---:|---:|:---:|---|",
+    ]
+    for row in rows:
+        change = compare(row.outcomes[0], row.outcomes[1])
+        new, base = row.accuracy
+        cells = [
+            f"{100 * new:.2f} %",
+            f"{100 * base:.2f} %",
+            f"{100 * change.difference:+.2f} pp",
+            "n/a" if np.isnan(change.standard_error) else f"{100 * change.standard_error:.2f} pp",
+            "**yes**" if change.regressed else "no",
+        ]
+        lines.append(f"| `{row.variant.name}` | {' | '.join(cells)} | {row.variant.description} |")
     return "\n".join(lines)
