@@ -218,7 +218,11 @@ def robustness_command(
     shifted = modes[0] and reference.views
     typer.echo(
         f"Baseline: {reference.description}, "
-        + ("over the shifted views" if shifted else "one view")
+        + (
+            ("over the shifted views, " + ("when unsure" if reference.cascade else "always"))
+            if shifted
+            else "one view"
+        )
         + (" (it had no shifted views)" if modes[0] and not shifted else "")
         + ".\n"
     )
@@ -274,7 +278,9 @@ def _robustness_part(
             )
             shifted = modes[0] and baseline.views
             session = open_session(baseline.weights)
-            classifiers.append(predict_at_commit(worker, session, shifted=shifted))
+            classifiers.append(
+                predict_at_commit(worker, session, shifted=shifted, cascade=baseline.cascade)
+            )
         if address is not None:
             classifiers.append(predict_through(address))
         return run_report(

@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from export.robustness import FAILED, Predict
 from mnist_service.engine.preprocess import Prepared
-from mnist_service.engine.views import collapse, expand
+from mnist_service.engine.views import cascaded, collapse, expand
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class Baseline:
     """The commit's files, whose preprocessing to run; None: the current preprocessing."""
     views: bool = True
     """Whether the commit's server had shifted views."""
+    cascade: bool = True
+    """Whether it read them in a cascade (`views.cascaded`), not always all five."""
     description: str
 
 
@@ -93,12 +95,14 @@ def open_baseline(ref: str, model_name: str, repository: Path = REPOSITORY) -> I
         tree = Path(folder)
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(tree, filter="data")
-        views = (tree / "mnist_service" / "engine" / "views.py").is_file()
+        module = tree / "mnist_service" / "engine" / "views.py"
+        views = module.is_file()
         yield Baseline(
             label=f"{short} {model_name}",
             weights=tree / weights,
             tree=tree,
             views=views,
+            cascade=views and "def cascaded(" in module.read_text(encoding="utf-8"),
             description=f"commit {short} ({ref}): its preprocessing and {weights}",
         )
 
@@ -202,9 +206,12 @@ class PreprocessWorker:
         return stream
 
 
-def predict_at_commit(worker: PreprocessWorker, session: Any, *, shifted: bool) -> Predict:
+def predict_at_commit(
+    worker: PreprocessWorker, session: Any, *, shifted: bool, cascade: bool = True
+) -> Predict:
     """Classify files with a commit's preprocessing (`worker`) and its model (`session`), over
-    the shifted views of the redrawn images if `shifted`: one classifier."""
+    the shifted views of the redrawn images if `shifted` (read in a cascade, as
+    `views.cascaded`, if `cascade`, else always all of them): one classifier."""
     from export.evaluate import onnx_probabilities
 
     if shifted and not worker.redraws:
@@ -220,7 +227,8 @@ def predict_at_commit(worker: PreprocessWorker, session: Any, *, shifted: bool) 
             for image, redrawn in zip(batch.images, batch.redrawn, strict=True)
         ]
         rows, counts = expand(prepared, enabled=shifted)
-        probabilities = collapse(onnx_probabilities(session, rows), counts)
+        read = cascaded if cascade else collapse
+        probabilities = read(onnx_probabilities(session, rows), counts)
         labels: npt.NDArray[np.int64] = probabilities.argmax(axis=1).astype(np.int64)[np.newaxis]
         labels[:, batch.refused] = FAILED
         return labels

@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import Prepared, open_image, prepare, scale_pixels
-from mnist_service.engine.views import collapse, expand, unshifted
+from mnist_service.engine.views import cascaded, expand, unshifted
 from mnist_service.errors import InvalidImageError
 from training.strokes import centre_lines, draw
 
@@ -278,6 +278,62 @@ def _thumbnail(digit: Digit, rng: Rng) -> bytes:
     return encode(drawn.resize((48, 48), Image.Resampling.BILINEAR), "PNG")
 
 
+def cropped(digit: Digit, margin: int = 0) -> Digit:
+    """The digit cut out at its ink's bounding box (the ink touches every edge), plus a
+    `margin` of background at 28 px scale."""
+    rows, cols = np.nonzero(digit.any(axis=1))[0], np.nonzero(digit.any(axis=0))[0]
+    padded = np.pad(digit, margin)
+    crop: Digit = padded[rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin]
+    return crop
+
+
+_SCALES: Final = (1, 2, 3, 4, 6, 8)
+"""How much larger than MNIST's own pixels a tight crop is sent."""
+
+_UPSCALE: Final = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
+
+
+def _tight(digit: Digit, rng: Rng, *, dark_on_light: bool, fmt: str) -> bytes:
+    """Cropped to the ink, at a random scale, in one polarity and one file format."""
+    crop = cropped(digit)
+    image = Image.fromarray(255 - crop if dark_on_light else crop)
+    scale = int(rng.choice(_SCALES))
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    return encode(image, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+
+
+def _thumb(digit: Digit, rng: Rng, *, side: int) -> bytes:
+    """Shrunk (aspect kept) so the longer side is `side` px, cropped to the ink or with a
+    margin of 1-3 px, then shown at 64-128 px, bilinear or bicubic: a thumbnail blown up."""
+    crop = cropped(digit, int(rng.choice((0, 0, 1, 2, 3))))
+    height, width = crop.shape
+    shrink = side / max(height, width)
+    small = Image.fromarray(255 - crop).resize(
+        (max(1, round(width * shrink)), max(1, round(height * shrink))),
+        Image.Resampling.LANCZOS,
+    )
+    shown = int(rng.integers(64, 129)) / side
+    big = small.resize(
+        (max(1, round(small.width * shown)), max(1, round(small.height * shown))),
+        _UPSCALE[int(rng.integers(2))],
+    )
+    return encode(big, "PNG")
+
+
+def _phone_photo(digit: Digit, rng: Rng) -> bytes:
+    """A phone camera's picture: 1024x768 to 1600x1200, a pen digit a fifth to a third of the
+    frame tall, uneven light, a slightly soft lens, noise, JPEG."""
+    canvas = ((1024, 768), (1280, 960), (1600, 1200))[int(rng.integers(3))]
+    side = int(canvas[1] * rng.uniform(0.2, 0.35))
+    ink = pen(digit, side, max(2, round(side / 60)))
+    drawn = paint(ink, canvas, _place(rng, canvas, side), (238, 234, 226), (35, 35, 45))
+    soft = np.asarray(
+        to_image(drawn * lighting(canvas, rng, 0.6)).filter(ImageFilter.GaussianBlur(1.2)),
+        np.float32,
+    )
+    return encode(to_image(noise(soft, rng, 5.0)), "JPEG", quality=85)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of drawing the test digits."""
@@ -313,6 +369,39 @@ VARIANTS: Final[tuple[Variant, ...]] = (
         "exif-rotated", "phone JPEG stored sideways or upside down, EXIF orientation", _exif_rotated
     ),
     Variant("thumbnail-48px", "8 px pen drawn at 200 px, shrunk to a 48x48 PNG", _thumbnail),
+    Variant(
+        "tight-crop",
+        "MNIST's digit cropped to its ink, dark on light, x1-x8, PNG",
+        functools.partial(_tight, dark_on_light=True, fmt="PNG"),
+    ),
+    Variant(
+        "tight-crop-jpeg",
+        "the same, JPEG quality 90",
+        functools.partial(_tight, dark_on_light=True, fmt="JPEG"),
+    ),
+    Variant(
+        "tight-crop-light",
+        "cropped to its ink, light on dark, x1-x8, PNG",
+        functools.partial(_tight, dark_on_light=False, fmt="PNG"),
+    ),
+    Variant(
+        "tight-crop-light-jpeg",
+        "the same, JPEG quality 90",
+        functools.partial(_tight, dark_on_light=False, fmt="JPEG"),
+    ),
+    Variant(
+        "thumb-16px",
+        "cropped (0-3 px margin), shrunk to 16 px, shown at 64-128 px",
+        functools.partial(_thumb, side=16),
+    ),
+    Variant("thumb-12px", "the same at 12 px", functools.partial(_thumb, side=12)),
+    Variant("thumb-10px", "the same at 10 px", functools.partial(_thumb, side=10)),
+    Variant("thumb-8px", "the same at 8 px", functools.partial(_thumb, side=8)),
+    Variant(
+        "phone-photo",
+        "pen on paper, 1024x768 to 1600x1200 JPEG: light, soft lens, noise",
+        _phone_photo,
+    ),
 )
 
 
@@ -334,8 +423,9 @@ SERVER_BATCH: Final = 50
 
 def predict_locally(*sessions: Any, views: Sequence[bool] = (True,)) -> Predict:
     """Classify files with the serving preprocessing (run once) and each onnxruntime session:
-    a classifier per session and per entry of `views`, with the shifted views the server
-    averages over (True) or the preprocessed image alone (False)."""
+    a classifier per session and per entry of `views`: as the server reads them, over the
+    shifted views where the image's own reading is unsure (True), or the preprocessed image
+    alone (False)."""
     from export.evaluate import onnx_probabilities
 
     blank = Prepared(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE), np.float32), redrawn=False)
@@ -354,7 +444,7 @@ def predict_locally(*sessions: Any, views: Sequence[bool] = (True,)) -> Predict:
         for session in sessions:
             probabilities = onnx_probabilities(session, batch)
             for shifted in views:
-                read = collapse if shifted else unshifted
+                read = cascaded if shifted else unshifted
                 chosen = read(probabilities, counts)
                 labels.append(chosen.argmax(axis=1).astype(np.int64))
         out = np.stack(labels)

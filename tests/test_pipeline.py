@@ -7,7 +7,7 @@ import io
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +18,7 @@ from PIL import Image
 from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.pipeline import Pipeline
 from mnist_service.engine.preprocess import preprocess
+from mnist_service.engine.views import unsure
 from mnist_service.errors import DeadlineExpiredError, OverloadedError
 
 from .test_batcher import RecordingClassifier
@@ -185,12 +186,13 @@ def _by_hand(image: npt.NDArray[np.float32]) -> list[npt.NDArray[np.float32]]:
 
 
 @pytest.mark.parametrize("shift_views", [True, False])
-async def test_a_redrawn_image_is_read_as_the_mean_over_its_shifted_copies(
+async def test_an_unsure_redrawn_image_is_read_as_the_mean_over_its_shifted_copies(
     executor: ThreadPoolExecutor,
     mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
     shift_views: bool,
 ) -> None:
-    """Inline, in the decode pool and in `classify_many` alike; MNIST format is read once."""
+    """Inline, in the decode pool and in `classify_many` alike; MNIST format is read once.
+    The model's answers (pixels of the middle row) are never a sure reading."""
     digit = mnist_test_set[0][0]
     model = MiddleRow()
     batcher = Batcher(model, max_batch_size=64)
@@ -205,6 +207,7 @@ async def test_a_redrawn_image_is_read_as_the_mean_over_its_shifted_copies(
         copies = _by_hand(image) if shift_views and redrawn else [image]
         expected = np.mean([model.classify(c[np.newaxis, np.newaxis])[0] for c in copies], 0)
         assert expected.any(), name  # the model sees ink, so a wrong copy shows
+        assert unsure(model.classify(image[np.newaxis, np.newaxis]))[0], name
         rows_before = batcher.stats.images
         np.testing.assert_allclose(await pipeline.classify(data), expected, rtol=1e-6)
         assert batcher.stats.images - rows_before == len(copies), name
@@ -212,3 +215,64 @@ async def test_a_redrawn_image_is_read_as_the_mean_over_its_shifted_copies(
         assert isinstance(many, np.ndarray)
         np.testing.assert_allclose(many, expected, rtol=1e-6)
     assert pipeline.pending == 0
+
+
+class SureOfInk:
+    """Sure (0.97) of the digit 3 when the image's centre row holds ink, else split 50/50
+    between 3 and 5: sure of a digit, unsure of an image shifted off its strokes."""
+
+    info = RecordingClassifier.info
+
+    def classify(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        out = np.full((len(batch), 10), 0.003, np.float32)
+        inked = batch[:, 0, 14].max(axis=1) > 0.5
+        out[:, 3] = np.where(inked, 0.973, 0.5)
+        out[:, 5] = np.where(inked, 0.003, 0.476)
+        return out
+
+
+@pytest.mark.parametrize("sure", [True, False], ids=["sure", "unsure"])
+async def test_a_sure_reading_of_a_redrawn_image_costs_one_row(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+    sure: bool,
+) -> None:
+    """The cascade: the own view alone when it is sure; all five when it is not (here the
+    digit is blanked so that every view is unsure), inline, in the pool and in a batch."""
+    digit = mnist_test_set[0][0].copy()
+    if not sure:
+        digit[12:17] = 0  # no ink across the middle rows: the model is unsure of every view
+    model = SureOfInk()
+    batcher = Batcher(model, max_batch_size=64)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 22, executor=executor)
+    for name, data in {"inverted": (255 - digit).tobytes(), "large": _drawn_large(digit)}.items():
+        image = preprocess(data, max_pixels=1 << 22)[0]
+        own = model.classify(image[np.newaxis, np.newaxis])
+        assert bool(unsure(own)[0]) is not sure, name
+        copies = [image] if sure else _by_hand(image)
+        expected = np.mean([model.classify(c[np.newaxis, np.newaxis])[0] for c in copies], 0)
+        for classify in (pipeline.classify, _one_of_many(pipeline)):
+            rows_before = batcher.stats.images
+            np.testing.assert_allclose(await classify(data), expected, rtol=1e-6)
+            assert batcher.stats.images - rows_before == len(copies), name
+    assert pipeline.pending == 0
+
+
+def _one_of_many(pipeline: Pipeline) -> Callable[[bytes], Awaitable[npt.NDArray[np.float32]]]:
+    """`classify` by way of `classify_many`, with a failing item beside the image."""
+
+    async def classify(data: bytes) -> npt.NDArray[np.float32]:
+        result, empty = await pipeline.classify_many([data, b""])
+        assert isinstance(empty, Exception)
+        assert isinstance(result, np.ndarray)
+        return result
+
+    return classify
+
+
+def _drawn_large(digit: npt.NDArray[np.uint8]) -> bytes:
+    """The digit dark on light at 400x400: over 256x256, so prepared in the decode pool."""
+    image = Image.fromarray(255 - digit).resize((400, 400), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -218,7 +218,8 @@ def test_many_real_digits_come_out_like_the_originals(digits: Bytes) -> None:
 def test_dark_on_light_equals_light_on_dark(digits: Bytes) -> None:
     ink = canvas_ink(digits[TWO])
     dark_on_light, light_on_dark = run(encode(grey(1 - ink), "PNG")), run(encode(grey(ink), "PNG"))
-    np.testing.assert_array_equal(dark_on_light, light_on_dark)
+    # Not bit for bit: shrinking the digit's box rounds its 8-bit means, 0.5 up either way.
+    np.testing.assert_allclose(dark_on_light, light_on_dark, atol=0.01)
 
 
 def test_paper_colour_comes_from_the_most_common_level_not_the_mean(digits: Bytes) -> None:
@@ -282,11 +283,17 @@ def test_exif_orientation_is_respected(
     assert similarity(ignored, expected) < 0.6
 
 
-@pytest.mark.parametrize("at", [(0, 0), (200, 120), (100, 60), (195, 0)], ids=str)
+@pytest.mark.parametrize("at", [(0, 0), (200, 120), (100, 60), (195, 0), (171, 21)], ids=str)
 def test_position_on_the_canvas_does_not_matter(digits: Bytes, at: tuple[int, int]) -> None:
     out = run(encode(grey(canvas_ink(digits[TWO], at=at)), "PNG"))
     reference = run(encode(grey(canvas_ink(digits[TWO])), "PNG"))
-    np.testing.assert_array_equal(out, reference)
+    # The 200 px digit's box is shrunk 2x before the ink is mapped: an odd offset samples it
+    # half a pixel apart (mean difference 0.01 of full ink), an even one gives the same image.
+    assert bbox_size(out) == bbox_size(reference)
+    assert np.abs(out - reference).mean() < 0.02
+    assert similarity(out, reference) > 0.99
+    if at[0] % 2 == 0 and at[1] % 2 == 0:
+        np.testing.assert_array_equal(out, reference)
 
 
 def test_aspect_ratio_is_kept_for_a_tall_one(digits: Bytes) -> None:

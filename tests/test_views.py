@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from mnist_service.engine.preprocess import Prepared
-from mnist_service.engine.views import SHIFTS, collapse, expand, shifted, unshifted, views
+from mnist_service.engine.views import (
+    SHIFTS,
+    VIEW_MARGIN,
+    cascaded,
+    collapse,
+    expand,
+    others,
+    shifted,
+    unshifted,
+    unsure,
+    views,
+)
 
 
 def numbered() -> np.ndarray:
@@ -69,3 +80,39 @@ def test_one_view_each_is_passed_through_as_is() -> None:
     probabilities = np.ones((3, 10), np.float32)
     assert collapse(probabilities, counts) is probabilities
     assert batch.shape == (3, 1, 28, 28)
+
+
+def test_a_reading_is_unsure_when_its_top_two_are_closer_than_the_margin() -> None:
+    sure = np.zeros(10, np.float32)
+    sure[3] = 0.96
+    sure[7] = 0.04
+    close = np.full(10, 0.01, np.float32)
+    close[[2, 5]] = [0.48, 0.44]
+    edge = np.zeros(10, np.float32)
+    edge[[0, 1]] = [VIEW_MARGIN + 0.04, 0.04]  # the lead is the margin, to rounding
+    assert unsure(np.stack([sure, close, edge])).tolist() == [False, True, False]
+
+
+def test_others_are_the_four_shifted_views_after_the_own_one() -> None:
+    image = numbered()
+    np.testing.assert_array_equal(others(image), views(Prepared(image, True))[1:])
+    assert others(image).shape == (len(SHIFTS) - 1, 1, 28, 28)
+
+
+def test_the_cascade_reads_the_own_view_when_sure_and_all_views_when_unsure() -> None:
+    """Three redrawn images (sure, unsure, unsure) and one in MNIST format (unsure, no views)."""
+    counts = np.array([5, 5, 5, 1], np.intp)
+    rng = np.random.default_rng(1)
+    probabilities = rng.random((16, 10)).astype(np.float32) * 0.01
+    probabilities[0, 4] = 0.99  # sure: the own view decides, whatever the shifted ones say
+    probabilities[1:5, 8] = 0.9
+    probabilities[5, [1, 2]] = [0.5, 0.45]  # unsure: the mean of all five
+    probabilities[6:10, 2] = 0.9
+    probabilities[10, [6, 9]] = [0.4, 0.35]
+    probabilities[15, [0, 1]] = [0.5, 0.5]  # unsure, but one row: as it is
+    out = cascaded(probabilities, counts)
+    np.testing.assert_array_equal(out[0], probabilities[0])
+    np.testing.assert_allclose(out[1], probabilities[5:10].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(out[2], probabilities[10:15].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(out[3], probabilities[15])
+    assert out.argmax(axis=1).tolist() == [4, 2, 6, 0]

@@ -3,8 +3,8 @@
 Small images (a 28x28 PNG decodes in ~55 us) are preprocessed inline on the event loop: a
 thread hand-off costs more than that on a busy core. Images whose header announces more than
 `inline_max_pixels` are decoded in the executor, so a photo never stalls the loop. An image
-the preprocessing redrew is classified as the mean over its shifted `views`, unless
-`shift_views` is off. Nothing here knows about gRPC.
+the preprocessing redrew is read once, and again over its shifted views when that reading is
+unsure (`views`), unless `shift_views` is off. Nothing here knows about gRPC.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import numpy as np
 from ..errors import DeadlineExpiredError, OverloadedError
 from .inference import FloatArray, ModelInfo, Predictor
 from .preprocess import Opened, Prepared, is_raw, open_image, pixel_count, prepare, raw_batch
-from .views import collapse, expand, views
+from .views import SHIFTS, collapse, others, unsure
+
+_ALL_VIEWS: Final = np.array([len(SHIFTS)], np.intp)
+"""One image's count of views, for `collapse`."""
 
 INLINE_MAX_PIXELS: Final = 256 * 256
 """Images up to this many pixels are decoded on the event loop (about 0.5 ms at most)."""
@@ -125,11 +128,15 @@ class Pipeline:
         try:
             opened = open_image(data, self._max_image_pixels)
             if self._is_small(opened):
-                rows = views(prepare(opened), self._shift_views)
-                if len(rows) == 1:
-                    future = self._predictor.submit(rows, expires_at, on_batch)
+                prepared = prepare(opened)
+                if not self._has_views(prepared):
+                    future = self._predictor.submit(
+                        prepared.image[np.newaxis], expires_at, on_batch
+                    )
                 else:  # a drawing: its preprocessing costs far more than this task
-                    future = asyncio.ensure_future(self._predict_views(rows, expires_at, on_batch))
+                    future = asyncio.ensure_future(
+                        self._predict_views(prepared, expires_at, on_batch)
+                    )
             else:
                 self._admit_decode(len(data))
                 future = asyncio.ensure_future(
@@ -156,17 +163,24 @@ class Pipeline:
             prepared = await loop.run_in_executor(self._executor, prepare, opened)
         finally:
             self._release_decode(size)
-        return await self._predict_views(views(prepared, self._shift_views), expires_at, on_batch)
+        return await self._predict_views(prepared, expires_at, on_batch)
+
+    def _has_views(self, prepared: Prepared) -> bool:
+        return self._shift_views and prepared.redrawn
 
     async def _predict_views(
         self,
-        rows: FloatArray,
+        prepared: Prepared,
         expires_at: float | None,
         on_batch: Callable[[int], None] | None,
     ) -> FloatArray:
-        """One image's views [V, 1, 28, 28] -> its probabilities [1, 10], their mean."""
-        probabilities = await self._predictor.predict(rows, expires_at, on_batch)
-        return collapse(probabilities, np.array([len(rows)], np.intp))
+        """One prepared image -> its probabilities [1, 10]: its own view's, or, when that is
+        unsure and the image has shifted views, the mean over all five."""
+        own = await self._predictor.predict(prepared.image[np.newaxis], expires_at, on_batch)
+        if not (self._has_views(prepared) and unsure(own)[0]):
+            return own
+        rest = await self._predictor.predict(others(prepared.image), expires_at, on_batch)
+        return collapse(np.concatenate([own, rest]), _ALL_VIEWS)
 
     async def classify_prepared(
         self,
@@ -241,13 +255,31 @@ class Pipeline:
         valid = [item for item in prepared if isinstance(item, Prepared)]
         answers: Iterator[FloatArray] = iter(())
         if valid:
-            batch, counts = expand(valid, self._shift_views)
-            answers = iter(collapse(await self._predictor.predict(batch, expires_at), counts))
+            answers = iter(await self._predict_many(valid, expires_at))
         results: list[ItemResult] = []
         for item in prepared:
             assert item is not None  # every item is prepared, or failed, by now
             results.append(next(answers) if isinstance(item, Prepared) else item)
         return results
+
+    async def _predict_many(self, valid: list[Prepared], expires_at: float | None) -> FloatArray:
+        """Prepared images -> their probabilities [N, 10]: every image's own view in one
+        batch, then the shifted views of the redrawn ones whose reading is unsure in another."""
+        own = await self._predictor.predict(np.stack([p.image for p in valid]), expires_at)
+        recheck = [
+            index for index in np.flatnonzero(unsure(own)) if self._has_views(valid[int(index)])
+        ]
+        if not recheck:
+            return own
+        rest = await self._predictor.predict(
+            np.concatenate([others(valid[int(index)].image) for index in recheck]), expires_at
+        )
+        read = own.copy()
+        extra = len(SHIFTS) - 1
+        for at, index in enumerate(recheck):
+            views = np.concatenate([own[index : index + 1], rest[extra * at : extra * (at + 1)]])
+            read[index] = collapse(views, _ALL_VIEWS)[0]
+        return read
 
     def _is_small(self, opened: Opened) -> bool:
         return pixel_count(opened) <= self._inline_max_pixels
