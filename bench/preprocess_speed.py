@@ -1,0 +1,123 @@
+"""Per-image preprocessing cost on one core, per input kind: the budgets of the real images.
+
+    python bench/preprocess_speed.py                  # 64 test digits per kind, best of 5
+    taskset -c 1 python bench/preprocess_speed.py --images 200 --json out.json
+
+For each kind of `payloads.KINDS` it times, per image, what the server does before the model:
+`open_image` (the header), Pillow's own decode (the file's pixels, at the reduced JPEG scale the
+server asks for) and the whole of `prepare` (decode, orientation, mode conversion, the ink map,
+the crop, the resize, the strokes and the centring), and the model rows the image costs: its
+own view, and 4 more when that reading is unsure (`views.unsure`, with the shipped ConvNet).
+"Ours" is `prepare` less Pillow's decode: what the budgets of issue 20 are about. Best of
+`--rounds` passes over the same files (the median per image within a pass), so a burst of
+noise from the shared machine does not decide it. Not a test: nothing asserts on the times.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import payloads
+import typer
+from PIL import Image
+from report import cpu_model
+
+from export.evaluate import onnx_probabilities, open_session
+from mnist_service.engine.preprocess import WORKING_SIDE, Prepared, open_image, prepare
+from mnist_service.engine.views import SHIFTS, unsure
+from training.data import load_mnist
+
+MAX_PIXELS = 16_777_216
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mnist_convnet.onnx"
+
+app = typer.Typer(add_completion=False)
+
+
+def _median_us(step: Callable[[bytes], object], files: list[bytes]) -> float:
+    """The median time of `step` over the files, in microseconds."""
+    times = []
+    for data in files:
+        start = time.perf_counter()
+        step(data)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _header(data: bytes) -> object:
+    return open_image(data, MAX_PIXELS)
+
+
+def _decode(data: bytes) -> object:
+    """Pillow's share: the header, then the pixels at the scale `load` drafts JPEGs to."""
+    opened = open_image(data, MAX_PIXELS)
+    if isinstance(opened, Image.Image):
+        if opened.format in ("JPEG", "MPO"):
+            opened.draft("L", (WORKING_SIDE, WORKING_SIDE))
+        opened.load()
+    return opened
+
+
+def _prepare(data: bytes) -> Prepared:
+    return prepare(open_image(data, MAX_PIXELS))
+
+
+@app.command()
+def main(
+    images: Annotated[int, typer.Option(min=1, help="Test digits per kind.")] = 64,
+    rounds: Annotated[int, typer.Option(min=1, help="Passes; the best one counts.")] = 5,
+    kinds: Annotated[str, typer.Option(help="Comma-separated kinds.")] = ",".join(payloads.KINDS),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write JSON here.")] = None,
+) -> None:
+    """Print a table of per-image preprocessing times per input kind."""
+    digits = load_mnist("test")[0][:images]
+    session = open_session(WEIGHTS)
+    rows = []
+    for kind in kinds.split(","):
+        files = [payloads.render(kind, digit, index) for index, digit in enumerate(digits)]
+        header = min(_median_us(_header, files) for _ in range(rounds))
+        decode = min(_median_us(_decode, files) for _ in range(rounds))
+        total = min(_median_us(_prepare, files) for _ in range(rounds))
+        view_rows = _model_rows([_prepare(f) for f in files], session)
+        rows.append(
+            {
+                "kind": kind,
+                "bytes": statistics.median(len(f) for f in files),
+                "header_us": round(header, 1),
+                "decode_us": round(decode, 1),
+                "total_us": round(total, 1),
+                "ours_us": round(max(total - decode, 0.0), 1),
+                "model_rows": view_rows,
+            }
+        )
+    cpu = cpu_model()
+    typer.echo(f"{cpu}; Python {platform.python_version()}; {images} images per kind\n")
+    typer.echo(
+        "| kind | bytes | header µs | decode µs | prepare in all µs | ours µs | model rows |"
+    )
+    typer.echo("|---|--:|--:|--:|--:|--:|--:|")
+    for row in rows:
+        typer.echo(
+            f"| {row['kind']} | {row['bytes']:,.0f} | {row['header_us']:,.0f} |"
+            f" {row['decode_us']:,.0f} | {row['total_us']:,.0f} | {row['ours_us']:,.0f} |"
+            f" {row['model_rows']:.2f} |"
+        )
+    if json_out is not None:
+        json_out.write_text(json.dumps({"cpu": cpu, "rows": rows}, indent=2) + "\n")
+
+
+def _model_rows(prepared: list[Prepared], session: object) -> float:
+    """The mean count of model rows an image costs the server (its views, `views.cascaded`)."""
+    images = np.stack([p.image for p in prepared])
+    recheck = unsure(onnx_probabilities(session, images)) & np.array([p.redrawn for p in prepared])
+    return 1 + (len(SHIFTS) - 1) * float(recheck.mean())
+
+
+if __name__ == "__main__":
+    app()
