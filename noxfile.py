@@ -76,10 +76,21 @@ def robustness(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmark against two baselines (not a test; needs h2load): tables, bench-results/*.json.
 
-    `nox -s bench` also rewrites docs/benchmarks.md; `nox -s bench -- --quick` takes a minute.
+    `nox -s bench` also rewrites docs/benchmarks.md; `nox -s bench -- --quick` takes two minutes.
     """
     session.install("-e", ".[test]")  # grpcio + grpcio-tools: the baselines and the checks
     session.run("python", "bench/run.py", *session.posargs)
+
+
+@nox.session
+def preprocess_speed(session: nox.Session) -> None:
+    """Per-image preprocessing cost per input kind, on one core (not a test).
+
+    e.g. `nox -s preprocess_speed -- --images 200 --json out.json`.
+    """
+    session.install("-e", ".[test]")
+    session.run("taskset", "-c", "1", "python", "bench/preprocess_speed.py", *session.posargs,
+                external=True)  # fmt: skip
 
 
 @nox.session

@@ -210,8 +210,9 @@ class ServerConfig:
     shift_views: bool = field(
         default=True,
         metadata=setting(
-            "Classify a digit the preprocessing redrew (a drawing, a photo: not MNIST format)"
-            " as the mean over it and four copies shifted by a pixel; four more model rows each.",
+            "Reread a digit the preprocessing redrew (a drawing, a photo: not MNIST format) that"
+            " the model is unsure of as the mean over it and four copies shifted by a pixel;"
+            " four more model rows each, for about 1 image in 100.",
             "Model",
         ),
     )

@@ -144,7 +144,7 @@ class Metrics:
         )
         self.inference_count = Counter(
             "mnist_inference_count_total",
-            "Model input rows inferred: an image each, a redrawn digit's shifted views each.",
+            "Model input rows inferred: an image each, a reread digit's shifted views each.",
             registry=registry,
         )
         self.exec_count = Counter(
