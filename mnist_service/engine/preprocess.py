@@ -65,6 +65,7 @@ __all__ = [
     "open_image",
     "pixel_count",
     "prepare",
+    "prepare_decoded",
     "preprocess",
     "scale_pixels",
     "stroke_width",
@@ -199,12 +200,20 @@ def preprocess(data: bytes, *, max_pixels: int) -> FloatImage:
 def prepare(opened: Opened) -> Prepared:
     """What `open_image` gave -> model input, and whether the preprocessing redrew it."""
     if isinstance(opened, np.ndarray):
-        pixels = opened
-    else:
-        image = load(opened)
-        if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            return Prepared(centre_like_mnist(ink_map(image))[np.newaxis], redrawn=True)
-        pixels = _array(image)
+        return _prepare_pixels(opened)
+    return prepare_decoded(load(opened))
+
+
+def prepare_decoded(image: Image.Image) -> Prepared:
+    """An image `load` decoded -> model input, and whether the preprocessing redrew it (the
+    part of `prepare` after Pillow's decode)."""
+    if image.mode != "L" or image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        return Prepared(centre_like_mnist(ink_map(image))[np.newaxis], redrawn=True)
+    return _prepare_pixels(_array(image))
+
+
+def _prepare_pixels(pixels: npt.NDArray[np.uint8]) -> Prepared:
+    """28x28 8-bit grey pixels -> model input: as they are in MNIST format, else redrawn."""
     if not _black_background(pixels):
         return Prepared(centre_like_mnist(_grey_ink(pixels))[np.newaxis], redrawn=True)
     if pixels.max() < MIN_INK_CONTRAST * 255:
