@@ -8,19 +8,23 @@ into that same form, so the pipeline is::
     decode       bytes -> upright 8-bit PIL image in mode L or LA.
                  Only PNG, JPEG, BMP, GIF, WebP and TIFF are opened (first frame only); the
                  pixel count is checked against ``max_pixels`` from the header, before any
-                 pixel is decoded; big images are shrunk early (JPEG draft, integer reduce).
+                 pixel is decoded; big images are decoded small (JPEG draft) and shrunk
+                 (integer reduce) while their shorter side stays at least WORKING_SIDE. A
+                 transparent canvas becomes its alpha channel alone: the alpha is the ink.
                  Exactly 784 bytes that are no image are taken as raw 28x28 MNIST pixels.
-    ink_map      -> float32 HxW, 0 = paper, 1 = strongest ink. The paper is the most common
-                 level (robust to any amount of ink, unlike the mean); the ink is on whichever
+    ink_map      -> float32 around the digit, 0 = paper, 1 = strongest ink. The paper is the
+                 most common level of the image's border (paper even when the digit fills
+                 the frame: a tight crop touches it at a few points); the ink is on whichever
                  side of it holds more contrast, so dark-on-light and light-on-dark both work.
-                 A transparent background (canvas exports) makes the alpha the ink channel.
-                 Under uneven light (a photo of paper) a robust quadratic fit of the paper's
-                 level is subtracted first. A soft noise floor, raised above the measured
-                 sensor noise, keeps JPEG artefacts and grain from growing the bounding box,
-                 and isolated specks are dropped.
+                 Under uneven light (a photo of paper) a quadratic surface of the paper's
+                 level, fitted to the border's paper and only where the border is mostly
+                 paper on a smooth surface, is subtracted first. A soft noise floor, raised
+                 above the sensor noise measured along the border, keeps JPEG artefacts and
+                 grain from growing the bounding box, and isolated specks are dropped. The
+                 digit is found on a small copy and only its box is mapped, at ~FINE_SIDE px.
     centre_like_mnist
                  -> float32 28x28: crop to the ink, anti-aliased resize of the longer side to
-                 20 px, strokes brought to MNIST's (the ink's upper percentile saturated, a
+                 20 px, strokes brought to MNIST's (the ink's median made full ink, a
                  thin pen widened to MNIST's median stroke), shift by the rounded centre of
                  mass to (14, 14) without clipping ink.
 
@@ -415,9 +419,9 @@ def ink_map(image: Image.Image) -> FloatImage:
         pixels = np.asarray(image)
         grey, alpha = pixels[..., 0], pixels[..., 1]
         # A transparent background (canvas export): whatever the stroke colour, alpha is ink.
-        if _paper_level(_border(alpha)) < TRANSPARENT_PAPER * 255:
-            paper = Paper(_paper_level(_border(alpha)), None, 0.0)
-            return _ink(np.ascontiguousarray(alpha), paper)
+        level = _paper_level(_border(alpha))
+        if level < TRANSPARENT_PAPER * 255:
+            return _ink(np.ascontiguousarray(alpha), Paper(level, None, 0.0))
         return _grey_ink(np.ascontiguousarray(grey))
     return _grey_ink(_array(image))
 
