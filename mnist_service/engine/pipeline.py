@@ -6,10 +6,10 @@ thread hand-off costs more than that on a busy core. Images whose header announc
 decodes, so a big file never stalls the loop and other cores can decode beside it. The rest of
 their preprocessing (the ink map and the redrawing: small numpy steps that hold the GIL, and
 cost about the same whatever the image's size) runs back on the loop: in a thread it would
-only contend with the loop for the GIL (a quarter of the calls a canvas or a photo made on one
-core, measured). An image
-the preprocessing redrew is read once, and again over its shifted views when that reading is
-unsure (`views`), unless `shift_views` is off. Nothing here knows about gRPC.
+only contend with the loop for the GIL, which cost a quarter of the calls a canvas or a photo
+made on one core (measured). An image the preprocessing redrew is read once, and again over
+its shifted views when that reading is unsure (`views`), unless `shift_views` is off. Nothing
+here knows about gRPC.
 """
 
 from __future__ import annotations
