@@ -533,7 +533,7 @@ def _digit_box(pixels: npt.NDArray[np.uint8], paper: Paper) -> tuple[int, int, i
     deviation *= _ink_side(deviation)
     strongest = float(deviation.max())
     threshold = max(NOISE_FLOOR * strongest, NOISE_SIGMAS * paper.noise / step)
-    inked = _despeckle(np.where(deviation > threshold, deviation, 0))
+    inked = _neighboured(deviation > threshold)
     rows, cols = np.nonzero(inked.any(axis=1))[0], np.nonzero(inked.any(axis=0))[0]
     if strongest < MIN_INK_CONTRAST * 255 or rows.size == 0:
         return 0, height, 0, width
@@ -600,11 +600,13 @@ def _lighting(pixels: npt.NDArray[np.uint8]) -> Lighting | None:
         coefficients = _least_squares(on_ring[paper], border[paper])
         residual = border - on_ring @ coefficients
         centre = _middle(residual[paper])
-        kept = np.abs(residual - centre) <= _mad(residual[paper]) * FLATTEN_OUTLIER + 1
+        misfit = _mad(residual[paper])
+        kept = np.abs(residual - centre) <= misfit * FLATTEN_OUTLIER + 1
         if np.array_equal(kept, paper):
             break
         paper = kept
-    misfit = _mad(residual[paper])
+    else:  # the last round dropped cells: their spread is the one left
+        misfit = _mad(residual[paper])
     if (
         np.count_nonzero(paper) < FLATTEN_MIN_PAPER * border.size
         or misfit > FLATTEN_MAX_MISFIT * 255
@@ -672,10 +674,19 @@ def _despeckle(ink: FloatImage) -> FloatImage:
     """Drop ink pixels with no inked neighbour: sensor speckle, not strokes."""
     if ink.shape[0] < 3 or ink.shape[1] < 3:
         return ink
-    inked = _padded((ink > 0).view(np.uint8), 1)
-    across = inked[:, :-2] + inked[:, 1:-1] + inked[:, 2:]
+    return np.where(_neighboured(ink > 0), ink, np.float32(0))
+
+
+def _neighboured(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The inked pixels that have an inked neighbour (of 8); all of them in an image under 3
+    px across."""
+    if inked.shape[0] < 3 or inked.shape[1] < 3:
+        return inked
+    padded = _padded(inked.view(np.uint8), 1)
+    across = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
     around = across[:-2] + across[1:-1] + across[2:]  # inked pixels in each 3x3, itself too
-    return np.where(around >= 2, ink, np.float32(0))
+    kept: npt.NDArray[np.bool_] = inked & (around >= 2)
+    return kept
 
 
 def _histogram(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
@@ -726,7 +737,7 @@ def _saturate(patch: FloatImage) -> FloatImage:
     if strongest <= 0:
         raise BlankImageError("image has no ink")
     level = _median(patch[patch > strongest * NOISE_FLOOR])
-    saturated: FloatImage = np.clip(patch / np.float32(level), 0, 1).astype(np.float32)
+    saturated: FloatImage = np.clip(patch / np.float32(level), 0, 1)
     return saturated
 
 
