@@ -354,8 +354,7 @@ def _raw(data: bytes) -> npt.NDArray[np.uint8]:
 
 
 def _canonical(image: Image.Image) -> Image.Image:
-    """Reduce Pillow's many modes to 8-bit L (grey, or the alpha of a transparent canvas) or
-    LA (grey + alpha).
+    """Reduce Pillow's many modes to 8-bit L: grey, or the alpha of a transparent canvas.
 
     8 bits are plenty: the output is 28x28 at MNIST's own 8-bit depth, and it lets the ink
     mapping run on a 256-bin histogram and a lookup table.
@@ -377,7 +376,8 @@ def _canonical(image: Image.Image) -> Image.Image:
             return alpha
         return image.convert("L")
     if image.mode in ("PA", "RGBa", "La") or "transparency" in image.info:
-        return image.convert("RGBA").convert("LA") if image.mode == "La" else image.convert("LA")
+        with_alpha = image.convert("RGBA") if image.mode == "La" else image
+        return _canonical(with_alpha.convert("LA"))
     if image.mode == "L":
         return image
     return image.convert("RGB").convert("L")  # via RGB: not every mode converts to L directly
@@ -408,22 +408,15 @@ def _black_background(pixels: npt.NDArray[np.uint8]) -> bool:
 
 def ink_map(image: Image.Image) -> FloatImage:
     """Ink intensity around the digit of a decoded L or LA image, float32: 0 is paper, 1 the
-    strongest ink.
+    strongest ink (an LA image is read as `_canonical` reads it: its alpha on a transparent
+    background, else its grey).
 
     The paper (its level, its lighting, its noise) is measured on the whole image, mostly
     at its border. The digit is then found on a copy shrunk to about `FIND_SIDE` px, and the
     ink is mapped only in the digit's box, shrunk to about `FINE_SIDE` px: so the cost hardly
     depends on the image's size, and paper far from the digit cannot add ink.
     """
-    if image.mode == "LA":
-        pixels = np.asarray(image)
-        grey, alpha = pixels[..., 0], pixels[..., 1]
-        # A transparent background (canvas export): whatever the stroke colour, alpha is ink.
-        level = _paper_level(_border(alpha))
-        if level < TRANSPARENT_PAPER * 255:
-            return _ink(np.ascontiguousarray(alpha), Paper(level, None, 0.0))
-        return _grey_ink(np.ascontiguousarray(grey))
-    return _grey_ink(_array(image))
+    return _grey_ink(_array(_canonical(image) if image.mode == "LA" else image))
 
 
 def _grey_ink(pixels: npt.NDArray[np.uint8]) -> FloatImage:
@@ -672,8 +665,6 @@ def _noise_level(pixels: npt.NDArray[np.uint8], border: npt.NDArray[np.uint8]) -
 
 def _despeckle(ink: FloatImage) -> FloatImage:
     """Drop ink pixels with no inked neighbour: sensor speckle, not strokes."""
-    if ink.shape[0] < 3 or ink.shape[1] < 3:
-        return ink
     return np.where(_neighboured(ink > 0), ink, np.float32(0))
 
 
