@@ -9,6 +9,7 @@ paper or the second into ink. Hypothesis draws the digits and the ways of drawin
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,18 +155,12 @@ def assert_strokes_stay_ink_and_paper_stays_paper(drawing: Drawing) -> None:
     assert not ink[coverage == 0].any(), "paper was mapped to ink"
 
 
-def test_the_strokes_stay_ink_and_the_paper_stays_paper_in_even_light(digits: Bytes) -> None:
+@pytest.mark.parametrize("light", [evenly_lit, unevenly_lit], ids=["even light", "uneven light"])
+def test_the_strokes_stay_ink_and_the_paper_stays_paper(
+    digits: Bytes, light: Callable[[Bytes], st.SearchStrategy[Drawing]]
+) -> None:
     @PROPERTIES
-    @given(evenly_lit(digits))
-    def check(drawing: Drawing) -> None:
-        assert_strokes_stay_ink_and_paper_stays_paper(drawing)
-
-    check()
-
-
-def test_the_strokes_stay_ink_and_the_paper_stays_paper_in_uneven_light(digits: Bytes) -> None:
-    @PROPERTIES
-    @given(unevenly_lit(digits))
+    @given(light(digits))
     def check(drawing: Drawing) -> None:
         assert_strokes_stay_ink_and_paper_stays_paper(drawing)
 
