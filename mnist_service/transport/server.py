@@ -10,7 +10,8 @@ each connection's transport is wrapped (`transport.coalescing`) so that writes a
 and flushed once, at the end of the loop turn in which they were made: all the calls answered
 in that turn leave in one `send`. Ordering is kept (one buffer per connection), and flow
 control is untouched (the real transport still calls `pause_writing`/`resume_writing` on
-grpclib's protocol). h2's per-frame trace formatting is made lazy (`transport.h2trace`).
+grpclib's protocol). h2's per-frame trace formatting is made lazy (`transport.h2trace`), and
+each connection remembers 1,024 closed streams rather than h2's 65,536 (`transport.h2streams`).
 
 The server keeps its connections, for the drain (`transport.drain`): `stop_accepting` closes
 the listening socket, `goaway` sends the two-step GOAWAY on every connection (after which
@@ -18,8 +19,9 @@ late streams are refused), `stop_stream_reads` ends streaming calls' requests, `
 the calls still running, and `close_connections` ends what is left.
 
 This relies on grpclib 0.4.9's `Server._protocol_factory` and the private attributes it
-uses, `Server._server`, and `H2Protocol.processor.processors` (the drain's PING ack is
-recognised there); pinned in pyproject.toml, tests/test_transport.py covers them.
+uses, `Server._server`, `H2Protocol.processor.processors` (the drain's PING ack is
+recognised there) and `H2Protocol.connection._connection` (the h2 connection); pinned in
+pyproject.toml, tests/test_transport.py covers them.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from .drain import (
     goaway_frame,
     ping_frame,
 )
+from .h2streams import limit_closed_streams
 from .h2trace import defer_frame_reprs
 from .unary import Handler, RefusedCallback, UnaryMethod, observe, request_id_header
 
@@ -120,6 +123,7 @@ class CoalescingProtocol(asyncio.Protocol):
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
         )
         self.inner.connection_made(self.transport)  # type: ignore[arg-type]
+        limit_closed_streams(self.inner.connection._connection)
         self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
