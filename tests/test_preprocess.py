@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps
+from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, PngImagePlugin
 
 from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
 from mnist_service.engine.preprocess import (
+    RESAMPLE,
     STROKE_TARGET,
+    _fit,
     is_raw,
     limit_pillow,
     model_batch,
@@ -255,7 +257,7 @@ def test_fully_opaque_alpha_is_ignored(digits: Bytes) -> None:
     np.testing.assert_array_equal(run(encode(rgba, "PNG")), run(encode(rgba.convert("RGB"), "PNG")))
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF"])
 @pytest.mark.parametrize(
     ("orientation", "stored_as"),
     [
@@ -273,14 +275,29 @@ def test_exif_orientation_is_respected(
     exif = Image.Exif()
     exif[0x0112] = orientation
 
-    expected = run(encode(upright, fmt))
-    rotated = run(encode(stored, fmt, exif=exif))
-    ignored = run(encode(stored, fmt))  # the same pixels without the tag
-    if fmt == "PNG":
-        np.testing.assert_array_equal(rotated, expected)
-    else:  # JPEG compresses the two orientations differently
+    lossless = {"lossless": True} if fmt == "WEBP" else {}
+    expected = run(encode(upright, fmt, **lossless))
+    rotated = run(encode(stored, fmt, exif=exif, **lossless))
+    ignored = run(encode(stored, fmt, **lossless))  # the same pixels without the tag
+    if fmt == "JPEG":  # JPEG compresses the two orientations differently
         assert np.abs(rotated - expected).max() < 0.1
+    else:
+        np.testing.assert_array_equal(rotated, expected)
     assert similarity(ignored, expected) < 0.6
+
+
+def test_xmp_orientation_is_respected(digits: Bytes) -> None:
+    """A file whose only orientation is in its XMP packet (no EXIF) is turned upright too."""
+    upright = grey(1 - canvas_ink(digits[SEVEN]))
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        b'22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        b'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    rotated = run(encode(upright.transpose(Image.Transpose.ROTATE_90), "PNG", pnginfo=info))
+    np.testing.assert_array_equal(rotated, run(encode(upright, "PNG")))
 
 
 @pytest.mark.parametrize("at", [(0, 0), (200, 120), (100, 60), (195, 0), (171, 21)], ids=str)
@@ -716,3 +733,20 @@ def test_model_batch_is_the_one_pixel_scaling(digits: Bytes) -> None:
     np.testing.assert_array_equal(batch[:, 0], scale_pixels(digits[:3]))
     np.testing.assert_array_equal(batch[1, 0], run(digits[1].tobytes()))
     assert scale_pixels(np.array([0, 255], np.uint8)).tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("box", [DIGIT_BOX, DIGIT_BOX - 2, DIGIT_BOX - 4])
+def test_the_digit_is_resized_as_pillow_resizes_it(box: int) -> None:
+    """`_fit`'s matrices are Pillow's bilinear filter: crops of every shape, shrunk and grown,
+    come out as Pillow's own resize gives them, within a float32 rounding."""
+    rng = np.random.default_rng(box)
+    for _ in range(300):
+        height, width = (int(side) for side in rng.integers(1, 160, 2))
+        inked = rng.random((height, width)) < 0.4
+        crop = (rng.random((height, width)) * inked).astype(np.float32)
+        resized = _fit(crop, box)
+        scale = box / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        pillow = np.asarray(Image.fromarray(crop, "F").resize(size, RESAMPLE))
+        assert resized.dtype == np.float32
+        np.testing.assert_allclose(resized, pillow, rtol=0, atol=1e-6)
