@@ -607,7 +607,8 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     basis, ring, on_ring = _grid(rows, cols)
     values = coarse.ravel()
     border = values[ring]  # the rounds fit the border's cells alone; the inside joins at the end
-    paper = np.abs(border - _middle(border)) <= _mad(border) * FLATTEN_OUTLIER + 1
+    distance = np.abs(border - _middle(border))
+    paper = distance <= _middle(distance) * _MAD_SCALE * FLATTEN_OUTLIER + 1
     if not paper.any() or np.ptp(border[paper]) < FLATTEN_TOLERANCE * 255:
         return None  # the border's paper is evenly lit (or there is none)
     for _ in range(FLATTEN_ROUNDS):
@@ -615,14 +616,13 @@ def _lighting(picture: Image.Image) -> Lighting | None:
             return None  # the border is largely ink: nothing to fit the light to
         coefficients = _least_squares(on_ring[paper], border[paper])
         residual = border - on_ring @ coefficients
-        centre = _middle(residual[paper])
-        misfit = _mad(residual[paper])
+        centre, misfit = _centre_spread(residual[paper])
         kept = np.abs(residual - centre) <= misfit * FLATTEN_OUTLIER + 1
-        if np.array_equal(kept, paper):
+        if (kept == paper).all():
             break
         paper = kept
     else:  # the last round dropped cells: their spread is the one left
-        misfit = _mad(residual[paper])
+        misfit = _centre_spread(residual[paper])[1]
     if (
         np.count_nonzero(paper) < FLATTEN_MIN_PAPER * border.size
         or misfit > FLATTEN_MAX_MISFIT * 255
@@ -638,6 +638,9 @@ def _lighting(picture: Image.Image) -> Lighting | None:
 
 
 _Basis = npt.NDArray[np.float64]
+
+_MAD_SCALE: Final = 1.4826
+"""The median absolute deviation of a normal law, times this, is its standard deviation."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -661,9 +664,11 @@ def _least_squares(
     return np.asarray(np.linalg.solve(basis.T @ basis, basis.T @ values), np.float64)
 
 
-def _mad(values: npt.NDArray[np.float64]) -> float:
-    """Robust standard deviation: the median absolute deviation, scaled for a normal law."""
-    return _middle(np.abs(values - _middle(values))) * 1.4826
+def _centre_spread(values: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """The median (`_middle`), and the robust standard deviation: the median absolute
+    deviation from it, scaled for a normal law."""
+    centre = _middle(values)
+    return centre, _middle(np.abs(values - centre)) * _MAD_SCALE
 
 
 def _middle(values: npt.NDArray[Any]) -> float:
@@ -683,7 +688,7 @@ def _noise_level(pixels: npt.NDArray[np.uint8], border: npt.NDArray[np.uint8]) -
     if min(pixels.shape) < FLATTEN_MIN_SIDE:
         return 0.0
     differences = np.abs(np.diff(border.astype(np.int16)))
-    return _middle(differences) * 1.4826 / float(np.sqrt(2))
+    return _middle(differences) * _MAD_SCALE / float(np.sqrt(2))
 
 
 def _despeckle(ink: FloatImage) -> FloatImage:
