@@ -50,6 +50,7 @@ from ..tls import server_context
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from ..transport.unary import unary_methods
+from .census import Census
 from .eventloop import loop_factory
 from .logs import flush_direct
 from .metrics import Metrics
@@ -352,6 +353,8 @@ async def serve(
 
         loop.add_reader(lifeline, supervisor_gone)
     try:
+        # Before SERVING is announced: a signal that came before its handler would kill.
+        loop.add_signal_handler(signal.SIGUSR2, Census(app.server.held).log)
         await app.start(sock, announce=sock is None)
         # What exists now (modules, the model, the server) lives as long as the process: take
         # it out of the collector's sight, or each full collection walks it all again
@@ -366,7 +369,7 @@ async def serve(
         await app.stop(grace_period=config.grace_period, hurry=stop)
         log.info("stopped")
     finally:
-        for signum in signals:
+        for signum in (*signals, signal.SIGUSR2):
             loop.remove_signal_handler(signum)
         if lifeline is not None:
             loop.remove_reader(lifeline)  # a no-op if it already fired

@@ -77,6 +77,11 @@ class StreamReads:
         finally:
             self._waiting.discard(task)
 
+    @property
+    def waiting(self) -> int:
+        """How many reads are waiting for a message."""
+        return len(self._waiting)
+
     def stop(self) -> None:
         """End every streaming call's requests: waiting reads return None, later ones too."""
         self.stopped = True

@@ -303,6 +303,15 @@ class Server(grpclib.server.Server):
         """The calls running on every connection."""
         return {task for c in self._connections for task in c.handler.running()}
 
+    def held(self) -> dict[str, int]:
+        """What the server holds now, by registry: each should come back to its idle count."""
+        return {
+            "connections": len(self._connections),
+            "calls": len(self.calls()),
+            "stream_reads": self._stream_reads.waiting,
+            "handlers": len(self._handlers),  # grpclib's, one a connection, pruned lazily
+        }
+
     @property
     def refused_streams(self) -> int:
         """Streams refused on open connections after their final GOAWAY."""
