@@ -385,7 +385,7 @@ def _canonical(image: Image.Image) -> Image.Image:
         # A transparent background (a canvas export): whatever the strokes' colour, the alpha
         # is the ink, and the grey is not needed (nor its conversion, a third of the decode).
         alpha = image.getchannel("A")
-        if _paper_level(_border(_array(alpha))) < TRANSPARENT_PAPER * 255:
+        if _transparent(_border(_array(alpha))):
             return alpha
         return image.convert("L")
     if image.mode in ("PA", "RGBa", "La") or "transparency" in image.info:
@@ -394,6 +394,16 @@ def _canonical(image: Image.Image) -> Image.Image:
     if image.mode == "L":
         return image
     return image.convert("RGB").convert("L")  # via RGB: not every mode converts to L directly
+
+
+def _transparent(border: npt.NDArray[np.uint8]) -> bool:
+    """Whether the border of an alpha channel says the background is transparent: its paper
+    level (`_paper_level`) is under `TRANSPARENT_PAPER`, as it surely is when every border
+    pixel is (the usual canvas export: a border all 0)."""
+    threshold = TRANSPARENT_PAPER * 255
+    if border.max() < threshold:
+        return True
+    return bool(border.min() < threshold) and _paper_level(border) < threshold
 
 
 def _shrink(image: Image.Image) -> Image.Image:
@@ -435,15 +445,20 @@ def ink_map(image: Image.Image) -> FloatImage:
 def _grey_ink(pixels: npt.NDArray[np.uint8]) -> FloatImage:
     """`ink_map` of 8-bit grey pixels."""
     ring = _border(pixels)
-    level = _paper_level(ring)
+    darkest, lightest = int(ring.min()), int(ring.max())
+    flat = darkest == lightest  # a drawing's background: no noise, no lighting, one level
+    level = darkest if flat else _paper_level(ring)
     if max(pixels.shape) < FLATTEN_MIN_SIDE:
         # A thumbnail: taken as evenly lit and noiseless, and mapped whole.
         return _box_ink(pixels, Paper(level, None, 0.0), 0, 0, 1)
     picture = _image(pixels)  # the same pixels, for Pillow's reductions
-    # Light that varies less than the tolerance along the whole border is not fitted.
-    uneven = int(ring.max()) - int(ring.min()) >= FLATTEN_TOLERANCE * 255
-    lighting = _lighting(picture) if uneven else None
-    paper = Paper(level, lighting, _noise_level(pixels, ring))
+    if flat:
+        paper = Paper(level, None, 0.0)
+    else:
+        # Light that varies less than the tolerance along the whole border is not fitted.
+        uneven = lightest - darkest >= FLATTEN_TOLERANCE * 255
+        lighting = _lighting(picture) if uneven else None
+        paper = Paper(level, lighting, _noise_level(pixels, ring))
     top, bottom, left, right = _digit_box(picture, paper)
     step = max(1, max(bottom - top, right - left) // FINE_SIDE)
     if step >= 2:
@@ -499,7 +514,7 @@ def _box_ink(
     pixels is step x step of the image's (the digit's box reduced to about `FINE_SIDE` px on
     its longer side), the first at (top, left)."""
     deviation = _deviation(box, paper, top, left, step)
-    side = _ink_side(deviation)
+    side = _ink_side(deviation, paper)
     strongest = float(deviation.max()) if side > 0 else -float(deviation.min())
     if strongest < MIN_INK_CONTRAST * 255:
         raise BlankImageError(
@@ -524,14 +539,20 @@ def _deviation(
     return np.subtract(pixels, surface, dtype=np.float32)
 
 
-def _ink_side(deviation: FloatImage) -> int:
+def _ink_side(deviation: FloatImage, paper: Paper) -> int:
     """+1 if the ink is brighter than the paper, -1 if darker.
 
     The ink is on the side holding more contrast beyond `MIN_INK_CONTRAST`: on a page a
     hundred times the digit's area, the paper's own small deviations (noise, light the fit
-    missed) would outweigh a thin digit if they all counted.
+    missed) would outweigh a thin digit if they all counted. On evenly lit paper within that
+    contrast of black (MNIST's own) or white, the ink can only be on the other side.
     """
     threshold = np.float32(MIN_INK_CONTRAST * 255)
+    if paper.lighting is None:
+        if paper.level < threshold:  # nothing can be that much darker than the paper
+            return 1
+        if paper.level + threshold > 255:  # nor that much brighter
+            return -1 if bool((deviation < -threshold).any()) else 1
     above = deviation[deviation > threshold]
     below = deviation[deviation < -threshold]
     return 1 if float(above.sum()) >= -float(below.sum()) else -1
@@ -547,7 +568,7 @@ def _digit_box(picture: Image.Image, paper: Paper) -> tuple[int, int, int, int]:
         return 0, height, 0, width
     coarse = _array(picture.reduce(step))
     deviation = _deviation(coarse, paper, 0, 0, step)
-    deviation *= _ink_side(deviation)
+    deviation *= _ink_side(deviation, paper)
     strongest = float(deviation.max())
     threshold = max(NOISE_FLOOR * strongest, NOISE_SIGMAS * paper.noise / step)
     inked = _neighboured(deviation > threshold)
@@ -718,7 +739,7 @@ def centre_like_mnist(ink: FloatImage) -> FloatImage:
     rows, cols = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
     if rows.size == 0:
         raise BlankImageError("image has no ink")
-    crop = np.ascontiguousarray(ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     patch = _saturate(_fit(crop, DIGIT_BOX))
     width = stroke_width(patch)
     if width < STROKE_THIN:
@@ -729,14 +750,19 @@ def centre_like_mnist(ink: FloatImage) -> FloatImage:
         patch = _thicken(_saturate(_fit(crop, DIGIT_BOX - 2 * _dilations(grow))), grow)
 
     total = float(patch.sum())
-    centre_y = float(patch.sum(axis=1) @ np.arange(patch.shape[0])) / total
-    centre_x = float(patch.sum(axis=0) @ np.arange(patch.shape[1])) / total
+    centre_y = float(patch.sum(axis=1) @ _POSITIONS[: patch.shape[0]]) / total
+    centre_x = float(patch.sum(axis=0) @ _POSITIONS[: patch.shape[1]]) / total
     # Shift by the rounded centre of mass, as MNIST did, clamped so no ink leaves the field.
     top = min(max(round(CENTRE - centre_y), 0), IMAGE_SIZE - patch.shape[0])
     left = min(max(round(CENTRE - centre_x), 0), IMAGE_SIZE - patch.shape[1])
     field = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     field[top : top + patch.shape[0], left : left + patch.shape[1]] = patch
     return field
+
+
+_POSITIONS: Final = np.arange(IMAGE_SIZE)
+"""Pixel indices along a side of the field (for the centre of mass)."""
+_POSITIONS.flags.writeable = False
 
 
 def _fit(crop: FloatImage, box: int) -> FloatImage:
