@@ -95,9 +95,10 @@ def preprocess_speed(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """A minute of mixed, hostile traffic; statuses, p50/p99, RSS and fds (not a test).
+    """Ten minutes of mixed, hostile traffic: RSS slope per process, statuses, fds, tasks.
 
-    e.g. `nox -s soak -- --seconds 300 --clients 4`; exits 1 when an acceptance bound breaks.
+    Not a test. e.g. `nox -s soak -- --minutes 10 --workers 2`; exits 1 when a bound breaks
+    (a slope over 1 MB per 10 minutes, counts not back to idle: docs/operations.md).
     """
     session.install("-e", ".[test]")
     session.run("python", "bench/soak.py", *session.posargs)
