@@ -1,7 +1,7 @@
 """The domain exceptions of mnist-service.
 
 Nothing here knows about gRPC: the service maps these to status codes in one table
-(`mnist_service.api.status.STATUS_FOR_ERROR`). The tree::
+(`mnist_service.status.STATUS_FOR_ERROR`). The tree::
 
     MnistServiceError
     ├── InvalidImageError            the request's image cannot be classified

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from mnist_service._proto.mnist import MnistImage, ModelInfoRequest, PredictBatchRequest
-from mnist_service.api.status import STATUS_FOR_ERROR
 from mnist_service.constants import IMAGE_SIZE, PIXELS
 from mnist_service.engine.preprocess import preprocess
 from mnist_service.errors import InvalidImageError, MnistServiceError
+from mnist_service.status import STATUS_FOR_ERROR
 from mnist_service.transport.codec import SizeLimitedCodec, read_message
 from mnist_service.transport.wire import WireFormatError, decode_message
 

@@ -20,7 +20,6 @@ from grpclib.testing import ChannelFor
 
 from mnist_service._proto.mnist import MnistImage, MnistStub, ModelInfoRequest
 from mnist_service.api.mnist import MnistService
-from mnist_service.api.status import status_for
 from mnist_service.config import Limits
 from mnist_service.constants import IMAGE_SIZE, NUM_CLASSES
 from mnist_service.engine.batcher import Batcher
@@ -38,6 +37,7 @@ from mnist_service.errors import (
     ModelError,
     UndecodableImageError,
 )
+from mnist_service.status import status_for
 from mnist_service.transport.codec import SizeLimitedCodec
 
 FAKE_INFO = ModelInfo(

@@ -1,6 +1,6 @@
 """The `mnist.Mnist` gRPC service: maps RPCs to domain calls.
 
-Handlers raise domain errors inside `as_grpc_errors` (`api.status`, the one error map).
+Handlers raise domain errors inside `as_grpc_errors` (`mnist_service.status`, the one error map).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from .._proto.mnist import (
     PredictBatchResponse,
     StreamPrediction,
 )
+from ..calls import annotate, current_call, current_expiry
 from ..config import Limits
 from ..engine.inference import FloatArray
 from ..engine.pipeline import ItemResult, Pipeline
 from ..errors import MnistServiceError, TooManyImagesError
-from .calls import annotate, current_call, current_expiry
-from .status import INTERNAL_MESSAGE, as_grpc_errors, status_for
+from ..status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
 log = logging.getLogger(__name__)
 

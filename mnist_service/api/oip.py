@@ -2,8 +2,9 @@
 
 The models are those loaded (`mnist_convnet`, `mnist_mlp`; version "1"), each behind its
 own pipeline and batcher, the same engine `mnist.Mnist` uses. `engine.tensors` declares and
-decodes their tensors; handlers raise domain errors inside `as_grpc_errors` (`api.status`, the
-one error map). Triton's RPCs beyond the protocol answer UNIMPLEMENTED (`TritonOnlyMethods`).
+decodes their tensors; handlers raise domain errors inside `as_grpc_errors`
+(`mnist_service.status`, the one error map). Triton's RPCs beyond the protocol answer
+UNIMPLEMENTED (`TritonOnlyMethods`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .._proto.inference import (
     ServerReadyRequest,
     ServerReadyResponse,
 )
+from ..calls import annotate, current_call, current_expiry
 from ..config import Limits
 from ..constants import MODEL_NAMES, PROBABILITIES_NAME, Architecture
 from ..engine import tensors
@@ -53,8 +55,7 @@ from ..errors import (
     TooManyImagesError,
     UnsupportedMethodError,
 )
-from .calls import annotate, current_call, current_expiry
-from .status import INTERNAL_MESSAGE, as_grpc_errors
+from ..status import INTERNAL_MESSAGE, as_grpc_errors
 
 log = logging.getLogger(__name__)
 

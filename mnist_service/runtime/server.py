@@ -36,9 +36,9 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 
 from .._proto.google_proto_descriptor_pool import default_google_proto_descriptor_pool
-from ..api.calls import Call
 from ..api.mnist import MnistService
 from ..api.oip import InferenceService, TritonOnlyMethods
+from ..calls import Call
 from ..config import ServerConfig, format_address, is_loopback
 from ..constants import MODEL_NAMES, Architecture
 from ..engine.batcher import Batcher

@@ -1,7 +1,7 @@
-"""Canonical request log lines: one per call, from the `api.calls.Call` the transport records.
+"""Canonical request log lines: one per call, from the `calls.Call` the transport records.
 
 The transport opens a call when it arrives and hands it here when it ends (no event
-listeners, no decorators on handlers); handlers add fields with `api.calls.annotate`. Client
+listeners, no decorators on handlers); handlers add fields with `calls.annotate`. Client
 cancels (CANCELLED) and expired deadlines (DEADLINE_EXCEEDED) are ordinary outcomes, logged
 like OK; only server faults are warnings. Streams a draining server refuses before any call
 starts (REFUSED_STREAM) get their line from `log_refused_stream`.
@@ -15,7 +15,7 @@ from typing import Any
 
 from grpclib.const import Status
 
-from ..api.calls import Call
+from ..calls import Call
 from .logs import DirectLines, direct_lines
 
 log = logging.getLogger("mnist_service.requests")

@@ -31,7 +31,6 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.protocol import Connection
 from grpclib.protocol import Stream as H2Stream
 
-from ..api.status import as_grpc_errors
 from ..config import Limits
 from ..errors import (
     CompressionError,
@@ -41,6 +40,7 @@ from ..errors import (
     SlowMessageError,
     UnsupportedEncodingError,
 )
+from ..status import as_grpc_errors
 from .wire import WireFormatError, decode_message, encode_message
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 unary calls take the lean path of `transport.unary`, whose every call reads its messages
 through `codec.read_message` (the size limit checked from the prefix, before the body) and
 answers with `grpc-accept-encoding: gzip`, and whose every call is recorded as an
-`api.calls.Call` for the request log.
+`calls.Call` for the request log.
 
 grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
 concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
@@ -42,7 +42,7 @@ from h2.errors import ErrorCodes
 from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
 
-from ..api.calls import (
+from ..calls import (
     Call,
     CallObserver,
     enter,

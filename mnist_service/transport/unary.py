@@ -19,7 +19,7 @@ reference:
 - a call without a request message is INVALID_ARGUMENT (grpclib's generated code would fail
   an assertion and answer UNKNOWN).
 
-Every call, on either path, is recorded as an `api.calls.Call` and handed to the server's
+Every call, on either path, is recorded as an `calls.Call` and handed to the server's
 observer when it ends (the request log): its status is what the client was told, CANCELLED
 when the client cancelled, DEADLINE_EXCEEDED when its deadline passed.
 
@@ -55,7 +55,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 from hpack import NeverIndexedHeaderTuple
 
-from ..api.calls import (
+from ..calls import (
     REQUEST_ID_HEADER,
     Call,
     CallObserver,

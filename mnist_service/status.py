@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from ..errors import (
+from .errors import (
     CompressionError,
     DeadlineExpiredError,
     InvalidImageError,
