@@ -1,4 +1,4 @@
-"""`mnist-service bench` and mnist_service.loadgen: payloads, statistics, and real runs.
+"""`mnist-service bench` and mnist_service.loadgen: payloads, the report, and real runs.
 
 Runs last about a second against a real server and assert on correctness only (counts, error
 statuses, the report's shape), never on timings.
@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from mnist_service import loadgen
 from mnist_service.cli import app
 from mnist_service.errors import ConfigError
 from mnist_service.loadgen import (
@@ -31,9 +32,7 @@ from mnist_service.loadgen import (
     Progress,
     generated_digits,
     load_images,
-    percentile,
     run_load,
-    summarise_latency,
 )
 from mnist_service.loadgen import format_report as format_load_report
 
@@ -58,29 +57,12 @@ def bench(address: str, *args: str) -> dict[str, Any]:
 # --- pure parts ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("q", [0, 10, 50, 90, 99, 100])
-def test_percentile_interpolates_like_numpy(q: float) -> None:
-    values = sorted([3.0, 1.0, 4.0, 1.5, 9.0, 2.6, 5.0])
-
-    assert percentile(values, q) == pytest.approx(np.percentile(values, q))
-
-
-def test_percentile_of_one_value_and_of_none() -> None:
-    assert percentile([7.0], 99) == 7.0
-    with pytest.raises(ValueError, match="no values"):
-        percentile([], 50)
-    with pytest.raises(ValueError, match=r"\[0, 100\]"):
-        percentile([1.0], 101)
-
-
-def test_latency_summary_is_in_milliseconds() -> None:
-    summary = summarise_latency([0.004, 0.001, 0.002, 0.003], "call")
-
-    assert summary is not None
-    assert summary.count == 4
-    assert summary.p50_ms == pytest.approx(2.5)
-    assert summary.max_ms == pytest.approx(4.0)
-    assert summarise_latency([], "image") is None
+def test_the_public_names_are_the_packages_api() -> None:
+    """Each name of `__all__` is there once, public, and what the CLI uses is among them."""
+    assert len(set(loadgen.__all__)) == len(loadgen.__all__)
+    assert all(hasattr(loadgen, name) for name in loadgen.__all__)
+    assert {"LoadConfig", "run", "format_report", "percentile"} <= set(loadgen.__all__)
+    assert not any(name.startswith("_") for name in loadgen.__all__)
 
 
 def test_generated_digits_are_mnist_form_png_or_raw() -> None:
