@@ -79,7 +79,7 @@ def bench(session: nox.Session) -> None:
     `nox -s bench` also rewrites docs/benchmarks.md; `nox -s bench -- --quick` takes two minutes.
     """
     session.install("-e", ".[test]")  # grpcio + grpcio-tools: the baselines and the checks
-    session.run("python", "bench/run.py", *session.posargs)
+    session.run("python", "-m", "bench.run", *session.posargs)
 
 
 @nox.session
@@ -89,7 +89,7 @@ def preprocess_speed(session: nox.Session) -> None:
     e.g. `nox -s preprocess_speed -- --images 200 --json out.json`.
     """
     session.install("-e", ".[test]")
-    session.run("taskset", "-c", "1", "python", "bench/preprocess_speed.py", *session.posargs,
+    session.run("taskset", "-c", "1", "python", "-m", "bench.preprocess_speed", *session.posargs,
                 external=True)  # fmt: skip
 
 
@@ -112,11 +112,11 @@ def scaleout(session: nox.Session) -> None:
     e.g. `nox -s scaleout -- --steady 20 --json scaleout.json`; exits 1 when a bound breaks.
     """
     session.install("-e", ".[test]")
-    session.run("python", "bench/scaleout.py", *session.posargs)
+    session.run("python", "-m", "bench.scaleout", *session.posargs)
 
 
 @nox.session
 def profile(session: nox.Session) -> None:
     """Where a request's CPU goes (py-spy), e.g. `nox -s profile -- --root ../old-checkout`."""
     session.install("-e", ".[test]", "py-spy")
-    session.run("python", "bench/profile.py", *session.posargs)
+    session.run("python", "-m", "bench.profile", *session.posargs)

@@ -1,6 +1,6 @@
 """Baseline: the same Predict-only server on grpc.aio, inference inline on the event loop.
 
-    python bench/baseline_aio.py --model weights/mnist_convnet.onnx [--port 0]
+    python -m bench.baseline_aio --model weights/mnist_convnet.onnx [--port 0]
 
 One onnxruntime session, one inference per call, run inside the handler (so one call at a
 time does any work). Prints `{"message": "serving", "port": N}` on stdout once it listens.
@@ -14,9 +14,10 @@ from typing import Annotated, Any
 
 import grpc
 import onnxruntime as ort
-import stubs
 import typer
-from baseline_model import load_session, predict
+
+from . import stubs
+from .baseline_model import load_session, predict
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
 

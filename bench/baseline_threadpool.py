@@ -1,6 +1,6 @@
 """Baseline: the grpcio thread-pool server a developer would write first, Predict only.
 
-    python bench/baseline_threadpool.py --model weights/mnist_convnet.onnx [--port 0]
+    python -m bench.baseline_threadpool --model weights/mnist_convnet.onnx [--port 0]
 
 One onnxruntime session shared by the pool's threads, one inference per call, no batching.
 Prints `{"message": "serving", "port": N}` on stdout once it listens.
@@ -14,9 +14,10 @@ from typing import Annotated, Any
 
 import grpc
 import onnxruntime as ort
-import stubs
 import typer
-from baseline_model import load_session, predict
+
+from . import stubs
+from .baseline_model import load_session, predict
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import grpc
 import numpy as np
-import stubs
-from servers import pinned
+
+from . import stubs
+from .servers import pinned
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
 inference_pb2, inference_pb2_grpc = stubs.load_inference()

@@ -1,6 +1,6 @@
 """The model's own speed: onnxruntime images/s on one thread, no gRPC, run as a pinned process.
 
-    taskset -c 1 python bench/model_speed.py --model weights/mnist_convnet.onnx --seconds 2
+    taskset -c 1 python -m bench.model_speed --model weights/mnist_convnet.onnx --seconds 2
 
 The ceiling any server on that core can approach: batch 1 is what per-call inference gets,
 batch 64 what batching could get. Prints one JSON object {"batch_1": images/s, ...}.

@@ -1,7 +1,7 @@
 """Per-image preprocessing cost on one core, per input kind: the budgets of the real images.
 
-    python bench/preprocess_speed.py                  # 64 test digits per kind, best of 5
-    taskset -c 1 python bench/preprocess_speed.py --images 200 --json out.json
+    python -m bench.preprocess_speed                  # 64 test digits per kind, best of 5
+    taskset -c 1 python -m bench.preprocess_speed --images 200 --json out.json
 
 For each kind of `payloads.KINDS` it times, per image, what the server does before the model:
 `open_image` (the header), Pillow's own decode (the file's pixels, at the reduced JPEG scale the
@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import payloads
 import typer
 from PIL import Image
-from report import cpu_model
 
 from export.evaluate import onnx_probabilities, open_session
 from mnist_service.engine.preprocess import WORKING_SIDE, Prepared, open_image, prepare
 from mnist_service.engine.views import SHIFTS, unsure
 from training.data import load_mnist
+
+from . import payloads
+from .report import cpu_model
 
 MAX_PIXELS = 16_777_216
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "mnist_convnet.onnx"

@@ -1,7 +1,7 @@
 """Where one request's CPU goes: a sampled profile of a pinned server under h2load.
 
-    python bench/profile.py [--root DIR] [--in-flight 64] [--payload mnist-png] [--seconds 5]
-    python bench/profile.py --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
+    python -m bench.profile [--root DIR] [--in-flight 64] [--payload mnist-png] [--seconds 5]
+    python -m bench.profile --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
 
 Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this
 checkout; point it at a `git worktree` of an older commit to compare) pinned to core 1, drives
@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from load import h2load_path
-from payloads import KINDS, render
-from servers import pinned
+
+from .load import h2load_path
+from .payloads import KINDS, render
+from .servers import pinned
 
 ROOT = Path(__file__).resolve().parent.parent
 

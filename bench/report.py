@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from payloads import USER_KINDS
-from servers import AIO, ROOT, THREADPOOL
+from .payloads import USER_KINDS
+from .servers import AIO, ROOT, THREADPOOL
 
 PINNED = "1 core"
 MACHINE = "machine"

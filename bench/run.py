@@ -1,8 +1,8 @@
 """The benchmark behind `nox -s bench`: mnist-service against two baselines, on loopback.
 
-    python bench/run.py            # everything, about 10 minutes; writes docs/benchmarks.md
-    python bench/run.py --quick    # a subset (conv), about 2 minutes
-    python bench/run.py --smoke    # two kinds, one level, seconds; what the tests run
+    python -m bench.run            # everything, about 10 minutes; writes docs/benchmarks.md
+    python -m bench.run --quick    # a subset (conv), about 2 minutes
+    python -m bench.run --smoke    # two kinds, one level, seconds; what the tests run
 
 One pinned core per side: servers run under `taskset` on one core, h2load and the stream
 client on another, so a server's numbers are what one core buys. A last part runs the service
@@ -30,17 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Concatenate, ParamSpec
 
-import load
 import numpy as np
 import numpy.typing as npt
-import payloads
-import report
 import typer
-from payloads import KINDS, USER_KINDS
-from report import MACHINE, ONNXRUNTIME, PINNED, Row
-from servers import (
+
+from . import load, payloads, report
+from .payloads import KINDS, USER_KINDS
+from .report import MACHINE, ONNXRUNTIME, PINNED, Row
+from .servers import (
     AIO,
-    BENCH,
     ROOT,
     SERVICE,
     THREADPOOL,
@@ -266,8 +264,8 @@ class Bench:
             row.images_per_s = row.req_per_s * BATCH_IMAGES
 
     def stream(self, server: Server, row: Row, payload: Payload) -> None:
-        """One PredictStream call from bench/stream_client.py on the load core."""
-        command = [sys.executable, str(BENCH / "stream_client.py"), "--address", server.address,
+        """One PredictStream call from bench.stream_client on the load core."""
+        command = [sys.executable, "-m", "bench.stream_client", "--address", server.address,
                    "--payload", payload.kind, "--seconds", str(self.plan.seconds)]  # fmt: skip
         done = subprocess.run(
             pinned(self.cores.load, command), capture_output=True, text=True, check=False,
@@ -283,7 +281,7 @@ class Bench:
 
     def model_speed(self, model: str) -> None:
         """onnxruntime alone on the server core, batch 1 and batch 64."""
-        command = [sys.executable, str(BENCH / "model_speed.py"), "--model", str(WEIGHTS[model]),
+        command = [sys.executable, "-m", "bench.model_speed", "--model", str(WEIGHTS[model]),
                    "--seconds", str(min(self.plan.seconds, 2))]  # fmt: skip
         rows = [Row(model, "-", ONNXRUNTIME, size, PINNED, ONNXRUNTIME, f"model only, batch {size}")
                 for size in (1, BATCH_IMAGES)]  # fmt: skip
@@ -546,7 +544,7 @@ def main(
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     output = output or ROOT / "bench-results" / f"bench-{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    command = "python bench/run.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.run " + " ".join(sys.argv[1:])
     output.write_text(json.dumps({
         "started": started.isoformat(), "command": command.strip(), "machine": machine,
         "settings": settings, "rows": [asdict(row) for row in rows],

@@ -1,6 +1,6 @@
 """Scale-out on one machine: 3 replicas behind nginx, one drained, one killed, both restarted.
 
-    python bench/scaleout.py [--steady 8] [--phase 6] [--recovered 8] [--clients 2]
+    python -m bench.scaleout [--steady 8] [--phase 6] [--recovered 8] [--clients 2]
                              [--threads 4] [--json FILE]
 
 Starts three `python -m mnist_service serve --workers 1` replicas on loopback ports and nginx
@@ -57,11 +57,8 @@ from typing import Annotated, Any
 
 import typer
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import stubs  # noqa: E402
-from servers import Server  # noqa: E402
+from . import stubs
+from .servers import ROOT, Server
 
 REPLICAS = 3
 DRAINED, KILLED = 0, 1

@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import IO, Self
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 WEIGHTS = {
@@ -153,8 +152,8 @@ class ServerPool:
 
     def baseline(self, name: str, model: str, core: int | None) -> Server:
         """One of the baselines in bench/, in its natural configuration."""
-        script = {THREADPOOL: "baseline_threadpool.py", AIO: "baseline_aio.py"}[name]
-        command = [sys.executable, str(BENCH / script), "--model", str(WEIGHTS[model])]
+        module = {THREADPOOL: "bench.baseline_threadpool", AIO: "bench.baseline_aio"}[name]
+        command = [sys.executable, "-m", module, "--model", str(WEIGHTS[model])]
         return self._add(_spawn(name, pinned(core, command), announce_on_stdout=True))
 
     def _add(self, server: Server) -> Server:

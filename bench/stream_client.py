@@ -1,6 +1,6 @@
 """Load client for PredictStream: one bidirectional stream, run as its own pinned process.
 
-    taskset -c 0 python bench/stream_client.py --address [::1]:PORT --payload raw --seconds 4
+    taskset -c 0 python -m bench.stream_client --address [::1]:PORT --payload raw --seconds 4
 
 Sends real MNIST test digits over one grpcio stream for a bounded time and count, checks every
 answer (grpc status of the call, one valid prediction per image) and prints one JSON object:
@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 import grpc
-import stubs
 import typer
-from payloads import render
+
+from . import stubs
+from .payloads import render
 
 mnist_pb2, mnist_pb2_grpc = stubs.load()
 

@@ -8,13 +8,13 @@ MNIST_REQUIRE_H2LOAD=1 (set by .ci/run, which installs it) makes its absence a f
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -25,10 +25,6 @@ from PIL import Image
 from mnist_service.engine.preprocess import is_mnist_format
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-BENCH_MODULES = (
-    "run", "load", "payloads", "report", "servers", "stubs", "mnist_pb2", "mnist_pb2_grpc"
-)  # fmt: skip
 USER_KINDS = ("noisy-28", "inverted-28", "canvas-280", "photo-1024")
 needs_h2load = pytest.mark.usefixtures("h2load")
 
@@ -46,17 +42,9 @@ def h2load() -> str:
 
 
 @pytest.fixture
-def bench() -> Iterator[ModuleType]:
-    """bench/run.py imported as the script sees its siblings; removed again afterwards."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run  # type: ignore[import-not-found]
-
-        yield run
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in BENCH_MODULES:
-            sys.modules.pop(name, None)
+def bench() -> ModuleType:
+    """bench.run, the harness's module (which imports the rest of the package)."""
+    return importlib.import_module("bench.run")
 
 
 @needs_h2load
@@ -65,7 +53,7 @@ def test_smoke_run_measures_the_service_and_a_baseline_with_ok_grpc_checks(
 ) -> None:
     output = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "bench.run", "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=180,

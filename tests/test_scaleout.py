@@ -1,4 +1,4 @@
-"""Scale-out behind a real nginx, in short form: bench/scaleout.py with a few seconds a phase.
+"""Scale-out behind a real nginx, in short form: bench.scaleout with a few seconds a phase.
 
 Three real replicas, nginx in front (`grpc_pass` to an upstream of the three), grpcio clients
 sending Predict and PredictBatch through it the whole time. One replica is drained (SIGTERM),
@@ -53,10 +53,10 @@ def nginx() -> str:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One short run of bench/scaleout.py (about 20 s), shared by the tests below."""
+    """One short run of bench.scaleout (about 20 s), shared by the tests below."""
     report_file = tmp_path_factory.mktemp("scaleout") / "scaleout.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scaleout.py"), "--warmup", "1", "--steady", "3",
+        [sys.executable, "-m", "bench.scaleout", "--warmup", "1", "--steady", "3",
          "--phase", "4", "--recovered", "4", "--clients", str(CLIENTS), "--threads",
          str(THREADS), "--json", str(report_file)],
         capture_output=True, text=True, timeout=110, cwd=ROOT, check=False,
