@@ -8,5 +8,6 @@
 
 Run them from the repository root: they import `training` and `export`, which ship only in the
 checkout, and start their servers and baselines (`python -m bench.baseline_threadpool`, ...)
-there.
+there. Latency percentiles come from `mnist_service.loadgen.latency`, the project's one
+definition.
 """

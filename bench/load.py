@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from mnist_service.loadgen.latency import percentile
+
 from . import stubs
 from .servers import pinned
 
@@ -63,13 +65,15 @@ class H2Result:
     non_2xx: int
     data_bytes: int
     latencies_ms: list[float]
+    """Of the calls that got HTTP 200, ascending."""
 
     @property
     def rate(self) -> float:
         return self.succeeded / self.seconds if self.seconds else 0.0
 
     def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else None
+        """The q-th percentile (0-100) of the latencies, None when no call succeeded."""
+        return percentile(self.latencies_ms, q) if self.latencies_ms else None
 
 
 def run_h2load(
@@ -122,7 +126,7 @@ def _parse(output: str, log_file: Path, seconds: int, client_cpu: float) -> H2Re
         failed=failed + errored,
         non_2xx=sum(int(group) for group in codes.groups()[1:]),
         data_bytes=int(data.group(1)),
-        latencies_ms=latencies,
+        latencies_ms=sorted(latencies),
     )
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from typing import Annotated, Any, Concatenate, ParamSpec
 import numpy as np
 import numpy.typing as npt
 import typer
+
+from mnist_service.loadgen.latency import median
 
 from . import load, payloads, report
 from .payloads import KINDS, USER_KINDS
@@ -205,8 +206,8 @@ class Bench:
         runs = self._runs.setdefault(id(row), [])
         runs.append(result)
         # The median round (one round: itself), figure by figure.
-        row.req_per_s = statistics.median(run.rate for run in runs)
-        row.client_cpu = statistics.median(run.client_cpu for run in runs)
+        row.req_per_s = median(run.rate for run in runs)
+        row.client_cpu = median(run.client_cpu for run in runs)
         row.p50_ms, row.p90_ms, row.p99_ms = (_median(run.percentile(q) for run in runs)
                                               for q in (50, 90, 99))  # fmt: skip
         lost = result.failed + result.non_2xx + load.short_replies(result, check.reply_bytes)
@@ -325,7 +326,7 @@ class Bench:
 
 def _median(values: Iterable[float | None]) -> float | None:
     known = [value for value in values if value is not None]
-    return statistics.median(known) if known else None
+    return median(known) if known else None
 
 
 def start(pool: ServerPool, name: str, model: str, core: int | None, workers: int,
@@ -447,7 +448,8 @@ stream client) on another; each timed run lasts {seconds} s after {warmup} s of 
 bracketed by grpc-status checks from a grpcio client (h2load itself only sees HTTP statuses).
 Predict rows with 1 call in flight measure latency, whose tail a burst of noise on a shared
 machine decides: they run in {rounds} rounds of {round_seconds} s, alternating between the
-servers, and give the median round's figures.
+servers, and give the median round's figures. Percentiles interpolate linearly between closest
+ranks (numpy's default), the project's one definition (`mnist_service/loadgen/latency.py`).
 
 What is sent (`bench/payloads.py`): real MNIST test digits, each made into a file
 deterministically. In MNIST format, which skips almost all of the service's preprocessing,

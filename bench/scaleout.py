@@ -57,6 +57,8 @@ from typing import Annotated, Any
 
 import typer
 
+from mnist_service.loadgen.latency import percentile
+
 from . import stubs
 from .servers import ROOT, Server
 
@@ -439,10 +441,9 @@ class Run:
         return self.nginx.stop() if self.nginx is not None else None
 
 
-def _percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return round(1000 * sorted_values[int(q * (len(sorted_values) - 1))], 2)
+def _ms(ordered: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) of latencies in seconds, in ms; None when there are none."""
+    return round(1000 * percentile(ordered, q), 2) if ordered else None
 
 
 def phase_report(phase: Phase, records: list[Record], nginx: Nginx) -> dict[str, Any]:
@@ -463,8 +464,8 @@ def phase_report(phase: Phase, records: list[Record], nginx: Nginx) -> dict[str,
         "failures": failures,
         "failed": sum(failures.values()),
         "calls_per_s": round(len(mine) / seconds, 1) if seconds > 0 else None,
-        "p50_ms": _percentile(latencies, 0.50),
-        "p99_ms": _percentile(latencies, 0.99),
+        "p50_ms": _ms(latencies, 50),
+        "p99_ms": _ms(latencies, 99),
         "served_by_replica": {f"r{i}": n for i, n in sorted(phase.served.items())},
         "nginx_errors": nginx_errors(nginx.log_between(*phase.nginx_log)),
         "failure_samples": samples,
@@ -552,8 +553,8 @@ def scaleout(
         "calls_in_flight_max": clients * threads,
         "calls": len(records),
         "failed": sum(r[3] != "OK" for r in records),
-        "p50_ms": _percentile(ok, 0.50),
-        "p99_ms": _percentile(ok, 0.99),
+        "p50_ms": _ms(ok, 50),
+        "p99_ms": _ms(ok, 99),
         **timeline,
         "phases": phases,
         "replica_processes": {
