@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpclib
-import h2.config
-import h2.connection
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
-from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
 from grpclib.health.service import Health
 from grpclib.health.v1.health_grpc import HealthStub
 from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpclib.protocol import H2Protocol
-from hyperframe.frame import HeadersFrame
 
+from mnist_service import _compat
 from mnist_service._proto.mnist import (
     MnistBase,
     MnistImage,
@@ -34,11 +30,12 @@ from mnist_service._proto.mnist import (
     ModelInfo,
     ModelInfoRequest,
     PredictBatchRequest,
+    StreamPrediction,
 )
+from mnist_service.calls import Call, ignore
 from mnist_service.transport.coalescing import CoalescingTransport
-from mnist_service.transport.h2trace import LazyRepr, defer_frame_reprs
-from mnist_service.transport.server import CoalescingProtocol, Server
-from mnist_service.transport.unary import Handler, unary_methods
+from mnist_service.transport.runner import methods
+from mnist_service.transport.server import CoalescingProtocol, Handler, Server
 
 
 class RecordingTransport(asyncio.Transport):
@@ -167,43 +164,9 @@ async def test_concurrent_lean_calls_still_share_writes(monkeypatch: pytest.Monk
     assert len(flushed) <= 8  # 32 answers, a few writes: the early flush did not split them
 
 
-def test_h2_formats_a_received_frame_only_when_its_trace_is_logged() -> None:
-    """`transport.h2trace` swaps `repr` in `h2.connection`: it must be used there only for
-    the received-frame trace line (checked against the installed h2), and the line a real
-    trace logger writes must be what it was."""
-    source = inspect.getsource(h2.connection)
-    assert source.count("repr(") == 1
-    assert 'self.config.logger.trace("Received frame: %s", repr(frame))' in source
-
-    defer_frame_reprs()
-    frame = HeadersFrame(1, data=b"header block")
-    deferred = h2.connection.repr(frame)  # type: ignore[attr-defined]
-    assert isinstance(deferred, LazyRepr)
-    assert str(deferred) == repr(frame)
-    assert "Received frame: %s" % deferred == f"Received frame: {frame!r}"  # noqa: UP031 - h2's own formatting
-
-    lines: list[str] = []
-
-    class Recording(h2.config.OutputLogger):
-        def trace(self, fmtstr: str, *args: Any) -> None:
-            lines.append(fmtstr % args)
-
-    server = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, logger=Recording(trace_level=True))
-    )
-    server.initiate_connection()
-    client = h2.connection.H2Connection()
-    client.initiate_connection()
-    client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x")], end_stream=True)  # fmt: skip
-    server.receive_data(client.data_to_send())
-    received = [line for line in lines if line.startswith("Received frame: ")]
-    assert any("HeadersFrame(stream_id=1" in line and "<hex:" in line for line in received)
-
-
 async def test_server_connections_use_the_coalescing_protocol() -> None:
     server = Server([Health()])
-    protocol = server._protocol_factory()
+    protocol = server.protocol()
 
     assert isinstance(protocol, CoalescingProtocol)
     assert isinstance(protocol.inner, H2Protocol)
@@ -233,7 +196,7 @@ class GoneTransport(RecordingTransport):
 async def test_closing_a_connection_the_client_just_reset_is_not_an_error() -> None:
     """The drain closes every connection at once; one whose client reset it a moment before
     is aborted instead of failing the drain (which exited 1)."""
-    protocol = Server([Health()])._protocol_factory()
+    protocol = Server([Health()]).protocol()
     assert isinstance(protocol, CoalescingProtocol)
     transport = GoneTransport(protocol)
     protocol.connection_made(transport)
@@ -249,7 +212,7 @@ async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
     """Concurrent calls over a real loopback connection all complete."""
     server = Server([Health()])
     await server.start("::1", 0)
-    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = server.port
     channel = Channel("::1", port)
     try:
         stub = HealthStub(channel)
@@ -258,8 +221,7 @@ async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
         )
     finally:
         channel.close()
-        server.close()
-        await server.wait_closed()
+        await server.close()
 
     assert all(r.status == HealthCheckResponse.SERVING for r in replies)
 
@@ -289,40 +251,48 @@ class Service(MnistBase):
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
         return ModelInfo(architecture="conv")
 
+    async def predict_stream(
+        self, messages: AsyncIterator[MnistImage]
+    ) -> AsyncIterator[StreamPrediction]:
+        index = 0
+        async for _ in messages:
+            yield StreamPrediction(index=index, prediction=MnistPrediction(label=1))
+            index += 1
+
 
 @contextlib.asynccontextmanager
 async def serving(
-    service: Service, *, listen_to: list[str] | None = None
+    service: MnistBase, *, observed: list[Call] | None = None
 ) -> AsyncIterator[MnistStub]:
-    server = Server([service], unary=unary_methods(service))
-    if listen_to is not None:
-
-        async def record(event: RecvRequest) -> None:
-            listen_to.append(event.method_name)
-
-        listen(server, RecvRequest, record)
+    server = Server([service], observer=observed.append if observed is not None else ignore)
     await server.start("::1", 0)
-    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = server.port
     channel = Channel("::1", port)
     try:
         yield MnistStub(channel)
     finally:
         channel.close()
-        server.close()
-        await server.wait_closed()
+        await server.close()
 
 
-def test_unary_methods_are_found_by_betterproto_names() -> None:
+def test_methods_are_found_with_their_message_functions() -> None:
+    """Every method of every service is served; a unary method of a betterproto2 service is
+    called with its message (found by its Python name), every other through a stream."""
     service = Service()
-    methods = unary_methods(service)
+    found = methods([service, Health()])
 
-    assert set(methods) == {
+    assert set(found) == {
         "/mnist.Mnist/Predict",
         "/mnist.Mnist/PredictBatch",
+        "/mnist.Mnist/PredictStream",
         "/mnist.Mnist/GetModelInfo",
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
     }
-    assert methods["/mnist.Mnist/Predict"].func == service.predict
-    assert methods["/mnist.Mnist/PredictBatch"].request_type is PredictBatchRequest
+    assert found["/mnist.Mnist/Predict"].unary == service.predict
+    assert found["/mnist.Mnist/PredictBatch"].request_type is PredictBatchRequest
+    assert found["/mnist.Mnist/PredictStream"].unary is None  # bidi: through a stream
+    assert found["/grpc.health.v1.Health/Check"].unary is None  # grpclib's: through a stream
 
 
 async def test_lean_path_answers_with_and_without_a_deadline() -> None:
@@ -335,13 +305,38 @@ async def test_lean_path_answers_with_and_without_a_deadline() -> None:
     assert info.architecture == "conv"
 
 
-async def test_with_a_listener_calls_take_grpclibs_path() -> None:
-    seen: list[str] = []
-    async with serving(Service(), listen_to=seen) as stub:
-        reply = await stub.predict(MnistImage(data=b"x"))
+async def test_every_kind_of_call_is_recorded_by_the_one_runner() -> None:
+    """A unary call, a bidi stream and grpclib's own health check (a handler written against
+    grpclib's stream) all end with a call record: method, status, request id."""
+    observed: list[Call] = []
+    health = Health()
+    server = Server([Service(), health], observer=observed.append)
+    await server.start("::1", 0)
+    channel = Channel("::1", server.port)
+    try:
+        stub = MnistStub(channel)
+        await stub.predict(MnistImage(data=b"x"))
+        with pytest.raises(GRPCError):
+            await stub.predict(MnistImage(data=b"refuse"))
+        answers = [a async for a in stub.predict_stream([MnistImage(data=b"x")] * 2)]
+        checked = await HealthStub(channel).Check(HealthCheckRequest())
+        with pytest.raises(GRPCError) as unknown:
+            await HealthStub(channel).Check(HealthCheckRequest(service="nope"))
+    finally:
+        channel.close()
+        await server.close()
 
-    assert reply.label == 1
-    assert seen == ["/mnist.Mnist/Predict"]  # grpclib's path dispatched the event
+    assert [a.index for a in answers] == [0, 1]
+    assert checked.status == HealthCheckResponse.SERVING
+    assert unknown.value.status is Status.NOT_FOUND
+    assert [(c.method, c.status) for c in observed] == [
+        ("/mnist.Mnist/Predict", Status.OK),
+        ("/mnist.Mnist/Predict", Status.INVALID_ARGUMENT),
+        ("/mnist.Mnist/PredictStream", Status.OK),
+        ("/grpc.health.v1.Health/Check", Status.OK),
+        ("/grpc.health.v1.Health/Check", Status.NOT_FOUND),
+    ]
+    assert all(c.request_id for c in observed)
 
 
 async def test_lean_path_sends_grpc_errors_as_trailers() -> None:
@@ -399,28 +394,6 @@ class HeldService(MnistBase):
         return MnistPrediction(label=1, probabilities=[0.5, 0.5])
 
 
-async def test_private_names_the_drain_relies_on() -> None:
-    """grpclib's processor table, h2's frame dispatch table and the channel's factory."""
-    from grpclib.protocol import EventsProcessor
-    from h2.connection import H2Connection
-    from h2.events import ConnectionTerminated, PingAckReceived
-    from hyperframe.frame import GoAwayFrame
-
-    from mnist_service.transport.channel import Channel as DrainChannel
-
-    h2_connection = H2Connection()
-    assert GoAwayFrame in h2_connection._frame_dispatch_table
-    assert callable(h2_connection._receive_goaway_frame)
-    processor = EventsProcessor.__new__(EventsProcessor)
-    EventsProcessor.__init__(processor, Handler.__new__(Handler), None)  # type: ignore[arg-type]
-    assert PingAckReceived in processor.processors
-    assert ConnectionTerminated in processor.processors
-    channel = DrainChannel("::1", 1)
-    assert channel._config is not None
-    assert channel._h2_config is not None
-    channel.close()
-
-
 async def test_calls_survive_a_graceful_goaway_and_late_streams_are_refused() -> None:
     """Server.goaway on a real connection: the held call is still answered over it, the
     client's next call opens a new connection, and the old one closes when its call ends."""
@@ -428,19 +401,15 @@ async def test_calls_survive_a_graceful_goaway_and_late_streams_are_refused() ->
 
     service = HeldService()
     refused: list[str] = []
-    server = Server(
-        [service],
-        unary=unary_methods(service),
-        on_refused=lambda method, peer: refused.append(method),
-    )
+    server = Server([service], on_refused=lambda method, peer: refused.append(method))
     await server.start("::1", 0)
-    port = server._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = server.port
     channel = DrainChannel("::1", port)
     try:
         stub = MnistStub(channel)
         held = asyncio.ensure_future(stub.predict(MnistImage(data=b"x"), timeout=10))
         await asyncio.wait_for(service.entered.wait(), 5)
-        first_connection = channel._protocol
+        first_connection = _compat.current_protocol(channel)
         server.stop_accepting()
         await asyncio.wait_for(server.goaway(ping_timeout=5), 5)  # returns on the PING ack
         assert len(server.calls()) == 1

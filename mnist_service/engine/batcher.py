@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import _compat
 from ..errors import DeadlineExpiredError
 from .inference import Classifier, FloatArray, ModelInfo
 
@@ -152,14 +153,14 @@ class Batcher:
 
     def _alone(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether an inline batch can start now: the model idle, no delay asked for, and no
-        other callback ready in this loop turn (CPython's `_ready` queue; on loops without
-        one, such as uvloop, the answer is no and calls take the usual path)."""
+        other callback ready in this loop turn (`_compat.ready_callbacks`; on loops that
+        cannot tell, such as uvloop, the answer is no and calls take the usual path)."""
         return (
             self._executor is None
             and not self._max_delay
             and not self._queue
             and self._scheduled is None
-            and not getattr(loop, "_ready", True)
+            and _compat.ready_callbacks(loop) == 0
         )
 
     def _schedule(self) -> None:

@@ -49,7 +49,6 @@ from ..errors import ConfigError
 from ..tls import server_context
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
-from ..transport.unary import unary_methods
 from .census import Census
 from .eventloop import loop_factory
 from .logs import flush_direct
@@ -200,7 +199,6 @@ class MnistServer:
                 max_connection_bytes=config.limits.connection_bytes,
                 max_message_seconds=config.limits.max_message_seconds,
             ),
-            unary={**unary_methods(service), **unary_methods(self.inference)},
             observer=self.request_log if metrics is None else self._observe_call,
             on_refused=log_refused_stream,
             max_connections=config.limits.max_connections,

@@ -15,9 +15,9 @@ server, and an event loop that ends before then leaves the socket open (a Resour
 and a file descriptor held until the collector runs). `aclose` waits for every connection to
 be lost, and aborts those whose server does not answer in time.
 
-This relies on grpclib 0.4.9's `Channel._protocol_factory`, `_protocol`, `_config`,
-`_h2_config` and `EventsProcessor`, and on h2's `H2Connection._frame_dispatch_table` (where a
-GOAWAY frame is received); tests/test_transport.py covers them.
+The private names of grpclib and h2 this needs (the channel's protocol factory, where h2
+receives a GOAWAY frame) are in `mnist_service._compat`; `EventsProcessor` is grpclib's own
+events processor, subclassed.
 """
 
 from __future__ import annotations
@@ -27,16 +27,19 @@ import weakref
 from typing import Any, cast
 
 import grpclib.client
+from grpclib.config import Configuration
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from hyperframe.frame import Frame, GoAwayFrame
+
+from .. import _compat
 
 CLOSE_TIMEOUT_S = 1.0
 """How long `aclose` waits for the server's side of a TLS close before aborting."""
 
 
+@_compat.channel_protocols
 class Channel(grpclib.client.Channel):
     """`grpclib.client.Channel`, moving to a new connection on a graceful GOAWAY, with
     `aclose`, which returns once its connections are closed."""
@@ -45,15 +48,15 @@ class Channel(grpclib.client.Channel):
         super().__init__(*args, **kwargs)
         self._all_protocols: weakref.WeakSet[_Protocol] = weakref.WeakSet()
 
-    def _protocol_factory(self) -> H2Protocol:
-        # grpclib's own factory, with the protocol that retires on GOAWAY and reports its end.
-        protocol = _Protocol(grpclib.client.Handler(), self._config, self._h2_config)
+    def make_protocol(self, config: Configuration, h2_config: Any) -> H2Protocol:
+        """grpclib's client protocol, retiring on a graceful GOAWAY and reporting its end."""
+        protocol = _Protocol(grpclib.client.Handler(), config, h2_config)
         self._all_protocols.add(protocol)
         return protocol
 
     def close(self) -> None:
         """Close the connection, and any retired one whose calls still run."""
-        current = self._protocol
+        current = _compat.current_protocol(self)
         super().close()
         for protocol in list(self._all_protocols):
             if protocol is not current and hasattr(protocol, "processor"):
@@ -84,8 +87,7 @@ class _Protocol(H2Protocol):
         self.transport = transport
         super().connection_made(transport)
         self.processor = _Processor(cast(grpclib.client.Handler, self.handler), self.connection)
-        h2_connection: H2Connection = self.connection._connection
-        h2_connection._frame_dispatch_table[GoAwayFrame] = _graceful_goaway(h2_connection)
+        _compat.take_goaway_reception(_compat.h2_connection(self), _graceful_goaway)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """The socket is closed: grpclib ends its streams, and `aclose` may return."""
@@ -93,9 +95,8 @@ class _Protocol(H2Protocol):
         self.lost.set()
 
 
-def _graceful_goaway(h2_connection: H2Connection) -> Any:
-    """h2's GOAWAY reception, but a NO_ERROR GOAWAY leaves the connection open."""
-    receive = h2_connection._receive_goaway_frame
+def _graceful_goaway(receive: _compat.Reception) -> _compat.Reception:
+    """h2's GOAWAY reception (`receive`), but a NO_ERROR GOAWAY leaves the connection open."""
 
     def receive_goaway(frame: Frame) -> tuple[list[Frame], list[Event]]:
         assert isinstance(frame, GoAwayFrame)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from .. import _compat
+
 __all__ = ["CoalescingTransport"]
 
 
@@ -54,9 +56,9 @@ class CoalescingTransport:
 
     def flush_if_last(self) -> None:
         """Send what is buffered now if this turn has nothing left to run but this flush: one
-        call in flight, say. The check reads CPython's `_ready` queue; on loops without one
-        (uvloop) the writes wait for the flush as usual."""
-        if self._scheduled and len(getattr(self._loop, "_ready", ())) == 1:
+        call in flight, say (`_compat.ready_callbacks`; on loops that cannot tell, such as
+        uvloop, the writes wait for the flush as usual)."""
+        if self._scheduled and _compat.ready_callbacks(self._loop) == 1:
             self.flush()
 
     def end(self) -> None:

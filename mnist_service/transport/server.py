@@ -1,70 +1,74 @@
-"""A grpclib `Server` whose connections make one socket write per event-loop turn, whose
-unary calls take the lean path of `transport.unary`, whose every call reads its messages
-through `codec.read_message` (the size limit checked from the prefix, before the body) and
-answers with `grpc-accept-encoding: gzip`, and whose every call is recorded as an
-`calls.Call` for the request log.
+"""The server: grpclib's HTTP/2 connections, our call handler on each, the drain.
 
-grpclib writes a call's headers, data and trailers with a `transport.write` each, and every
-concurrent call does the same: three `send` syscalls per call, ~110 us each under load. Here
-each connection's transport is wrapped (`transport.coalescing`) so that writes are buffered
-and flushed once, at the end of the loop turn in which they were made: all the calls answered
-in that turn leave in one `send`. Ordering is kept (one buffer per connection), and flow
-control is untouched (the real transport still calls `pause_writing`/`resume_writing` on
-grpclib's protocol). h2's per-frame trace formatting is made lazy (`transport.h2trace`), and
-each connection remembers 1,024 closed streams rather than h2's 65,536 (`transport.h2streams`).
-
-The server keeps its connections, for the drain (`transport.drain`): `stop_accepting` closes
+grpclib provides the HTTP/2 layer (`grpclib.protocol.H2Protocol` over h2) and nothing above
+it: each connection's streams go to a `Handler` of ours, which starts every call in the one
+call runner (`transport.runner`), or refuses it. The `Server` listens, makes a connection's
+protocol and keeps its connections for the drain (`transport.drain`): `stop_accepting` closes
 the listening socket, `goaway` sends the two-step GOAWAY on every connection (after which
 late streams are refused), `stop_stream_reads` ends streaming calls' requests, `calls` are
 the calls still running, and `close_connections` ends what is left.
 
-This relies on grpclib 0.4.9's `Server._protocol_factory` and the private attributes it
-uses, `Server._server`, `H2Protocol.processor.processors` (the drain's PING ack is
-recognised there) and `H2Protocol.connection._connection` (the h2 connection); pinned in
-pyproject.toml, tests/test_transport.py covers them.
+Each connection's transport is wrapped (`transport.coalescing`) so that writes are buffered
+and flushed once, at the end of the loop turn in which they were made: grpclib writes a
+call's headers, data and trailers with a `transport.write` each, three `send` syscalls a
+call, ~110 us each under load; here all the calls answered in one turn leave in one `send`.
+Ordering is kept (one buffer per connection), and flow control is untouched (the real
+transport still calls `pause_writing`/`resume_writing` on grpclib's protocol). h2's
+per-frame trace formatting is made lazy, and each connection remembers 1,024 closed streams
+rather than h2's 65,536 (`CLOSED_STREAMS_KEPT`); the private names behind both, and the
+drain's PING ack, are in `mnist_service._compat`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, Mapping
+import socket
+import ssl
+import weakref
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any, cast
 
-import grpclib.server
-from grpclib.const import Cardinality, Status
-from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.protocol import H2Protocol
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.encoding.base import GRPC_CONTENT_TYPE, CodecBase
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.metadata import Deadline
+from grpclib.protocol import AbstractHandler, H2Protocol
 from grpclib.protocol import Stream as H2Stream
+from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
 
-from ..calls import (
-    Call,
-    CallObserver,
-    enter,
-    expiry,
-    ignore,
-    request_id,
-)
+from .. import _compat
+from ..calls import REQUEST_ID_HEADER, Call, CallObserver, expiry, ignore, request_id
 from .coalescing import CoalescingTransport
-from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
-from .drain import (
-    DRAIN_PING,
-    DRAINING_TRAILER,
-    MAX_STREAM_ID,
-    StreamReads,
-    goaway_frame,
-    ping_frame,
-)
-from .h2streams import limit_closed_streams
-from .h2trace import defer_frame_reprs
-from .unary import Handler, RefusedCallback, UnaryMethod, observe, request_id_header
+from .drain import DRAIN_PING, MAX_STREAM_ID, StreamReads, goaway_frame, ping_frame
+from .runner import Method, methods, observe, run_call
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CLOSED_STREAMS_KEPT", "CoalescingProtocol", "Handler", "Server"]
+
+CLOSED_STREAMS_KEPT = 1024
+"""Closed streams each connection's h2 remembers (h2's own default is 65,536).
+
+h2 keeps the id and the manner of closing of every stream it has closed, dropping the oldest
+past the limit: some 120 bytes each, 7.7 MB once a connection has carried 65,536 calls, so a
+worker's memory rose for as long as its long-lived connections had made fewer calls than
+that (issue 21), and 256 connections could hold 2 GB. What h2 needs it for (h2 4.4.1,
+`H2Connection._receive_frame`): a frame for a stream that is no longer open. DATA is answered
+with RST_STREAM and its flow-control credit returned, and WINDOW_UPDATE, RST_STREAM and
+PRIORITY are dropped, whether the stream is remembered or not. Only a HEADERS frame on a
+closed stream reads the memory: on a stream that we reset it gets a RST_STREAM, otherwise (a
+stream that ended, or one forgotten) it is a connection error. A gRPC client sends HEADERS
+only to open a stream, never on one it knows, so for gRPC the memory decides nothing; for
+other HTTP/2 clients (request trailers after our reset) the late HEADERS was in flight for
+about one round trip, while the client had at most 100 streams open (the
+MAX_CONCURRENT_STREAMS that h2 announces). 1,024 entries keep ten times that, at about
+0.17 MB a connection (45 MB for `--max-connections` 256)."""
 
 _TOO_MANY_CONNECTIONS = bytes(SettingsFrame(0).serialize()) + goaway_frame(
     0, ErrorCodes.ENHANCE_YOUR_CALM, b"too many connections to this worker; retry"
@@ -77,6 +81,230 @@ close; then the connection is aborted."""
 
 _CLOSE_WAIT_S = 1.0
 """How long cancelled calls have to end before their connection closes anyway."""
+
+_H2_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding="ascii",
+    validate_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_inbound_headers=False,
+    normalize_outbound_headers=False,
+)
+"""h2's settings for a gRPC server connection (grpclib's `Server` uses these)."""
+
+RefusedCallback = Callable[[str, tuple[str, int] | None], None]
+"""Told of each stream refused after the final GOAWAY: its method and the peer's address."""
+
+
+def _nothing() -> None:
+    pass
+
+
+class Handler(AbstractHandler):
+    """One connection's calls: each stream grpclib accepts starts in the call runner, or is
+    refused (REFUSED_STREAM, after this connection's final GOAWAY), or is answered at once
+    as grpclib answers a request that is not a gRPC call of ours."""
+
+    last_stream_id = MAX_STREAM_ID
+    """Streams above this id are refused (lowered by the final GOAWAY of a drain)."""
+    highest_stream_id = 0
+    refused = 0
+    closing = False
+
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        codec: CodecBase,
+        *,
+        observer: CallObserver = ignore,
+        on_refused: RefusedCallback | None = None,
+        stream_reads: StreamReads | None = None,
+    ) -> None:
+        self._methods = methods
+        self._codec = codec
+        self._observer = observer
+        self._on_refused = on_refused
+        self._stream_reads = stream_reads
+        self._tasks: dict[H2Stream, asyncio.Task[None]] = {}
+        self._cancelled: set[asyncio.Task[None]] = set()
+        self.flush_if_last: Callable[[], None] = _nothing
+        """The connection's transport's `flush_if_last` (the protocol sets it)."""
+
+    def accept(self, stream: H2Stream, headers: Any, release_stream: Callable[[], None]) -> None:
+        """Start the call whose headers just arrived (or refuse it)."""
+        stream_id = stream.id
+        assert stream_id is not None
+        if stream_id > self.last_stream_id:
+            self._refuse(stream, headers, release_stream)
+            return
+        self.highest_stream_id = stream_id  # h2 makes sure ids only grow
+        # The request headers, for `codec.read_message` to find a compressed message's
+        # grpc-encoding (a server-side stream's `headers` is otherwise unused).
+        stream.headers = headers
+        fields = dict(headers)
+        path = fields.get(":path", "")
+        method = self._methods.get(path)
+        refusal = self._not_a_call(fields, method)
+        loop = asyncio.get_running_loop()
+        if refusal is not None or method is None:
+            refusal = refusal or (200, Status.UNIMPLEMENTED, "Method not found")
+            self._start(stream, loop.create_task(_abort(stream, release_stream, *refusal)))
+            return
+        # The deadline runs from now, when the call arrived, not from when its task starts:
+        # under load a call can wait its whole deadline away before that.
+        call = Call(
+            path,
+            None,
+            peer=stream.connection.get_peer().addr(),
+            request_id=request_id(fields.get(REQUEST_ID_HEADER)),
+        )
+        release = _Release(release_stream)
+        try:
+            call.expires_at = expiry(Deadline.from_headers(headers))
+        except ValueError:  # grpclib would answer UNKNOWN
+            call.end(Status.INVALID_ARGUMENT, "the grpc-timeout header is malformed")
+        task = loop.create_task(
+            run_call(
+                call,
+                method,
+                stream,
+                headers,
+                self._codec,
+                release,
+                self._observer,
+                self._stream_reads,
+                self.flush_if_last,
+            )
+        )
+        self._start(stream, task, partial(_never_started, release, call, self._observer))
+
+    def _start(
+        self,
+        stream: H2Stream,
+        task: asyncio.Task[None],
+        then: Callable[[asyncio.Task[None]], None] | None = None,
+    ) -> None:
+        self._tasks[stream] = task
+        task.add_done_callback(partial(self._forget, stream, then))
+
+    def _forget(
+        self,
+        stream: H2Stream,
+        then: Callable[[asyncio.Task[None]], None] | None,
+        task: asyncio.Task[None],
+    ) -> None:
+        if self._tasks.get(stream) is task:
+            del self._tasks[stream]
+        self._cancelled.discard(task)
+        if then is not None:
+            then(task)
+
+    def _not_a_call(
+        self, fields: dict[str, str], method: Method | None
+    ) -> tuple[int, Status | None, str | None] | None:
+        """Why a request is not a gRPC call of ours, as grpclib answers it: (HTTP status,
+        grpc-status, grpc-message); None for a call."""
+        if fields.get(":method") != "POST":
+            return 405, None, None
+        content_type = fields.get("content-type")
+        if content_type is None:
+            return 415, Status.UNKNOWN, "Missing content-type header"
+        base, _, subtype = content_type.partition("+")
+        if base != GRPC_CONTENT_TYPE or (subtype or "proto") != self._codec.__content_subtype__:
+            return 415, Status.UNKNOWN, "Unacceptable content-type header"
+        if fields.get("te") != "trailers":
+            return 400, Status.UNKNOWN, 'Required "te: trailers" header is missing'
+        if method is None:
+            return 200, Status.UNIMPLEMENTED, "Method not found"
+        return None
+
+    def cancel(self, stream: H2Stream) -> None:
+        """The client reset the stream: its call is cancelled."""
+        task = self._tasks.pop(stream, None)
+        if task is not None:
+            task.cancel()
+            self._cancelled.add(task)
+
+    def close(self) -> None:
+        """Cancel every call of this connection."""
+        for task in self._tasks.values():
+            task.cancel()
+        self._cancelled.update(self._tasks.values())
+        self.closing = True
+
+    async def wait_closed(self) -> None:
+        """Wait until the cancelled calls have ended."""
+        if self._cancelled:
+            await asyncio.wait(self._cancelled)
+
+    def running(self) -> set[asyncio.Task[None]]:
+        """This connection's calls that have not finished."""
+        return {task for task in self._tasks.values() if not task.done()}
+
+    def _refuse(self, stream: H2Stream, headers: Any, release_stream: Callable[[], None]) -> None:
+        self.refused += 1
+        stream.reset_nowait(ErrorCodes.REFUSED_STREAM)
+        release_stream()
+        if self._on_refused is not None:
+            self._on_refused(dict(headers).get(":path", ""), stream.connection.get_peer().addr())
+
+
+async def _abort(
+    stream: H2Stream,
+    release_stream: Callable[[], None],
+    http_status: int,
+    grpc_status: Status | None,
+    message: str | None,
+) -> None:
+    """Answer a request that is not a gRPC call of ours, as grpclib does."""
+    try:
+        headers = [(":status", str(http_status))]
+        if grpc_status is not None:
+            headers.append(("grpc-status", str(grpc_status.value)))
+        if message is not None:
+            headers.append(("grpc-message", message))
+        await stream.send_headers(headers, end_stream=True)
+        if stream.closable:
+            stream.reset_nowait()
+    except Exception:
+        log.debug("could not answer a request that is no call", exc_info=True)
+    finally:
+        release_stream()
+
+
+class _Release:
+    """A stream's `release_stream`, callable once.
+
+    A task cancelled before its first step (the client reset the stream at once) never runs
+    its coroutine, so the `finally` that releases the stream never runs either, and the
+    connection would keep the stream (and its buffers, ~10 KB) for as long as it lives: one
+    per client cancel that lands before the handler starts, about 30 a second (+18 MB a
+    minute) under the soak's mix. `_never_started` releases it from the task's done callback
+    instead.
+    """
+
+    __slots__ = ("_release", "done")
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self._release()
+
+
+def _never_started(
+    release: _Release, call: Call, observer: CallObserver, task: asyncio.Task[None]
+) -> None:
+    """A call's task has ended: if it never ran (cancelled before its first step), release
+    its stream and record the call as what it was, a client's cancel."""
+    if release.done:
+        return
+    release()
+    call.end(Status.CANCELLED)
+    observe(observer, call)
 
 
 class CoalescingProtocol(asyncio.Protocol):
@@ -123,7 +351,8 @@ class CoalescingProtocol(asyncio.Protocol):
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
         )
         self.inner.connection_made(self.transport)  # type: ignore[arg-type]
-        limit_closed_streams(self.inner.connection._connection)
+        _compat.limit_closed_streams(_compat.h2_connection(self.inner), CLOSED_STREAMS_KEPT)
+        self.handler.flush_if_last = self.transport.flush_if_last
         self._connections.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -161,15 +390,12 @@ class CoalescingProtocol(asyncio.Protocol):
         if self.transport is None or self.lost.is_set():
             return
         acked = asyncio.get_running_loop().create_future()
-        processors = self.inner.processor.processors
-        on_ping_ack = cast(Callable[[PingAckReceived], None], processors[PingAckReceived])
 
         def on_drain_ping_ack(event: PingAckReceived) -> None:
-            on_ping_ack(event)
             if event.ping_data == DRAIN_PING and not acked.done():
                 acked.set_result(None)
 
-        processors[PingAckReceived] = on_drain_ping_ack
+        _compat.on_ping_ack(self.inner, on_drain_ping_ack)
         self.transport.write(goaway_frame(MAX_STREAM_ID) + ping_frame())
         lost = asyncio.ensure_future(self.lost.wait())
         try:
@@ -220,65 +446,79 @@ class CoalescingProtocol(asyncio.Protocol):
         self._linger = asyncio.get_running_loop().call_later(_LINGER_S, transport.abort)
 
 
-class Server(grpclib.server.Server):
-    """`grpclib.server.Server` with write coalescing on every connection, the lean path of
-    `transport.unary` for the `unary` methods given, and a `Call` record for every call,
-    handed to `observer` when the call ends."""
+class Server:
+    """A gRPC server over grpclib's HTTP/2 connections: every call of `services` (objects
+    with grpclib's `__mapping__`: betterproto2 services, grpclib's health and reflection)
+    runs in the one call runner; each call's `Call` record is handed to `observer` when the
+    call ends."""
 
     def __init__(
         self,
-        handlers: Any,
+        services: Iterable[Any],
         *,
-        unary: Mapping[str, UnaryMethod] | None = None,
+        codec: CodecBase | None = None,
+        config: Configuration | None = None,
         observer: CallObserver = ignore,
         on_refused: RefusedCallback | None = None,
         max_connections: int | None = None,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(handlers, **kwargs)
-        defer_frame_reprs()
-        self._unary = dict(unary or {})
+        _compat.defer_frame_reprs()
+        self._methods = methods(services)
+        self._codec = codec or ProtoCodec()
+        self._config = _compat.server_configuration(config)
         self._observer = observer
         self._on_refused = on_refused
         self._max_connections = max_connections
         self._connections: set[CoalescingProtocol] = set()
+        self._handlers: weakref.WeakSet[Handler] = weakref.WeakSet()
         self._stream_reads = StreamReads()
-        # Every call is recorded; calls on grpclib's own path read their messages through
-        # `read_message` too, and streaming calls' reads end when the drain starts.
-        checked = isinstance(self._codec, SizeLimitedCodec)
-        self._mapping = {
-            path: handler._replace(
-                func=_observed(
-                    path,
-                    handler.func,
-                    observer,
-                    checked=checked,
-                    stream_reads=self._stream_reads
-                    if handler.cardinality in (Cardinality.STREAM_UNARY, Cardinality.STREAM_STREAM)
-                    else None,
-                )
-            )
-            for path, handler in self._mapping.items()
-        }
+        self._server: asyncio.Server | None = None
 
-    def _protocol_factory(self) -> CoalescingProtocol:  # type: ignore[override]
-        # grpclib's own factory, with our Handler in place of grpclib's.
-        self.__gc_step__()
+    @property
+    def methods(self) -> dict[str, Method]:
+        """What the server serves, by path."""
+        return self._methods
+
+    def protocol(self) -> CoalescingProtocol:
+        """The protocol of a new connection (the listening socket's protocol factory)."""
         handler = Handler(
-            self._mapping,
+            self._methods,
             self._codec,
-            self._status_details_codec,
-            self.__dispatch__,
-            unary=self._unary,
             observer=self._observer,
             on_refused=self._on_refused,
+            stream_reads=self._stream_reads,
         )
         self._handlers.add(handler)
         return CoalescingProtocol(
-            H2Protocol(handler, self._config, self._h2_config),
+            H2Protocol(handler, self._config, _H2_CONFIG),
             self._connections,
             self._max_connections,
         )
+
+    async def start(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        sock: socket.socket | None = None,
+        ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        """Listen on `sock` (or bind `host`:`port`)."""
+        if self._server is not None:
+            raise RuntimeError("the server is started already")
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            self._server = await loop.create_server(self.protocol, sock=sock, ssl=ssl)
+        else:
+            self._server = await loop.create_server(self.protocol, host, port or 0, ssl=ssl)
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on (once started)."""
+        if self._server is None or not self._server.sockets:
+            raise RuntimeError("the server is not listening")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
 
     @property
     def connections(self) -> int:
@@ -309,7 +549,7 @@ class Server(grpclib.server.Server):
             "connections": len(self._connections),
             "calls": len(self.calls()),
             "stream_reads": self._stream_reads.waiting,
-            "handlers": len(self._handlers),  # grpclib's, one a connection, pruned lazily
+            "handlers": len(self._handlers),  # one a connection, until collected
         }
 
     @property
@@ -326,105 +566,9 @@ class Server(grpclib.server.Server):
             if isinstance(result, Exception):
                 log.warning("closing a connection failed", exc_info=result)
 
-
-GrpclibHandler = Callable[[grpclib.server.Stream[Any, Any]], Awaitable[None]]
-
-
-def _observed(
-    path: str,
-    func: GrpclibHandler,
-    observer: CallObserver,
-    *,
-    checked: bool,
-    stream_reads: StreamReads | None,
-) -> GrpclibHandler:
-    """A handler on grpclib's own path, with the call recorded; reading through
-    `codec.read_message` when `checked`; its reads ended by the drain when `stream_reads` is
-    given (then its trailers say it was drained)."""
-
-    async def handler(stream: grpclib.server.Stream[Any, Any]) -> None:
-        read = partial(_recv_message, stream) if checked else stream.recv_message
-        drained = False
-        if stream_reads is not None:
-
-            async def recv_message() -> Any:
-                nonlocal drained
-                message = await stream_reads.read(read)
-                drained = message is None and stream_reads.stopped
-                return message
-
-            stream.recv_message = recv_message  # type: ignore[method-assign]
-        elif checked:
-            stream.recv_message = read  # type: ignore[method-assign]
-        h2_stream = stream._stream
-        # The record `Handler.accept` opened on the call's arrival (deadline, request id).
-        call: Call = getattr(h2_stream, "call", None) or Call(
-            path, expiry(stream.deadline), peer=stream.peer.addr(), request_id=request_id(None)
-        )
-        # grpclib refuses grpc-* names as metadata, so these join at the HTTP/2 stream.
-        h2_stream.send_headers = partial(  # type: ignore[method-assign]
-            _send_headers,
-            h2_stream,
-            h2_stream.send_headers,
-            [ACCEPT_ENCODING, request_id_header(call)],
-        )
-        enter(call)
-        try:
-            if call.expired:  # it waited past its deadline: no work for an answer nobody awaits
-                raise GRPCError(Status.DEADLINE_EXCEEDED)
-            await func(stream)
-            if drained:  # the drain, not the client, ended the requests: say so
-                await stream.send_trailing_metadata(metadata={DRAINING_TRAILER: "true"})
-        except GRPCError as exc:
-            call.end(exc.status, exc.message)
-            raise
-        except (asyncio.CancelledError, TimeoutError, StreamTerminatedError):
-            # grpclib cancels the handler at the deadline and on the client's RST_STREAM.
-            call.end(Status.DEADLINE_EXCEEDED if call.expired else Status.CANCELLED)
-            raise
-        except Exception:
-            call.end(Status.UNKNOWN, "Internal Server Error")  # grpclib answers so, and logs it
-            raise
-        finally:
-            observe(observer, call)
-
-    return handler
-
-
-async def _send_headers(
-    stream: H2Stream,
-    send_headers: Callable[..., Awaitable[None]],
-    extra: list[tuple[str, str]],
-    headers: list[tuple[str, str]],
-    end_stream: bool = False,
-) -> None:
-    """An HTTP/2 stream's `send_headers`, adding `extra` (`grpc-accept-encoding`, the request
-    id) to the response headers (the first block: it starts with `:status`), not to trailers.
-
-    After the trailers of a call whose client is still sending (a stream ended by the drain,
-    or by the server), a RST_STREAM NO_ERROR asks it to stop, as RFC 9113 section 8.1 allows
-    and the grpc-core and grpc-go servers do (grpclib sends one only after an error status):
-    the client then ends the call at once instead of writing to a connection about to close.
-    """
-    if headers and headers[0][0] == ":status":
-        headers = [*headers, *extra]
-    await send_headers(headers, end_stream=end_stream)
-    if end_stream and stream.closable:
-        stream.reset_nowait()
-
-
-async def _recv_message(stream: grpclib.server.Stream[Any, Any]) -> Any:
-    """`grpclib.server.Stream.recv_message`, reading through `codec.read_message`."""
-    codec = stream._codec
-    assert isinstance(codec, SizeLimitedCodec)  # only such servers install this
-    message = await read_message(stream._stream, codec, stream._recv_type)
-    if message is None:
-        if not stream._cardinality.client_streaming:
-            # The generated handler would fail an assertion: UNKNOWN and a traceback.
-            refuse_missing_message()
-        return None
-    (message,) = await stream._dispatch.recv_message(message)
-    stream._messages_received += 1
-    stream._stream.connection.messages_received += 1
-    stream._stream.connection.last_message_received = time.monotonic()
-    return message
+    async def close(self) -> None:
+        """Stop listening and close every connection (the drain's last step, at once)."""
+        self.stop_accepting()
+        await self.close_connections()
+        if self._server is not None:
+            await self._server.wait_closed()

@@ -45,6 +45,7 @@ from typing import Any, SupportsIndex
 import betterproto2
 import numpy as np
 
+from .._compat import unknown_fields
 from .._proto.mnist import (
     ItemError,
     MnistImage,
@@ -122,7 +123,7 @@ def _prediction_message(message: MnistPrediction) -> bytes | None:
     label, probabilities = message.label, message.probabilities
     if type(label) is not int or type(probabilities) is not list:
         return None
-    return _prediction_body(label, probabilities, message._unknown_fields)
+    return _prediction_body(label, probabilities, unknown_fields(message))
 
 
 def _item_error_message(message: ItemError) -> bytes | None:
@@ -131,9 +132,9 @@ def _item_error_message(message: ItemError) -> bytes | None:
         return None
     head = _TAG_1_VARINT + _varint(code) if code else b""
     if not text:
-        return head + message._unknown_fields
+        return head + unknown_fields(message)
     encoded = text.encode("utf-8")
-    return head + _TAG_2_LEN + _varint(len(encoded)) + encoded + message._unknown_fields
+    return head + _TAG_2_LEN + _varint(len(encoded)) + encoded + unknown_fields(message)
 
 
 def _stream_prediction_message(message: StreamPrediction) -> bytes | None:
@@ -156,7 +157,7 @@ def _stream_prediction_message(message: StreamPrediction) -> bytes | None:
         if body is None:
             return None
         parts += (_TAG_3_LEN, _varint(len(body)), body)
-    parts.append(message._unknown_fields)
+    parts.append(unknown_fields(message))
     return b"".join(parts)
 
 
@@ -172,7 +173,7 @@ def _batch_response_message(message: PredictBatchResponse) -> bytes | None:
         if body is None:
             return None
         parts += (_TAG_1_LEN, _varint(len(body)), body)
-    parts.append(message._unknown_fields)
+    parts.append(unknown_fields(message))
     return b"".join(parts)
 
 
