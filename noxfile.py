@@ -77,6 +77,7 @@ def bench(session: nox.Session) -> None:
     """Benchmark against two baselines (not a test; needs h2load): tables, bench-results/*.json.
 
     `nox -s bench` also rewrites docs/benchmarks.md; `nox -s bench -- --quick` takes two minutes.
+    (Loading your own deployment is `mnist-service load`.)
     """
     session.install("-e", ".[test]")  # grpcio + grpcio-tools: the baselines and the checks
     session.run("python", "-m", "bench.run", *session.posargs)

@@ -1,4 +1,4 @@
-"""`mnist-service bench` and mnist_service.loadgen: payloads, the report, and real runs.
+"""`mnist-service load` and mnist_service.loadgen: payloads, the report, and real runs.
 
 Runs last about a second against a real server and assert on correctness only (counts, error
 statuses, the report's shape), never on timings.
@@ -43,11 +43,11 @@ MODES = ["unary", "batch", "stream"]
 RUN_TIMEOUT_S = 60
 
 
-def bench(address: str, *args: str) -> dict[str, Any]:
-    """`bench --json` for about a second; the parsed report."""
+def load(address: str, *args: str, command: str = "load") -> dict[str, Any]:
+    """`load --json` for about a second; the parsed report."""
     result = runner.invoke(
         app,
-        ["bench", "--address", address, "--duration", "1", "--concurrency", "4", "--json", *args],
+        [command, "--address", address, "--duration", "1", "--concurrency", "4", "--json", *args],
     )
     assert result.exit_code == 0, result.output
     report: dict[str, Any] = json.loads(result.stdout)
@@ -153,8 +153,8 @@ def test_a_cpu_bound_client_is_called_out() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_bench_classifies_every_generated_digit(server: ServerProcess, mode: str) -> None:
-    report = bench(server.address, "--mode", mode, "--batch-size", "8", "--model-check")
+def test_load_classifies_every_generated_digit(server: ServerProcess, mode: str) -> None:
+    report = load(server.address, "--mode", mode, "--batch-size", "8", "--model-check")
 
     assert report["mode"] == mode
     assert report["requests"] > 0
@@ -175,14 +175,27 @@ def test_bench_classifies_every_generated_digit(server: ServerProcess, mode: str
     assert set(report["client"]) == {"cpu_s", "busy", "cpu_bound", "event_loop"}
 
 
+def test_bench_is_the_former_name_of_load_unlisted(server: ServerProcess) -> None:
+    """Scripts that call `mnist-service bench` keep working; `--help` lists `load` only."""
+    report = load(server.address, "--mode", "batch", "--batch-size", "8", command="bench")
+
+    assert report["mode"] == "batch"
+    assert report["requests"] > 0
+    assert report["classified"] == report["images"]
+    assert report["errors"] == {}
+    listed = runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout
+    assert " load " in listed
+    assert " bench " not in listed
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_bench_counts_invalid_images_by_status(
+def test_load_counts_invalid_images_by_status(
     server: ServerProcess, mode: str, tmp_path: Path
 ) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_text("this is not an image")
 
-    report = bench(server.address, "--mode", mode, "--batch-size", "4", "--images", str(junk))
+    report = load(server.address, "--mode", mode, "--batch-size", "4", "--images", str(junk))
 
     assert report["requests"] > 0
     assert report["classified"] == 0
@@ -194,9 +207,9 @@ def test_bench_counts_invalid_images_by_status(
         assert report["item_errors"] == {"INVALID_ARGUMENT": report["images"]}
 
 
-def test_bench_sends_raw_pixels_and_prints_a_readable_report(server: ServerProcess) -> None:
+def test_load_sends_raw_pixels_and_prints_a_readable_report(server: ServerProcess) -> None:
     result = runner.invoke(
-        app, ["bench", "-a", server.address, "-d", "1", "-c", "2", "--raw", "--connections", "1"]
+        app, ["load", "-a", server.address, "-d", "1", "-c", "2", "--raw", "--connections", "1"]
     )
 
     assert result.exit_code == 0, result.output
@@ -205,19 +218,19 @@ def test_bench_sends_raw_pixels_and_prints_a_readable_report(server: ServerProce
         assert label in result.stdout
 
 
-def test_bench_without_a_server_fails_in_one_line() -> None:
+def test_load_without_a_server_fails_in_one_line() -> None:
     with socket.socket(socket.AF_INET6) as probe:  # a port nobody listens on
         probe.bind(("::1", 0))
         port = probe.getsockname()[1]
 
-    result = runner.invoke(app, ["bench", "-a", f"[::1]:{port}", "-d", "1", "--timeout", "5"])
+    result = runner.invoke(app, ["load", "-a", f"[::1]:{port}", "-d", "1", "--timeout", "5"])
 
     assert result.exit_code == 1
     assert result.output.startswith(f"mnist-service: error: cannot load [::1]:{port}:")
 
 
-def test_bench_refuses_raw_with_image_files(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["bench", "--raw", "--images", str(tmp_path)])
+def test_load_refuses_raw_with_image_files(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["load", "--raw", "--images", str(tmp_path)])
 
     assert result.exit_code == 1
     assert "--raw" in result.output
@@ -247,7 +260,7 @@ async def test_stopping_a_run_returns_the_partial_report(server: ServerProcess) 
 
 
 def test_ctrl_c_prints_the_partial_report(server: ServerProcess) -> None:
-    command = [sys.executable, "-m", "mnist_service", "bench", "-a", server.address]
+    command = [sys.executable, "-m", "mnist_service", "load", "-a", server.address]
     command += ["--duration", "60", "--concurrency", "2", "--json"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -308,12 +308,12 @@ def test_grpcio_client_with_a_certificate_predicts_under_mutual_tls(
     assert reply.label == labels[7]
 
 
-def test_bench_loads_a_mutual_tls_server(mtls_server: ServerProcess, pki: Pki) -> None:
+def test_load_runs_against_a_mutual_tls_server(mtls_server: ServerProcess, pki: Pki) -> None:
     tls = ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client.cert)]
     tls += ["--tls-key", str(pki.client.key)]
 
     result = runner.invoke(
-        app, ["bench", "-a", mtls_server.address, "-d", "0.5", "-c", "2", "--raw", "--json", *tls]
+        app, ["load", "-a", mtls_server.address, "-d", "0.5", "-c", "2", "--raw", "--json", *tls]
     )
 
     assert result.exit_code == 0, result.output

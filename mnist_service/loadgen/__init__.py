@@ -1,4 +1,4 @@
-"""Client-side load generation behind `mnist-service bench`: measure a running deployment.
+"""Client-side load generation behind `mnist-service load`: measure a running deployment.
 
 A tool beside the product: the server never imports it. Its modules, by concern:
 

@@ -171,7 +171,7 @@ def format_report(report: LoadReport) -> str:
     if report.cpu_bound:
         lines.append(
             f"WARNING: the client was CPU-bound (busy {report.client_busy:.0%} of the time), so "
-            "these numbers are a lower bound of what the server can do. Run several bench "
+            "these numbers are a lower bound of what the server can do. Run several load "
             "processes at once (and add up their rates), or use h2load."
         )
     if report.model_check is not None and report.model_check.mismatched:

@@ -1,8 +1,8 @@
 """Latency statistics: the one definition of a percentile that every report here uses.
 
 Every latency report of this project takes its percentiles from here: the load command
-(`mnist-service bench`), the benchmark (`bench/run.py`, `bench/load.py`) and the scale-out run
-(`bench/scaleout.py`), so that a p99 means the same in each of them.
+(`mnist-service load`), the benchmark (`bench.run`, `bench.load`) and the scale-out run
+(`bench.scaleout`), so that a p99 means the same in each of them.
 
 The definition is linear interpolation between closest ranks: of n values sorted ascending
 (v[0] .. v[n-1]), the q-th percentile sits at rank r = (n - 1) * q / 100, and is
