@@ -46,9 +46,18 @@ def proto_check(session: nox.Session) -> None:
 
 @nox.session
 def train(session: nox.Session) -> None:
-    """Train both models with the defaults and export them into weights/."""
+    """Train both models with the defaults, then export them into weights/ (checked).
+
+    Two steps, since export builds on training and not the reverse: `python -m training` writes
+    checkpoints/, `python -m export onnx` makes each ONNX file. Arguments go to training, e.g.
+    `nox -s train -- --threads 2`.
+    """
     session.install("-e", ".[train]")
-    session.run("python", "-m", "training", *session.posargs)
+    session.run("python", "-m", "training", *session.posargs, "--arch", "all",
+                "--checkpoint-dir", "checkpoints")  # fmt: skip
+    for arch in ("conv", "mlp"):
+        session.run("python", "-m", "export", "onnx", f"checkpoints/mnist_{arch}.pt",
+                    "--arch", arch)  # fmt: skip
 
 
 @nox.session

