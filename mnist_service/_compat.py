@@ -15,6 +15,7 @@ function                       relies on
 `limit_closed_streams`         h2's `H2Connection._closed_streams`, `utilities.SizeLimitDict`
 `defer_frame_reprs`            the module global `repr` that `h2.connection` calls
 `on_ping_ack`                  grpclib's `EventsProcessor.processors` (event -> callback)
+`write_answer`                 grpclib's `Stream._h2_connection`, `Stream._transport`
 `server_configuration`         grpclib's `Configuration.__for_server__`
 `unknown_fields`               betterproto2's `Message._unknown_fields`
 `take_goaway_reception`        h2's `_frame_dispatch_table`, `_receive_goaway_frame`
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # the libraries are imported where used: the engine imports t
     import betterproto2
     from grpclib.config import Configuration
     from grpclib.protocol import H2Protocol
+    from grpclib.protocol import Stream as GrpclibStream
     from h2.connection import H2Connection
     from h2.events import Event as H2Event
     from h2.events import PingAckReceived
@@ -55,6 +57,7 @@ __all__ = [
     "server_configuration",
     "take_goaway_reception",
     "unknown_fields",
+    "write_answer",
 ]
 
 
@@ -123,6 +126,38 @@ def on_ping_ack(protocol: H2Protocol, callback: Callable[[PingAckReceived], None
         callback(event)
 
     processors[PingAckReceived] = on_ack
+
+
+def write_answer(
+    stream: GrpclibStream,
+    headers: list[tuple[str, str]],
+    data: bytes,
+    trailers: list[tuple[str, str]],
+) -> bool:
+    """Write a whole small answer (headers, one DATA frame, trailers ending the stream) with
+    one h2 serialisation and one transport write, as grpclib's `Stream.send_headers`,
+    `send_data` and `send_headers` would in three (`Stream._h2_connection`, `_transport`).
+    False, with nothing written, when that cannot be done at once: the connection's writes
+    are paused, the stream is gone, or `data` does not fit the flow-control window or a
+    frame; the caller then sends through grpclib's own methods, which wait."""
+    connection = stream.connection
+    h2_connection = stream._h2_connection
+    stream_id = stream.id
+    if (
+        not connection.write_ready.is_set()
+        or stream_id not in h2_connection.streams
+        or len(data) > h2_connection.local_flow_control_window(stream_id)
+        or len(data) > h2_connection.max_outbound_frame_size
+    ):
+        return False
+    h2_connection.send_headers(stream_id, headers)
+    h2_connection.send_data(stream_id, data)
+    h2_connection.send_headers(stream_id, trailers, end_stream=True)
+    stream._transport.write(h2_connection.data_to_send())
+    stream.data_sent += len(data)
+    connection.data_sent += len(data)
+    connection.data_send_process()  # what grpclib notes for its keepalive pings
+    return True
 
 
 def server_configuration(config: Configuration | None) -> Configuration:

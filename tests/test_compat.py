@@ -19,7 +19,7 @@ import h2.connection
 import pytest
 from grpclib.config import Configuration
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.protocol import Connection, EventsProcessor, H2Protocol
+from grpclib.protocol import AbstractHandler, Connection, EventsProcessor, H2Protocol
 from h2.connection import H2Connection
 from h2.events import ConnectionTerminated, PingAckReceived
 from h2.utilities import SizeLimitDict
@@ -206,3 +206,52 @@ async def test_channel_protocols_and_current_protocol() -> None:
         assert made in channel._all_protocols  # our make_protocol made it
     finally:
         channel.close()
+
+
+class _NoCalls(AbstractHandler):
+    """Takes streams and does nothing with them (the test answers them itself)."""
+
+    def __init__(self) -> None:
+        self.streams: list[Any] = []
+
+    def accept(self, stream: Any, headers: Any, release_stream: Any) -> None:
+        self.streams.append(stream)
+
+    def cancel(self, stream: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("size", [10, 20_000], ids=["small", "over-a-frame"])
+async def test_write_answer_writes_a_whole_answer_or_nothing(size: int) -> None:
+    """grpclib's stream keeps its h2 connection in `_h2_connection` and its transport in
+    `_transport`: a small answer goes out in one write, headers, data and trailers; one that
+    does not fit a frame is left to grpclib's own methods (nothing written)."""
+    handler = _NoCalls()
+    protocol = H2Protocol(
+        handler, _compat.server_configuration(None), h2.config.H2Configuration(client_side=False)
+    )
+    wire = _Transport()
+    protocol.connection_made(wire)
+    client = H2Connection()
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":path", "/x"), (":scheme", "http"),
+                            (":authority", "x")], end_stream=True)  # fmt: skip
+    protocol.data_received(client.data_to_send())
+    (stream,) = handler.streams
+    client.receive_data(b"".join(wire.written))
+    wire.written.clear()
+
+    written = _compat.write_answer(stream, [(":status", "200")], b"d" * size, [("t", "1")])
+
+    if size > 16_384:
+        assert written is False
+        assert wire.written == []
+        return
+    assert written is True
+    assert len(wire.written) == 1
+    kinds = [type(event).__name__ for event in client.receive_data(wire.written[0])]
+    assert kinds == ["ResponseReceived", "DataReceived", "TrailersReceived", "StreamEnded"]
+    assert stream.data_sent == size

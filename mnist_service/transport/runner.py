@@ -52,11 +52,12 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline, decode_metadata, encode_grpc_message, encode_metadata
 from grpclib.protocol import Stream as H2Stream
 from grpclib.stream import recv_message
-from grpclib.utils import DeadlineWrapper, Wrapper
+from grpclib.utils import DeadlineWrapper
 from h2.exceptions import StreamClosedError
 from hpack import NeverIndexedHeaderTuple
 from multidict import MultiDict
 
+from .. import _compat
 from ..calls import REQUEST_ID_HEADER, Call, CallObserver, enter
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import DRAINING_TRAILER, StreamReads
@@ -280,11 +281,11 @@ async def run_call(
             await _send_trailers(stream, codec, call, False)
             return
         enter(call)
-        wrapper: Wrapper
-        if call.expires_at is None:
-            wrapper = stream.wrapper = Wrapper()
-            limit: Any = nullcontext()
-        else:
+        # A client's reset or a lost connection cancels the call's task (`Handler.cancel`,
+        # `Handler.close`); a deadline needs grpclib's timer, which cancels it too.
+        wrapper: Any = nullcontext()
+        limit: Any = nullcontext()
+        if call.expires_at is not None:
             wrapper = stream.wrapper = DeadlineWrapper()
             limit = wrapper.start(Deadline.from_timeout(call.expires_at - time.monotonic()))
         try:
@@ -301,9 +302,9 @@ async def run_call(
         except GRPCError as exc:
             await _fail(stream, codec, call, streamed, exc.status, exc.message)
         except TimeoutError:
-            # `wrapper.cancelled`: the deadline fired while the handler ran; `call.expired`:
-            # it passed just before the timer could start (grpclib's `start` raises then).
-            if not (wrapper.cancelled or call.expired):
+            # The deadline fired while the handler ran (`wrapper.cancelled`), or passed just
+            # before the timer could start (grpclib's `start` raises then).
+            if not (getattr(wrapper, "cancelled", False) or call.expired):
                 raise
             await _fail(stream, codec, call, streamed, Status.DEADLINE_EXCEEDED)
         except StreamTerminatedError:
@@ -346,20 +347,30 @@ async def _unary(
         refuse_missing_message()
     reply = await func(request)
     body = codec.encode(reply, method.reply_type)
-    await stream.send_headers(_response_headers(codec, call))
-    await stream.send_data(_FRAME.pack(False, len(body)) + body)
-    await stream.send_headers([("grpc-status", "0")], end_stream=True)
+    data = _FRAME.pack(False, len(body)) + body
+    headers = _response_headers(codec, call)
+    if not _compat.write_answer(stream, headers, data, _OK):  # a big answer, or a full socket
+        await stream.send_headers(headers)
+        await stream.send_data(data)
+        await stream.send_headers(_OK, end_stream=True)
     if stream.closable:
         stream.reset_nowait()
 
 
+_OK = [("grpc-status", "0")]
+
+
 def _response_headers(codec: CodecBase, call: Call) -> list[tuple[str, str]]:
-    return [
-        (":status", "200"),
-        ("content-type", content_type(codec)),
-        ACCEPT_ENCODING,
-        request_id_header(call),
-    ]
+    subtype = codec.__content_subtype__
+    head = _HEADS.get(subtype)
+    if head is None:
+        head = _HEADS[subtype] = ((":status", "200"), ("content-type", content_type(codec)),
+                                  ACCEPT_ENCODING)  # fmt: skip
+    return [*head, request_id_header(call)]
+
+
+_HEADS: dict[str, tuple[tuple[str, str], ...]] = {}
+"""The response headers every call of a codec starts with, by its content subtype."""
 
 
 async def _send_trailers(

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -34,7 +35,7 @@ from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import GRPC_CONTENT_TYPE, CodecBase
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.metadata import Deadline
+from grpclib.metadata import decode_timeout
 from grpclib.protocol import AbstractHandler, H2Protocol
 from grpclib.protocol import Stream as H2Stream
 from h2.config import H2Configuration
@@ -43,7 +44,7 @@ from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
 
 from .. import _compat
-from ..calls import REQUEST_ID_HEADER, Call, CallObserver, expiry, ignore, request_id
+from ..calls import REQUEST_ID_HEADER, Call, CallObserver, ignore, request_id
 from .coalescing import CoalescingTransport
 from .drain import DRAIN_PING, MAX_STREAM_ID, StreamReads, goaway_frame, ping_frame
 from .runner import Method, methods, observe, run_call
@@ -129,6 +130,8 @@ class Handler(AbstractHandler):
         self._cancelled: set[asyncio.Task[None]] = set()
         self.flush_if_last: Callable[[], None] = _nothing
         """The connection's transport's `flush_if_last` (the protocol sets it)."""
+        self._peer: tuple[tuple[str, int] | None] | None = None
+        """The client's address, once looked up (one per connection)."""
 
     def accept(self, stream: H2Stream, headers: Any, release_stream: Callable[[], None]) -> None:
         """Start the call whose headers just arrived (or refuse it)."""
@@ -150,19 +153,20 @@ class Handler(AbstractHandler):
             refusal = refusal or (200, Status.UNIMPLEMENTED, "Method not found")
             self._start(stream, loop.create_task(_abort(stream, release_stream, *refusal)))
             return
-        # The deadline runs from now, when the call arrived, not from when its task starts:
-        # under load a call can wait its whole deadline away before that.
+        if self._peer is None:
+            self._peer = (stream.connection.get_peer().addr(),)
         call = Call(
-            path,
-            None,
-            peer=stream.connection.get_peer().addr(),
-            request_id=request_id(fields.get(REQUEST_ID_HEADER)),
+            path, None, peer=self._peer[0], request_id=request_id(fields.get(REQUEST_ID_HEADER))
         )
         release = _Release(release_stream)
-        try:
-            call.expires_at = expiry(Deadline.from_headers(headers))
-        except ValueError:  # grpclib would answer UNKNOWN
-            call.end(Status.INVALID_ARGUMENT, "the grpc-timeout header is malformed")
+        timeout = fields.get("grpc-timeout")
+        if timeout is not None:
+            # The deadline runs from now, when the call arrived, not from when its task
+            # starts: under load a call can wait its whole deadline away before that.
+            try:
+                call.expires_at = time.monotonic() + decode_timeout(timeout)
+            except ValueError:  # grpclib would answer UNKNOWN
+                call.end(Status.INVALID_ARGUMENT, "the grpc-timeout header is malformed")
         task = loop.create_task(
             run_call(
                 call,
