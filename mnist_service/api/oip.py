@@ -200,17 +200,18 @@ class InferenceService(GrpcInferenceServiceBase):
         call = current_call() if on_call else None
         if call is not None:
             call.fields.update(model=model.architecture, items=shape[0])
+        on_batch = call.rode_in if call is not None else None
         if isinstance(values, list):
-            probabilities = await _classify_items(model.pipeline, values, expires_at)
+            probabilities = await _classify_items(model.pipeline, values, expires_at, on_batch)
         elif spec.datatype == tensors.UINT8:
             probabilities = await _classify_items(
-                model.pipeline, [image.tobytes() for image in values], expires_at
+                model.pipeline, [image.tobytes() for image in values], expires_at, on_batch
             )
         else:
             probabilities = await model.pipeline.classify_prepared(
                 values,  # type: ignore[arg-type]  # FP32, checked by tensors
                 expires_at,
-                call.rode_in if call is not None else None,
+                on_batch,
             )
         outputs, raw = _outputs(wanted, probabilities)
         return ModelInferResponse(
@@ -256,10 +257,15 @@ class InferenceService(GrpcInferenceServiceBase):
 
 
 async def _classify_items(
-    pipeline: Pipeline, items: Sequence[bytes], expires_at: float | None
+    pipeline: Pipeline,
+    items: Sequence[bytes],
+    expires_at: float | None,
+    on_batch: Callable[[int], None] | None,
 ) -> FloatArray:
     """Images through Predict's preprocessing; the first that fails fails the request, with
-    the error Predict would give for it."""
+    the error Predict would give for it. One image takes Predict's own path."""
+    if len(items) == 1:
+        return await pipeline.start(items[0], expires_at, on_batch)
     results = await pipeline.classify_many(items, expires_at)
     for result in results:
         if isinstance(result, Exception):

@@ -1,0 +1,245 @@
+"""Where one call's CPU goes on the server's own path, per RPC kind, without sockets or a model.
+
+    python -m bench.call_path                         # every kind, a table of us per call
+    python -m bench.call_path --kind predict --profile 25    # and cProfile's top 25 (cumulative)
+
+The server (`transport.server.Server` with the real `mnist.Mnist`, OIP and health services,
+pipeline and batcher) is driven in-process: an h2 client connection writes the calls' frames,
+they are fed to the server's protocol (`Server.protocol()`) 64 calls at a time, as a busy
+socket would deliver them, and the loop runs until every call has ended. The model is a stub
+that answers at once (onnxruntime's own cost is in `python -m bench.model_speed`), so what is
+timed is the call path: HTTP/2 (h2, hpack), the runner, the codec, the service, the
+preprocessing of a 28x28 PNG and the batcher. Socket writes go to a list; the coalescing
+transport still joins them. The client's own h2 work (making the requests, reading the
+answers) is timed apart and taken out. Best of `--rounds`; not a test, nothing asserts on the
+times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import platform
+import pstats
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.health.v1.health_pb2 import HealthCheckRequest
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import StreamEnded, TrailersReceived
+
+from mnist_service._proto.inference import ModelInferRequest, ModelInferRequestInferInputTensor
+from mnist_service._proto.mnist import MnistImage, ModelInfoRequest, PredictBatchRequest
+from mnist_service.api.mnist import MnistService
+from mnist_service.api.oip import InferenceService
+from mnist_service.calls import Call
+from mnist_service.config import Limits
+from mnist_service.constants import NUM_CLASSES
+from mnist_service.engine.batcher import Batcher
+from mnist_service.engine.inference import FloatArray, ModelInfo
+from mnist_service.engine.pipeline import Pipeline
+from mnist_service.transport.codec import SizeLimitedCodec
+from mnist_service.transport.server import Server
+from training.data import load_mnist
+
+from .payloads import render
+from .report import cpu_model
+
+app = typer.Typer(add_completion=False)
+
+IN_FLIGHT = 64
+
+
+class StubClassifier:
+    """Answers every image at once with the same probabilities: no model cost."""
+
+    info = ModelInfo(
+        architecture="conv",
+        weights_path=__file__,  # type: ignore[arg-type]
+        weights_sha256="0" * 64,
+        input_name="image",
+        input_shape=(-1, 1, 28, 28),
+        execution_provider="CPUExecutionProvider",
+        metadata={},
+    )
+
+    def classify(self, images: FloatArray) -> FloatArray:
+        out = np.zeros((len(images), NUM_CLASSES), np.float32)
+        out[:, 3] = 1.0
+        return out
+
+
+class Wire(asyncio.Transport):
+    """The server's socket: keeps what is written for the client to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("::1", 50000)}.get(name, default)
+
+
+def _kinds(digit: np.ndarray[Any, Any]) -> dict[str, tuple[str, bytes]]:
+    png = render("mnist-png", digit, 0)
+    # as tritonclient sends a file: BYTES [1], the bytes length-prefixed in raw_input_contents
+    tensor = ModelInferRequest(
+        model_name="mnist_convnet",
+        inputs=[ModelInferRequestInferInputTensor(name="image_file", datatype="BYTES", shape=[1])],
+        raw_input_contents=[len(png).to_bytes(4, "little") + png],
+    )
+    return {
+        "predict": ("/mnist.Mnist/Predict", bytes(MnistImage(data=png))),
+        "predict-raw": ("/mnist.Mnist/Predict", bytes(MnistImage(data=digit.tobytes()))),
+        "predict-noisy": (
+            "/mnist.Mnist/Predict",
+            bytes(MnistImage(data=render("noisy-28", digit, 0))),
+        ),
+        "batch-x64": (
+            "/mnist.Mnist/PredictBatch",
+            bytes(PredictBatchRequest(images=[MnistImage(data=png)] * 64)),
+        ),
+        "model-infer": ("/inference.GRPCInferenceService/ModelInfer", bytes(tensor)),
+        "model-info": ("/mnist.Mnist/GetModelInfo", bytes(ModelInfoRequest())),
+        "health": ("/grpc.health.v1.Health/Check", HealthCheckRequest().SerializeToString()),
+    }
+
+
+class Bench:
+    """One server and one client connection, in memory."""
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.client_s = 0.0
+        limits = Limits()
+        self.executor = ThreadPoolExecutor(2)
+        pipeline = Pipeline(
+            Batcher(StubClassifier()),  # type: ignore[arg-type]
+            max_image_pixels=limits.max_image_pixels,
+            executor=self.executor,
+        )
+        status = ServiceStatus()
+        status.set(True)
+        mnist = MnistService(pipeline, limits=limits)
+        inference = InferenceService({"conv": pipeline}, limits=limits)
+        inference.ready = True
+        self.server = Server(
+            [mnist, inference, Health({mnist: [status]})],
+            codec=SizeLimitedCodec(limits.max_message_bytes),
+            observer=self.calls.append,
+        )
+        self.wire = Wire()
+        self.protocol = self.server.protocol()
+        self.protocol.connection_made(self.wire)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.client.initiate_connection()
+        self.client.update_settings({0x4: 2**24})  # a wide window: flow control is not timed
+        self.client.increment_flow_control_window(2**24)
+        self._exchange()
+
+    def _exchange(self) -> list[Any]:
+        """Deliver what each side wrote to the other; the client's events."""
+        events: list[Any] = []
+        started = time.perf_counter()
+        outgoing = self.client.data_to_send()
+        self.client_s += time.perf_counter() - started
+        if outgoing:
+            self.protocol.data_received(outgoing)
+        if self.wire.written:
+            started = time.perf_counter()
+            events = self.client.receive_data(b"".join(self.wire.written))
+            self.wire.written.clear()
+            self.client_s += time.perf_counter() - started
+        return events
+
+    async def round(self, path: str, body: bytes, calls: int) -> tuple[float, int]:
+        """`calls` calls, `IN_FLIGHT` at a time; seconds taken and the calls that failed."""
+        frame = b"\0" + len(body).to_bytes(4, "big") + body
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+                   (":authority", "bench"), ("content-type", "application/grpc"),
+                   ("te", "trailers")]  # fmt: skip
+        failed = 0
+        self.client_s = 0.0
+        start = time.perf_counter()
+        for _ in range(0, calls, IN_FLIGHT):
+            open_streams: set[int] = set()
+            sending = time.perf_counter()
+            for _ in range(IN_FLIGHT):
+                stream_id = self.client.get_next_available_stream_id()
+                self.client.send_headers(stream_id, headers)
+                size = self.client.max_outbound_frame_size
+                for at in range(0, len(frame), size):
+                    last = at + size >= len(frame)
+                    self.client.send_data(stream_id, frame[at : at + size], end_stream=last)
+                open_streams.add(stream_id)
+            self.client_s += time.perf_counter() - sending
+            while open_streams:
+                for event in self._exchange():
+                    if isinstance(event, TrailersReceived):
+                        status = dict(event.headers).get(b"grpc-status", b"0")
+                        failed += status != b"0"
+                    if isinstance(event, StreamEnded):
+                        open_streams.discard(event.stream_id)
+                if open_streams:
+                    await asyncio.sleep(0)
+        # The client's own HTTP/2 work is not the server's: it is taken out.
+        return time.perf_counter() - start - self.client_s, failed
+
+
+@app.command()
+def main(
+    kind: Annotated[list[str] | None, typer.Option(help="RPC kinds (default: all).")] = None,
+    calls: Annotated[int, typer.Option(min=IN_FLIGHT, help="Calls per round.")] = 6_400,
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds; the best counts.")] = 5,
+    profile: Annotated[int, typer.Option(help="Print cProfile's top N functions.")] = 0,
+) -> None:
+    """Print the server's CPU per call on its own path, per RPC kind."""
+    digit = load_mnist("test")[0][0]
+    kinds = _kinds(digit)
+    chosen = kind or list(kinds)
+    print(f"{cpu_model()}; Python {platform.python_version()}; {IN_FLIGHT} calls in flight,"
+          " model stubbed")  # fmt: skip
+    print("\n| RPC kind | us per call | failed |\n|---|--:|--:|")
+
+    async def run() -> None:
+        bench = Bench()
+        for name in chosen:
+            path, body = kinds[name]
+            await bench.round(path, body, IN_FLIGHT * 4)  # warm up
+            best, failed = min([await bench.round(path, body, calls) for _ in range(rounds)])
+            print(f"| {name} | {best / calls * 1e6:,.1f} | {failed} |")
+            if profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                await bench.round(path, body, calls)
+                profiler.disable()
+                out = io.StringIO()
+                stats = pstats.Stats(profiler, stream=out)
+                stats.sort_stats("cumulative").print_stats(profile)
+                print(f"\n```\n{name}: cProfile, {calls} calls\n{_trim(out.getvalue())}```\n")
+        bench.executor.shutdown()
+
+    asyncio.run(run())
+
+
+def _trim(text: str) -> str:
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
+    return "\n".join(lines[start:]) + "\n"
+
+
+if __name__ == "__main__":
+    app()
