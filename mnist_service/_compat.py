@@ -130,16 +130,16 @@ def on_ping_ack(protocol: H2Protocol, callback: Callable[[PingAckReceived], None
 
 def write_answer(
     stream: GrpclibStream,
-    headers: list[tuple[str, str]],
+    headers: list[tuple[str, str]] | None,
     data: bytes,
-    trailers: list[tuple[str, str]],
+    trailers: list[tuple[str, str]] | None,
 ) -> bool:
-    """Write a whole small answer (headers, one DATA frame, trailers ending the stream) with
-    one h2 serialisation and one transport write, as grpclib's `Stream.send_headers`,
-    `send_data` and `send_headers` would in three (`Stream._h2_connection`, `_transport`).
-    False, with nothing written, when that cannot be done at once: the connection's writes
-    are paused, the stream is gone, or `data` does not fit the flow-control window or a
-    frame; the caller then sends through grpclib's own methods, which wait."""
+    """Write `headers`, one DATA frame and `trailers` (ending the stream), those given, with
+    one h2 serialisation and one transport write, as grpclib's `Stream.send_headers` and
+    `send_data` would in one each (`Stream._h2_connection`, `_transport`). False, with
+    nothing written, when that cannot be done at once: the connection's writes are paused,
+    the stream is gone, or `data` does not fit the flow-control window or a frame; the
+    caller then sends through grpclib's own methods, which wait."""
     connection = stream.connection
     h2_connection = stream._h2_connection
     stream_id = stream.id
@@ -150,9 +150,11 @@ def write_answer(
         or len(data) > h2_connection.max_outbound_frame_size
     ):
         return False
-    h2_connection.send_headers(stream_id, headers)
+    if headers is not None:
+        h2_connection.send_headers(stream_id, headers)
     h2_connection.send_data(stream_id, data)
-    h2_connection.send_headers(stream_id, trailers, end_stream=True)
+    if trailers is not None:
+        h2_connection.send_headers(stream_id, trailers, end_stream=True)
     stream._transport.write(h2_connection.data_to_send())
     stream.data_sent += len(data)
     connection.data_sent += len(data)

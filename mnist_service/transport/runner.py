@@ -216,7 +216,9 @@ class ServerStream:
             raise ProtocolError("Message was already sent")
         body = self._codec.encode(message, self._method.reply_type)
         self.message_sent = True
-        await self._stream.send_data(_FRAME.pack(False, len(body)) + body)
+        data = _FRAME.pack(False, len(body)) + body
+        if not _compat.write_answer(self._stream, None, data, None):  # a full window or socket
+            await self._stream.send_data(data)
 
     async def send_trailing_metadata(
         self,
