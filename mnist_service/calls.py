@@ -1,10 +1,11 @@
 """The call being served: what its handler can read and add to, and what is recorded at its end.
 
-The transport opens a `Call` for every RPC before the handler runs (on the lean unary path
-and on grpclib's own), makes it current in a `ContextVar` (so it follows the handler's task
-and nothing else), sets its final status when the call ends, and hands it to the server's
-observer: the request log, and anything else that counts calls. A client's cancel is recorded
-as CANCELLED and an expired deadline as DEADLINE_EXCEEDED, never as a server fault.
+The transport opens a `Call` for every RPC before the handler runs (`transport.server.Handler`;
+the one call runner, `transport.runner`, then serves it), makes it current in a `ContextVar`
+(so it follows the handler's task and nothing else), sets its final status when the call
+ends, and hands it to the server's observer: the request log, and anything else that counts
+calls. A client's cancel is recorded as CANCELLED and an expired deadline as
+DEADLINE_EXCEEDED, never as a server fault.
 """
 
 from __future__ import annotations

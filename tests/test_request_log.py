@@ -1,7 +1,7 @@
 """The request log: one line per call at info level, with a request id the client can see.
 
 Real servers (two workers, so made-up ids must not repeat across processes), real clients:
-the project's async client, grpcio (unary and a stream, which takes grpclib's own path).
+the project's async client, grpcio (unary and a stream).
 """
 
 from __future__ import annotations

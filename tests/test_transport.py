@@ -1,7 +1,7 @@
-"""The grpclib adapters in `mnist_service.transport`: write coalescing and the lean unary path.
+"""The transport over grpclib's HTTP/2 layer: write coalescing, the server and its handler,
+the one call runner (`transport.runner`), the drain.
 
-They rely on grpclib 0.4.9's private names; these tests fail loudly if an upgrade moves
-them, instead of the server quietly losing its coalescing or its lean path.
+The private names of grpclib and h2 this relies on are checked in tests/test_compat.py.
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ async def test_real_calls_through_the_coalescing_server(calls: int) -> None:
     assert all(r.status == HealthCheckResponse.SERVING for r in replies)
 
 
-# -- the lean unary path (transport.unary) ------------------------------------------------------
+# -- the one call runner (transport.runner) -----------------------------------------------------
 
 
 class Service(MnistBase):

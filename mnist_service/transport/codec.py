@@ -170,7 +170,7 @@ _ENCODING_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
 def _check_encoding(stream: H2Stream) -> None:
     """Refuse a compressed message unless its call's `grpc-encoding` is gzip.
 
-    The request headers are on `stream.headers` (set by `transport.unary.Handler.accept`).
+    The request headers are on `stream.headers` (set by `transport.server.Handler.accept`).
     """
     encoding = next((v for k, v in stream.headers or () if k == "grpc-encoding"), None)
     if encoding == "gzip":
