@@ -67,6 +67,8 @@ DRAINED, KILLED = 0, 1
 GRACE_PERIOD_S = 5
 CALL_TIMEOUT_S = 10.0
 STARTUP_TIMEOUT_S = 30.0
+CLIENT_STARTUP_TIMEOUT_S = 60.0
+"""How long the client processes may take to be ready to call (imports, MNIST, PNGs)."""
 NGINX_FAIL_TIMEOUT_S = 1
 """How long nginx leaves a replica alone after a failed attempt (max_fails=1): short, so that
 a restarted replica gets traffic within a second."""
@@ -321,7 +323,9 @@ def _payloads() -> dict[str, list[bytes]]:
     return payloads
 
 
-def _client_process(address: str, seed: int, threads: int, stop: Any, results: Any) -> None:
+def _client_process(
+    address: str, seed: int, threads: int, ready: Any, stop: Any, results: Any
+) -> None:
     import grpc  # type: ignore[import-untyped]  # no stubs in the dev extra
 
     mnist_pb2, mnist_pb2_grpc = stubs.load()
@@ -331,6 +335,7 @@ def _client_process(address: str, seed: int, threads: int, stop: Any, results: A
     channel = grpc.insecure_channel(address)
     stub = mnist_pb2_grpc.MnistStub(channel)
     per_thread: list[list[Record]] = [[] for _ in range(threads)]
+    ready.wait(CLIENT_STARTUP_TIMEOUT_S)  # the phases begin once every client can call
 
     def well_formed(prediction: Any) -> bool:
         return 0 <= prediction.label <= 9 and len(prediction.probabilities) == 10
@@ -480,6 +485,7 @@ def scaleout(
     if nginx_bin is None:
         raise RuntimeError("nginx not found: apt-get install nginx")
     context = multiprocessing.get_context("spawn")
+    clients_ready = context.Barrier(clients + 1)
     stop_clients = context.Event()
     results = context.Queue()
     prefix = Path(tempfile.mkdtemp(prefix="mnist-scaleout-"))
@@ -493,12 +499,19 @@ def scaleout(
         address = f"[::1]:{run.nginx.port}"
         procs = [
             context.Process(
-                target=_client_process, args=(address, seed, threads, stop_clients, results)
+                target=_client_process,
+                args=(address, seed, threads, clients_ready, stop_clients, results),
             )
             for seed in range(clients)
         ]
         for proc in procs:
             proc.start()
+        try:  # a fixed pause would be too short on a busy machine, and the warm-up see no call
+            clients_ready.wait(CLIENT_STARTUP_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(
+                f"the client processes were not ready in {CLIENT_STARTUP_TIMEOUT_S:.0f} s"
+            ) from None
         run.begin("warmup")
         time.sleep(warmup)
         run.begin("steady")
