@@ -87,6 +87,7 @@ def report(
         "server_survived": True,
         "workers_kept": True,
         "statuses": {"OK": 1},
+        "kinds": ["png"],
     }
 
 
@@ -121,3 +122,14 @@ def test_counts_that_do_not_come_back_fail_the_soak(soak: ModuleType) -> None:
     assert any("open files" in problem for problem in problems)
     assert any("tasks" in problem for problem in problems)
     assert any("connections" in problem for problem in problems)
+
+
+def test_kinds_that_cannot_succeed_are_not_expected_to(soak: ModuleType) -> None:
+    """`--only deadline` or `--only junk` (the bisection) ends no call OK, rightly."""
+    times, flat = samples(0.0, 1)
+    junk_only = report(soak, {"server": flat}, times, 10.0) | {
+        "kinds": ["junk"],
+        "statuses": {"INVALID_ARGUMENT": 100},
+    }
+    assert soak.failures(junk_only, 0.1) == []
+    assert soak.failures(junk_only | {"kinds": ["junk", "png"]}, 0.1) == ["no call succeeded"]
