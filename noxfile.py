@@ -111,7 +111,7 @@ def soak(session: nox.Session) -> None:
     (a slope over 1 MB per 10 minutes, counts not back to idle: docs/operations.md).
     """
     session.install("-e", ".[test]")
-    session.run("python", "bench/soak.py", *session.posargs)
+    session.run("python", "-m", "bench.soak", *session.posargs)
 
 
 @nox.session

@@ -1,7 +1,7 @@
 """Soak: mixed, hostile traffic against one server for `--minutes`, and whether its memory
 stays flat.
 
-    python bench/soak.py [--minutes 10] [--workers 1] [--clients 4] [--only KIND ...]
+    python -m bench.soak [--minutes 10] [--workers 1] [--clients 4] [--only KIND ...]
                          [--warmup SECONDS] [--root CHECKOUT] [--json FILE]
 
 Starts `python -m mnist_service serve` from `--root` (this checkout by default; another one
@@ -55,15 +55,13 @@ from typing import Annotated, Any
 import numpy as np
 import psutil
 import typer
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from mnist_service.client import ItemFailure, MnistClient
 
-from grpclib.const import Status  # noqa: E402
-from grpclib.exceptions import GRPCError, StreamTerminatedError  # noqa: E402
-
-from mnist_service.client import ItemFailure, MnistClient  # noqa: E402
+from .servers import ROOT
 
 EXPECTED = frozenset(
     {"OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"}

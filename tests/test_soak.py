@@ -1,4 +1,4 @@
-"""The soak (bench/soak.py): its short form against a real server, and how it judges memory.
+"""The soak (bench.soak): its short form against a real server, and how it judges memory.
 
 `nox -s soak -- --minutes 10` is the long form; here it runs for a few seconds so that CI sees
 every kind of call (bad images, empty messages, 1 ms deadlines, client cancels, streams,
@@ -9,10 +9,10 @@ A few seconds cannot judge a memory slope: the fit and its verdict are tested on
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,26 +20,18 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
 
 
 @pytest.fixture(scope="module")
-def soak() -> Iterator[ModuleType]:
-    """bench/soak.py imported as the script sees its siblings; removed again afterwards."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import soak  # type: ignore[import-not-found]
-
-        yield soak
-    finally:
-        sys.path.remove(str(BENCH))
-        sys.modules.pop("soak", None)
+def soak() -> ModuleType:
+    """bench.soak, the soak's module."""
+    return importlib.import_module("bench.soak")
 
 
 def test_short_soak_passes_its_acceptance_bounds(tmp_path: Path) -> None:
     report_file = tmp_path / "soak.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH / "soak.py"), "--minutes", "0.12", "--warmup", "2",
+        [sys.executable, "-m", "bench.soak", "--minutes", "0.12", "--warmup", "2",
          "--clients", "2", "--json", str(report_file)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, check=False,
     )  # fmt: skip
