@@ -18,8 +18,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ("training", "export", "bench")
-SYS_PATH_PENDING = {"soak.py"}
-"""bench modules that still edit sys.path, converted separately: empty once they are."""
 
 
 def modules(package: str) -> Iterator[Path]:
@@ -94,8 +92,6 @@ def test_the_mnist_reader_is_neutral_ground() -> None:
 
 @pytest.mark.parametrize("path", list(modules("bench")), ids=label)
 def test_bench_modules_import_each_other_as_a_package(path: Path) -> None:
-    if path.name in SYS_PATH_PENDING:
-        pytest.skip(f"{path.name}: converted separately")
     assert not touches_sys_path(path)
     siblings = {sibling.stem for sibling in modules("bench")} - {"__init__"}
     assert not top_levels(imported(path)) & siblings  # `import stubs` would need sys.path
