@@ -4,7 +4,7 @@
 # runtime stage installs into a fresh virtualenv, serves from it and measures it.
 #
 #   docker build -t mnist-service:0.1.0 .
-#   docker run --rm -p 50051:50051 --cpus 2 -e MNIST_WORKERS=2 mnist-service:0.1.0
+#   docker run --rm -p 50051:50051 -p 8080:8080 --cpus 2 -e MNIST_WORKERS=2 mnist-service:0.1.0
 
 # Pinned to a patch release; pin the digest too (python:3.11.13-slim-bookworm@sha256:...) where
 # the build can reach the registry, so a rebuild gets the same base.
@@ -40,7 +40,8 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
 USER 10001:10001
 WORKDIR /opt/mnist-service
 
-EXPOSE 50051
+# gRPC; HTTP (the JSON API, Open Inference Protocol REST, the page).
+EXPOSE 50051 8080
 # SIGTERM starts the drain: health turns NOT_SERVING, new connections are refused, in-flight calls
 # get --grace-period seconds. Python as PID 1 is fine: the server handles SIGTERM and SIGINT
 # itself and waits for its own worker processes.
@@ -51,5 +52,6 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
 ENTRYPOINT ["python", "-m", "mnist_service"]
 # IPv4 wildcard: Docker's default networks and most Kubernetes clusters are IPv4, and Docker
 # disables IPv6 inside containers on networks without it. For IPv6 or dual-stack, pass
-# --address [::]:50051 (one socket, both families, where the kernel has IPv6).
-CMD ["serve", "--address", "0.0.0.0:50051"]
+# --address [::]:50051 --http-address [::]:8080 (one socket each, both families, where the
+# kernel has IPv6).
+CMD ["serve", "--address", "0.0.0.0:50051", "--http-address", "0.0.0.0:8080"]

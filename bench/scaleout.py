@@ -262,7 +262,8 @@ def _count_ok_calls(lines: list[str]) -> int:
 def spawn_replica(port: int) -> subprocess.Popen[str]:
     """`mnist_service serve` with one worker on [::1]:port (0: any free port)."""
     command = [sys.executable, "-m", "mnist_service", "serve", "--workers", "1",
-               "--address", f"[::1]:{port}", "--log-format", "json", "--log-level", "debug",
+               "--address", f"[::1]:{port}", "--http-address", "",
+               "--log-format", "json", "--log-level", "debug",
                "--grace-period", str(GRACE_PERIOD_S)]  # fmt: skip
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,

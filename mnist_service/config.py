@@ -26,6 +26,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 DEFAULT_HOST = "::1"
 DEFAULT_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
 
 
 Group = Literal["Model", "Network", "Performance", "Limits", "TLS", "Observability"]
@@ -66,6 +67,8 @@ class AddressSetting:
     help: str
     group: Group
     shown_default: str | None = None
+    can_be_off: bool = False
+    """An empty value sets the host to None: the listener is off."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -185,6 +188,26 @@ class ServerConfig:
     """Set with `port` by `--address` (see ADDRESS_SETTINGS)."""
     port: int = DEFAULT_PORT
     """0 picks a free port."""
+    http_host: str | None = DEFAULT_HOST
+    """Set with `http_port` by `--http-address`; None: no HTTP listener."""
+    http_port: int = DEFAULT_HTTP_PORT
+    cors_allow_origins: tuple[str, ...] = field(
+        default=(),
+        metadata=setting(
+            "Origins whose pages may call the HTTP API (CORS), comma-separated"
+            " (https://app.example.com,http://localhost:3000), or * for any.",
+            "Network",
+            flag="cors-allow-origin",
+            shown_default="none",
+        ),
+    )
+    web_ui: bool = field(
+        default=True,
+        metadata=setting(
+            "Serve the draw-a-digit page at / on the HTTP address.",
+            "Network",
+        ),
+    )
     model_architecture: Architecture = field(
         default="conv", metadata=setting("Which network the weights hold.", "Model")
     )
@@ -348,7 +371,13 @@ class ServerConfig:
             raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}")
-        for name in ("port", "metrics_port"):
+        for origin in self.cors_allow_origins:
+            if origin != "*" and not _is_origin(origin):
+                raise ConfigError(
+                    f"a CORS origin is a scheme, a host and an optional port "
+                    f"(https://app.example.com:8443) or *, got {origin!r}"
+                )
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise ConfigError(f"{name} must be in 0-65535, got {getattr(self, name)}")
         for name in ("workers", "intra_op_threads", "decode_threads", "max_batch_size"):
@@ -404,6 +433,11 @@ class ServerConfig:
         """The configured address in `HOST:PORT` form, IPv6 hosts in brackets."""
         return format_address(self.host, self.port)
 
+    @property
+    def http_address(self) -> str | None:
+        """The HTTP listener's `HOST:PORT` (None: off)."""
+        return None if self.http_host is None else format_address(self.http_host, self.http_port)
+
     def to_dict(self) -> dict[str, object]:
         """Every setting and the values derived from them, as JSON values (paths as strings)."""
         values: dict[str, object] = {}
@@ -415,6 +449,7 @@ class ServerConfig:
                 value = str(value)
             values[f.name] = value
         values["address"] = self.address
+        values["http_address"] = self.http_address
         values["weights_path"] = str(self.weights_path)
         values["tls"] = self.tls
         return values
@@ -427,6 +462,15 @@ ADDRESS_SETTINGS: tuple[AddressSetting, ...] = (
         port="port",
         help="Listen on HOST:PORT, IPv6 hosts in brackets; port 0 picks a free one.",
         group="Network",
+    ),
+    AddressSetting(
+        flag="http-address",
+        host="http_host",
+        port="http_port",
+        help="Serve HTTP/1.1 on HOST:PORT: the JSON API, the Open Inference Protocol's REST"
+        " API and the page; off (or an empty value) turns it off.",
+        group="Network",
+        can_be_off=True,
     ),
     AddressSetting(
         flag="metrics-address",
@@ -468,6 +512,20 @@ def is_loopback(host: str) -> bool:
         return False
     return bool(infos) and all(
         ipaddress.ip_address(str(info[4][0]).partition("%")[0]).is_loopback for info in infos
+    )
+
+
+def _is_origin(origin: str) -> bool:
+    """Whether `origin` is a web origin as browsers send it: scheme://host[:port], no path."""
+    scheme, sep, rest = origin.partition("://")
+    return (
+        scheme in ("http", "https")
+        and bool(sep)
+        and bool(rest)
+        and "/" not in rest
+        and rest.isascii()
+        and rest.isprintable()
+        and " " not in rest
     )
 
 

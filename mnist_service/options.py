@@ -31,6 +31,9 @@ from .config import (
 )
 
 ENV_PREFIX = "MNIST_"
+OFF = ("", "off")
+"""Values of an address option that turn its listener off (an empty environment variable
+counts as unset, hence `off`)."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -53,6 +56,8 @@ class ServeOption:
     """One field, or the host and port fields of an address."""
     listed: bool = False
     """A tuple field, given as comma-separated values."""
+    can_be_off: bool = False
+    """An address option whose empty value turns its listener off."""
 
     @property
     def name(self) -> str:
@@ -158,6 +163,7 @@ def _address_option(address: AddressSetting) -> ServeOption:
         shown_default=address.shown_default,
         metavar="HOST:PORT",
         fields=(address.host, address.port),
+        can_be_off=address.can_be_off,
     )
 
 
@@ -180,7 +186,10 @@ def build_config(values: Mapping[str, Any]) -> ServerConfig:
             continue
         if option.is_address:
             host_field, port_field = option.fields
-            server[host_field], server[port_field] = parse_address(value)
+            if option.can_be_off and str(value).strip().lower() in OFF:
+                server[host_field] = None
+            else:
+                server[host_field], server[port_field] = parse_address(value)
         else:
             (field_name,) = option.fields
             if option.listed:

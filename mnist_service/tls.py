@@ -56,14 +56,17 @@ class ClientTls:
         return context
 
 
-def server_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """The server's context for `config` (None when it serves plaintext).
+def server_context(
+    config: ServerConfig, *, alpn: tuple[str, ...] = tuple(ALPN_PROTOCOLS)
+) -> ssl.SSLContext | None:
+    """The server's context for `config` (None when it serves plaintext), offering `alpn`
+    (h2 for gRPC; the HTTP listener offers http/1.1).
 
     With a client CA, a client must present a certificate signed by it (CERT_REQUIRED).
     """
     if config.tls_cert is None or config.tls_key is None:
         return None
-    context = _context(ssl.PROTOCOL_TLS_SERVER)
+    context = _context(ssl.PROTOCOL_TLS_SERVER, alpn)
     _load_chain(context, config.tls_cert, config.tls_key)
     if config.tls_client_ca is not None:
         try:
@@ -76,11 +79,11 @@ def server_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def _context(protocol: int) -> ssl.SSLContext:
+def _context(protocol: int, alpn: tuple[str, ...] = tuple(ALPN_PROTOCOLS)) -> ssl.SSLContext:
     context = ssl.SSLContext(protocol)
     context.minimum_version = MINIMUM_VERSION
     context.set_ciphers(CIPHERS)
-    context.set_alpn_protocols(ALPN_PROTOCOLS)
+    context.set_alpn_protocols(list(alpn))
     return context
 
 

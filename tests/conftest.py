@@ -69,6 +69,7 @@ class ServerProcess:
         self, *args: str, env: dict[str, str] | None = None, python: str = sys.executable
     ) -> None:
         command = [python, "-m", "mnist_service", "serve", "--address", "[::1]:0"]
+        command += ["--http-address", "[::1]:0"]  # HTTP's default port would clash
         command += ["--log-format", "json", "--log-level", "debug", *args]
         self.process = subprocess.Popen(
             command,

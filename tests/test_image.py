@@ -138,10 +138,10 @@ def runtime(stages: list[Stage]) -> Stage:
     return stages[-1]
 
 
-def exposed_port(stage: Stage) -> int:
+def exposed_ports(stage: Stage) -> list[int]:
+    """gRPC's, then HTTP's."""
     (expose,) = stage.all("EXPOSE")
-    (port,) = expose.text.split()
-    return int(port.removesuffix("/tcp"))
+    return [int(port.removesuffix("/tcp")) for port in expose.text.split()]
 
 
 def option(words: list[str], flag: str) -> str:
@@ -173,7 +173,8 @@ def test_the_entrypoint_serves_on_the_exposed_port_and_stops_on_sigterm(runtime:
 
     assert cmd[0] == "serve"
     _, port = parse_address(values["--address"])
-    assert port == exposed_port(runtime)
+    _, http_port = parse_address(values["--http-address"])
+    assert [port, http_port] == exposed_ports(runtime)
     assert runtime.last("STOPSIGNAL").text == "SIGTERM"
 
 
@@ -194,7 +195,7 @@ def test_the_healthcheck_asks_the_served_port(runtime: Stage) -> None:
 
     assert words[:4] == ["python", "-m", "mnist_service", "health"]
     host, port = parse_address(option(words, "--address"))
-    assert port == exposed_port(runtime)
+    assert port == exposed_ports(runtime)[0]
     assert host in {"127.0.0.1", "::1", "localhost"}
     assert any(flag.startswith("--timeout=") for flag in check.flags)
 

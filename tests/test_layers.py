@@ -7,6 +7,8 @@ however the modules happen to be loaded. The rules:
   `transport`, `api`, `runtime` or the CLI;
 - `api` (the services) imports nothing of `transport`, `runtime` or the CLI;
 - `transport` imports nothing of `api`, `runtime` or the CLI;
+- `http` (the HTTP API) imports nothing of `transport` (gRPC), `api`, `runtime` or the CLI,
+  and `engine` imports nothing of it;
 - no module of the package imports `training`, `export` or `bench`;
 - only `mnist_service._compat` reaches into another object's private names (an attribute
   starting with `_` on anything but `self` or `cls`), and only `_compat` reads asyncio's.
@@ -59,8 +61,8 @@ def violations(layer: str, forbidden: tuple[str, ...]) -> list[str]:
     return found
 
 
-UPPER = ("mnist_service.transport", "mnist_service.api", "mnist_service.runtime",
-         "mnist_service.cli")  # fmt: skip
+UPPER = ("mnist_service.transport", "mnist_service.api", "mnist_service.http",
+         "mnist_service.runtime", "mnist_service.cli")  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -69,9 +71,18 @@ UPPER = ("mnist_service.transport", "mnist_service.api", "mnist_service.runtime"
         ("engine", (*GRPC_LIBRARIES, *UPPER)),
         ("api", ("mnist_service.transport", "mnist_service.runtime", "mnist_service.cli")),
         ("transport", ("mnist_service.api", "mnist_service.runtime", "mnist_service.cli")),
+        (
+            "http",
+            (
+                "mnist_service.transport",
+                "mnist_service.api",
+                "mnist_service.runtime",
+                "mnist_service.cli",
+            ),
+        ),
         ("", TOOLS),
     ],
-    ids=["engine", "api", "transport", "package"],
+    ids=["engine", "api", "transport", "http", "package"],
 )
 def test_each_layer_imports_only_what_is_below_it(layer: str, forbidden: tuple[str, ...]) -> None:
     assert violations(layer, forbidden) == []

@@ -142,6 +142,14 @@ ENV_CASES: list[tuple[str, str, list[str], dict[str, object]]] = [
     ("MNIST_SHIFT_VIEWS", "false", [], {"shift_views": False}),
     ("MNIST_DEVICE", "cpu", [], {"device": "cpu"}),
     ("MNIST_ADDRESS", "127.0.0.1:6000", [], {"host": "127.0.0.1", "port": 6000}),
+    ("MNIST_HTTP_ADDRESS", "off", [], {"http_host": None, "http_address": None}),
+    (
+        "MNIST_CORS_ALLOW_ORIGIN",
+        "https://a.example,http://localhost:3000",
+        [],
+        {"cors_allow_origins": ["https://a.example", "http://localhost:3000"]},
+    ),
+    ("MNIST_WEB_UI", "false", [], {"web_ui": False}),
     ("MNIST_GRACE_PERIOD", "2.5", [], {"grace_period": 2.5}),
     ("MNIST_WORKERS", "3", [], {"workers": 3}),
     ("MNIST_REUSE_PORT", "false", [], {"reuse_port": False}),
@@ -239,6 +247,10 @@ def test_print_config_loads_no_model_and_binds_no_port(tmp_path: Path) -> None:
         pytest.param(["--workers", "0"], {}, "workers must be at least 1", id="out-of-range"),
         pytest.param(["--max-queue", "10"], {}, "max_queue (10)", id="incoherent-limits"),
         pytest.param(["--metrics-address", "9090"], {}, "HOST:PORT", id="bad-address"),
+        pytest.param(["--http-address", "8080"], {}, "HOST:PORT", id="bad-http-address"),
+        pytest.param(
+            ["--cors-allow-origin", "example.com"], {}, "a CORS origin", id="bad-cors-origin"
+        ),
         pytest.param(["--tls-cert", "/nonexistent"], {}, "TLS needs both", id="half-tls"),
     ],
 )

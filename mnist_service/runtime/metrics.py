@@ -113,20 +113,21 @@ class Metrics:
 
         self.request_success = Counter(
             "mnist_request_success_total",
-            "Calls answered OK, by RPC.",
-            ["method"],
+            "Calls answered OK, by RPC (or HTTP route) and protocol.",
+            ["method", "protocol"],
             registry=registry,
         )
         self.request_failure = Counter(
             "mnist_request_failure_total",
-            "Calls that ended with a status other than OK, by RPC and status code.",
-            ["method", "code"],
+            "Calls that ended with a status other than OK, by RPC (or HTTP route), status code"
+            " and protocol.",
+            ["method", "code", "protocol"],
             registry=registry,
         )
         self.request_duration = Histogram(
             "mnist_request_duration_seconds",
-            "From a call's arrival to its status, by RPC.",
-            ["method"],
+            "From a call's arrival to its status, by RPC (or HTTP route) and protocol.",
+            ["method", "protocol"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -177,24 +178,27 @@ class Metrics:
             multiprocess_mode="max",
             registry=registry,
         )
-        self._success: dict[str, Any] = {}
-        self._duration: dict[str, Any] = {}
+        self._success: dict[tuple[str, str], Any] = {}
+        self._duration: dict[tuple[str, str], Any] = {}
 
     def describe_model(self, architecture: str, provider: str, weights_sha256: str) -> None:
         self.model_info.labels(architecture, provider, weights_sha256).set(1)
 
-    def record_call(self, method: str, status: Status, seconds: float) -> None:
-        """One finished call."""
+    def record_call(
+        self, method: str, status: Status, seconds: float, protocol: str = "grpc"
+    ) -> None:
+        """One finished call (`protocol`: grpc or http; an HTTP call's method is its route)."""
+        key = (method, protocol)
         if status is Status.OK:
-            counter = self._success.get(method)
+            counter = self._success.get(key)
             if counter is None:
-                counter = self._success[method] = self.request_success.labels(method)
+                counter = self._success[key] = self.request_success.labels(method, protocol)
             counter.inc()
         else:
-            self.request_failure.labels(method, status.name).inc()
-        duration = self._duration.get(method)
+            self.request_failure.labels(method, status.name, protocol).inc()
+        duration = self._duration.get(key)
         if duration is None:
-            duration = self._duration[method] = self.request_duration.labels(method)
+            duration = self._duration[key] = self.request_duration.labels(method, protocol)
         duration.observe(seconds)
 
     def record_batch(self, batch: BatchRecord) -> None:

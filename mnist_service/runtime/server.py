@@ -1,11 +1,12 @@
 """The server's lifecycle: bind, serve `Mnist`, the Open Inference Protocol, health and
-reflection, drain, stop.
+reflection over gRPC, and the HTTP API (`mnist_service.http`) beside them, drain, stop.
 
 Startup order keeps health truthful: the model is loaded and warmed up before `serve` is
 called, health turns SERVING only once the socket listens. On SIGTERM/SIGINT (`MnistServer.
 stop`):
 
-1. health turns NOT_SERVING and the listening socket closes (no new connections);
+1. health turns NOT_SERVING and the listening sockets close (no new connections); HTTP
+   connections end after their current request, whose answer says `Connection: close`;
 2. streaming calls stop reading requests: each answers what it has read and ends OK with
    `mnist-draining: true` in its trailers;
 3. every connection gets the two-step GOAWAY (`transport.drain`); calls opened before the
@@ -46,6 +47,9 @@ from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
 from ..engine.pipeline import Pipeline
 from ..engine.preprocess import limit_pillow
 from ..errors import ConfigError
+from ..http import HttpServer
+from ..http.api import Models, ServedModel
+from ..http.timing import ModelClock
 from ..tls import server_context
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
@@ -104,7 +108,12 @@ def reuse_port_sibling(sock: socket.socket) -> socket.socket:
 
 
 def log_serving(
-    config: ServerConfig, info: ModelInfo, port: int, *, metrics_port: int | None = None
+    config: ServerConfig,
+    info: ModelInfo,
+    port: int,
+    *,
+    metrics_port: int | None = None,
+    http_port: int | None = None,
 ) -> None:
     """The startup summary line (tools wait for its "serving" and read its port).
 
@@ -136,9 +145,18 @@ def log_serving(
                 "models": ",".join(MODEL_NAMES[model] for model in config.served_models),
                 "tls": "mutual" if config.tls_client_ca else "on" if config.tls else "off",
                 **({"metrics_port": metrics_port} if metrics_port is not None else {}),
+                **(
+                    {"http_address": format_address(config.http_host, http_port)}
+                    if config.http_host is not None and http_port is not None
+                    else {}
+                ),
+                **({"http_port": http_port} if http_port is not None else {}),
             }
         },
     )
+    if http_port is not None and config.http_host is not None:
+        scheme = "https" if config.tls else "http"
+        log.info("HTTP on %s://%s/", scheme, format_address(config.http_host, http_port))
     if metrics_port is not None and config.metrics_host is not None:
         log.info("metrics on http://%s/metrics", format_address(config.metrics_host, metrics_port))
 
@@ -179,8 +197,10 @@ class MnistServer:
         self.request_log = RequestLog(access_log=config.access_log, model=config.model_architecture)
         limit_pillow(config.limits.max_image_pixels)
         models = {**(models or {}), config.model_architecture: classifier}
+        # Each model run timed, for HTTP's Server-Timing (two clock reads a batch).
+        clocks = {architecture: ModelClock(model) for architecture, model in models.items()}
         self.pipelines = {
-            architecture: self._pipeline(model, executor) for architecture, model in models.items()
+            architecture: self._pipeline(clock, executor) for architecture, clock in clocks.items()
         }
         pipeline = self.pipelines[config.model_architecture]
         self.pipeline = pipeline
@@ -204,6 +224,24 @@ class MnistServer:
             max_connections=config.limits.max_connections,
         )
         self.port: int | None = None
+        self.http: HttpServer | None = None
+        if config.http_host is not None:
+            served = Models(
+                [
+                    ServedModel(MODEL_NAMES[arch], arch, self.pipelines[arch], clocks[arch])
+                    for arch in self.pipelines
+                ],
+                config.model_architecture,
+            )
+            self.http = HttpServer(
+                served,
+                limits=config.limits,
+                executor=executor,
+                observer=self.request_log if metrics is None else self._observe_http_call,
+                ready=lambda: self.inference.ready,
+                cors_allow_origins=config.cors_allow_origins,
+                web_ui=config.web_ui,
+            )
 
     def _pipeline(self, classifier: Classifier, executor: Executor) -> Pipeline:
         """One model's batcher and pipeline."""
@@ -222,16 +260,34 @@ class MnistServer:
             shift_views=self.config.shift_views,
         )
 
-    async def start(self, sock: socket.socket | None = None, *, announce: bool = True) -> None:
-        """Listen on `sock` (or bind the configured address) and report SERVING.
+    async def start(
+        self,
+        sock: socket.socket | None = None,
+        *,
+        http_sock: socket.socket | None = None,
+        announce: bool = True,
+    ) -> None:
+        """Listen on `sock` and `http_sock` (or bind the configured addresses) and report
+        SERVING.
 
-        The TLS context is built here, in the process that serves (after any fork).
+        The TLS context is built here, in the process that serves (after any fork); HTTP gets
+        the same certificate, offering HTTP/1.1 by ALPN.
         """
         ssl = server_context(self.config)
         if sock is None:
             sock = bind_socket(self.config.host, self.config.port)
+        if self.http is not None and http_sock is None:
+            assert self.config.http_host is not None
+            try:
+                http_sock = bind_socket(self.config.http_host, self.config.http_port)
+            except ConfigError as exc:
+                sock.close()
+                raise ConfigError(f"{exc} (--http-address)") from None
         self.port = sock.getsockname()[1]
         await self.server.start(sock=sock, ssl=ssl)
+        if self.http is not None:
+            assert http_sock is not None
+            await self.http.start(http_sock, server_context(self.config, alpn=("http/1.1",)))
         self.health_status.set(True)
         self.inference.ready = True
         if self.metrics is not None:
@@ -242,7 +298,11 @@ class MnistServer:
             self._sampler = asyncio.create_task(self._sample_metrics())
         if announce:
             log_serving(
-                self.config, self.classifier.info, self.port, metrics_port=self.metrics_port
+                self.config,
+                self.classifier.info,
+                self.port,
+                metrics_port=self.metrics_port,
+                http_port=self.http.port if self.http is not None else None,
             )
         else:
             log.debug("worker ready")
@@ -252,12 +312,20 @@ class MnistServer:
         assert self.metrics is not None
         self.metrics.record_call(call.method, call.status, time.perf_counter() - call.started)
 
+    def _observe_http_call(self, call: Call) -> None:
+        self.request_log(call)
+        assert self.metrics is not None
+        self.metrics.record_call(
+            call.method, call.status, time.perf_counter() - call.started, protocol="http"
+        )
+
     async def _sample_metrics(self) -> None:
         """The in-flight and queue gauges, sampled (not counted per call: no per-call cost)."""
         assert self.metrics is not None
         while True:
             pending = sum(pipeline.pending for pipeline in self.pipelines.values())
-            self.metrics.sample(len(self.server.calls()), pending)
+            http_calls = len(self.http.calls()) if self.http is not None else 0
+            self.metrics.sample(len(self.server.calls()) + http_calls, pending)
             await asyncio.sleep(METRICS_SAMPLE_S)
 
     async def stop(self, *, grace_period: float, hurry: asyncio.Event | None = None) -> None:
@@ -270,14 +338,19 @@ class MnistServer:
         self.health_status.set(False)
         self.inference.ready = False
         server.stop_accepting()
+        if self.http is not None:
+            self.http.stop_accepting()
         server.stop_stream_reads()
-        calls = server.calls()
+        calls: set[asyncio.Future[Any]] = set(server.calls())
+        if self.http is not None:
+            calls |= self.http.calls()
         log.info(
             "draining",
             extra={
                 "fields": {
                     "in_flight": len(calls),
-                    "connections": server.connections,
+                    "connections": server.connections
+                    + (self.http.connections if self.http is not None else 0),
                     "grace_s": grace_period,
                 }
             },
@@ -303,6 +376,8 @@ class MnistServer:
             )
         refused = server.refused_streams
         await server.close_connections()
+        if self.http is not None:
+            await self.http.close()
         log.info(
             "drained",
             extra={
@@ -321,6 +396,7 @@ async def serve(
     executor: Executor,
     *,
     sock: socket.socket | None = None,
+    http_sock: socket.socket | None = None,
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
@@ -328,7 +404,8 @@ async def serve(
 ) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return.
 
-    A worker process gets its listening `sock` from the supervisor, a `lifeline` (the read
+    A worker process gets its listening `sock` (and `http_sock`) from the supervisor, a
+    `lifeline` (the read
     end of a pipe whose EOF, the supervisor's death, counts as a signal) and `on_ready`.
     With metrics on, the process records them (`metrics_port`: where this process serves
     them, for the serving line, when it is the only one).
@@ -353,7 +430,7 @@ async def serve(
     try:
         # Before SERVING is announced: a signal that came before its handler would kill.
         loop.add_signal_handler(signal.SIGUSR2, Census(app.server.held).log)
-        await app.start(sock, announce=sock is None)
+        await app.start(sock, http_sock=http_sock, announce=sock is None)
         # What exists now (modules, the model, the server) lives as long as the process: take
         # it out of the collector's sight, or each full collection walks it all again
         # (measured: 45-55 ms pauses about once a second under load, the whole p99 tail).
@@ -377,6 +454,7 @@ def run(
     config: ServerConfig,
     *,
     sock: socket.socket | None = None,
+    http_sock: socket.socket | None = None,
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
@@ -401,6 +479,7 @@ def run(
                     classifier,
                     executor,
                     sock=sock,
+                    http_sock=http_sock,
                     lifeline=lifeline,
                     on_ready=on_ready,
                     metrics_port=metrics_port,

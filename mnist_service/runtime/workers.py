@@ -3,7 +3,8 @@
 `run(config)` serves in this process when `config.workers == 1`. Otherwise this process
 becomes the supervisor:
 
-- it binds the port itself, so a port in use fails with the same one-line error as ever;
+- it binds the port itself (and the HTTP port), so a port in use fails with the same one-line
+  error as ever;
 - it forks `workers` processes, each with its own event loop, onnxruntime session and decode
   pool (one Python process saturates one core; the GIL makes threads no substitute);
 - the workers share the port in one of two ways. With `reuse_port` (the default where the OS
@@ -13,7 +14,8 @@ becomes the supervisor:
   copy: when a worker drains and closes its socket, the kernel at once sends new connections
   to the other workers only. Otherwise they all accept on one inherited socket, which
   balances badly: asyncio accepts every pending connection on a wake-up, so whichever worker
-  wakes first takes them all (measured: 4 and 8 connections all on one of 2 workers);
+  wakes first takes them all (measured: 4 and 8 connections all on one of 2 workers). The HTTP
+  port is shared the same way, with sockets of its own;
 - it reports SERVING (the "serving" log line) once every worker is ready, and restarts a
   worker that dies, with a log line saying so;
 - on SIGTERM or SIGINT it forwards SIGTERM to every worker, which drain as a single process
@@ -91,6 +93,7 @@ class Supervisor:
         self._exporter = exporter
         self._context = multiprocessing.get_context("fork")
         self._sockets: list[socket.socket] = []
+        self._http_sockets: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
         self._signals = 0
         self._lifeline_read, self._lifeline_write = os.pipe()
@@ -100,23 +103,38 @@ class Supervisor:
         config = self.config
         first = server.bind_socket(config.host, config.port, reuse_port=config.reuse_port)
         self._sockets = [first]  # with reuse_port: the port's anchor, never listening
+        if config.http_host is not None:
+            try:
+                http = server.bind_socket(
+                    config.http_host, config.http_port, reuse_port=config.reuse_port
+                )
+            except MnistServiceError as exc:
+                first.close()
+                raise type(exc)(f"{exc} (--http-address)") from None
+            self._http_sockets = [http]
         if not config.reuse_port:
-            first.listen(_BACKLOG)  # connections queue in the kernel while workers start
+            for sock in (*self._sockets, *self._http_sockets):
+                sock.listen(_BACKLOG)  # connections queue in the kernel while workers start
         port = first.getsockname()[1]
+        http_port = self._http_sockets[0].getsockname()[1] if self._http_sockets else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for index in range(config.workers):
                 self._start(index)
             info = self._wait_all_ready()
             server.log_serving(
-                config, info, port, metrics_port=self._exporter.port if self._exporter else None
+                config,
+                info,
+                port,
+                metrics_port=self._exporter.port if self._exporter else None,
+                http_port=http_port,
             )
             self._supervise()
             self._stop()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-            for sock in self._sockets:
+            for sock in (*self._sockets, *self._http_sockets):
                 sock.close()
             os.close(self._lifeline_write)
             os.close(self._lifeline_read)
@@ -127,12 +145,10 @@ class Supervisor:
             self._forward(signal.SIGTERM)
 
     def _start(self, index: int) -> None:
-        if self.config.reuse_port:
-            sock = server.reuse_port_sibling(self._sockets[0])
-            sock.listen(_BACKLOG)  # connections queue in the kernel while the worker starts
-        else:
-            sock = self._sockets[0]
-        others = [s for s in self._sockets if s is not sock]
+        sock = self._worker_socket(self._sockets)
+        http_sock = self._worker_socket(self._http_sockets) if self._http_sockets else None
+        mine = (sock, http_sock)
+        others = [s for s in (*self._sockets, *self._http_sockets) if s not in mine]
         ready_read, ready_write = self._context.Pipe(duplex=False)
         if self._exporter is not None:
             others.append(self._exporter.socket)  # the supervisor's /metrics, not the worker's
@@ -141,6 +157,7 @@ class Supervisor:
             args=(
                 self.config,
                 sock,
+                http_sock,
                 others,
                 self._lifeline_read,
                 self._lifeline_write,
@@ -153,7 +170,17 @@ class Supervisor:
         ready_write.close()
         if self.config.reuse_port:
             sock.close()  # the worker's alone: it stops listening when the worker drains
+            if http_sock is not None:
+                http_sock.close()
         self._workers[index] = _Worker(index, process, ready_read)
+
+    def _worker_socket(self, anchors: list[socket.socket]) -> socket.socket:
+        """A new worker's listening socket: its own SO_REUSEPORT sibling, or the shared one."""
+        if self.config.reuse_port:
+            sock = server.reuse_port_sibling(anchors[0])
+            sock.listen(_BACKLOG)  # connections queue in the kernel while the worker starts
+            return sock
+        return anchors[0]
 
     def _wait_all_ready(self) -> ModelInfo:
         """Wait for every worker's ready message; the first startup error ends the start."""
@@ -217,7 +244,7 @@ class Supervisor:
         if not quiet:
             log.info("stopping workers", extra={"fields": {"workers": len(self._workers)}})
         self._forward(signal.SIGTERM)
-        for sock in self._sockets:
+        for sock in (*self._sockets, *self._http_sockets):
             sock.close()  # a shared listening socket: workers close their own copies
         deadline = time.monotonic() + self.config.grace_period + _STOP_MARGIN_S
         for worker in self._workers.values():
@@ -238,6 +265,7 @@ class Supervisor:
 def _worker_main(
     config: ServerConfig,
     sock: socket.socket,
+    http_sock: socket.socket | None,
     others: list[socket.socket],
     lifeline: int,
     lifeline_write: int,
@@ -254,6 +282,7 @@ def _worker_main(
         server.run(
             config,
             sock=sock,
+            http_sock=http_sock,
             lifeline=lifeline,
             on_ready=ready.send,
         )
