@@ -18,7 +18,8 @@ def http_port(server: ServerProcess) -> int:
 
 
 def base_url(server: ServerProcess) -> str:
-    return f"http://[::1]:{http_port(server)}"
+    serving = next(e for e in server.logs if str(e.get("message", "")).startswith("serving"))
+    return f"http://{serving['http_address']}"
 
 
 @dataclass
