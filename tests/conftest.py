@@ -127,7 +127,9 @@ class ServerProcess:
     def wait(self, timeout: float = 30) -> int:
         """Wait for the process to exit on its own; its exit code."""
         code = self.process.wait(timeout)
-        self._reader.join(5)
+        self._reader.join(timeout)
+        if self._reader.is_alive():  # closing the pipe now would wait as long as the read does
+            raise AssertionError(f"server {self.process.pid} exited; a child holds its stderr")
         if self.process.stderr is not None:
             self.process.stderr.close()
         return code

@@ -23,10 +23,14 @@ from mnist_service.errors import DeadlineExpiredError
 
 from .conftest import MnistSplit
 from .test_service import FAKE_INFO
+from .waiting import eventually, within
 
 
 class RecordingClassifier:
-    """Answers one-hot on each image's first pixel value (×255, mod 10); records batch sizes."""
+    """Answers one-hot on each image's first pixel value (×255, mod 10); records batch sizes.
+
+    `entered` is set when a model run starts; with a `gate`, the run then waits for it.
+    """
 
     info: ModelInfo = FAKE_INFO
 
@@ -34,8 +38,10 @@ class RecordingClassifier:
         self.batches: list[list[int]] = []
         self.fail_on = fail_on
         self.gate = gate
+        self.entered = threading.Event()
 
     def classify(self, batch: FloatArray) -> FloatArray:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait(10)
         ids = [round(float(image[0, 0, 0]) * 255) for image in batch]
@@ -116,20 +122,27 @@ async def test_a_failed_model_run_fails_only_its_own_batch() -> None:
 async def test_cancelled_callers_are_dropped_before_inference(
     executor: ThreadPoolExecutor, inline: bool
 ) -> None:
+    """The batch is held open (by a delay no test run reaches) until 7 more images fill it."""
     model = RecordingClassifier()
-    batcher = Batcher(model, max_batch_size=8, max_delay=0.2, executor=None if inline else executor)
+    batcher = Batcher(model, max_batch_size=8, max_delay=60, executor=None if inline else executor)
 
     keep = asyncio.create_task(batcher.predict(image(1)))
     drop = asyncio.create_task(batcher.predict(image(2)))
     expire = asyncio.create_task(asyncio.wait_for(batcher.predict(image(3)), 0.01))
-    await asyncio.sleep(0.02)
+    await eventually(
+        lambda: batcher.queued == 3 and expire.done(), "three queued, the third one expired"
+    )
     drop.cancel()
-    done = await asyncio.gather(keep, drop, expire, return_exceptions=True)
+    fill = asyncio.create_task(batcher.predict(image(9, count=7)))
+    done = await within(
+        asyncio.gather(keep, drop, expire, fill, return_exceptions=True), "the filled batch"
+    )
 
     assert int(done[0].argmax()) == 1  # type: ignore[union-attr]
     assert isinstance(done[1], asyncio.CancelledError)
     assert isinstance(done[2], TimeoutError)
-    assert model.batches == [[1]]  # neither the cancelled nor the expired image was inferred
+    assert [int(row.argmax()) for row in done[3]] == [9] * 7  # type: ignore[union-attr]
+    assert model.batches == [[1] + [9] * 7]  # neither the cancelled nor the expired image
     assert batcher.stats.dropped == 2
     assert batcher.queued == 0
 
@@ -167,25 +180,28 @@ async def test_greedy_batches_what_queues_while_the_model_runs(
     batcher = Batcher(model, max_batch_size=16, executor=executor)
 
     first = asyncio.create_task(batcher.predict(image(0)))
-    await asyncio.sleep(0.05)  # the first batch is now blocked inside the model
+    await eventually(model.entered.is_set, "the first batch to be inside the model")
     rest = [asyncio.create_task(batcher.predict(image(i))) for i in range(1, 6)]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: batcher.queued == 5, "five callers queued behind the model run")
     gate.set()
-    await asyncio.gather(first, *rest)
+    await within(asyncio.gather(first, *rest), "both batches")
 
     assert model.batches == [[0], [1, 2, 3, 4, 5]]
 
 
 async def test_max_delay_holds_a_batch_open_and_a_full_batch_goes_at_once() -> None:
+    """A delay no test run reaches (60 s): the batch goes when full, or never in this test."""
     model = RecordingClassifier()
-    batcher = Batcher(model, max_batch_size=3, max_delay=0.3)
+    batcher = Batcher(model, max_batch_size=3, max_delay=60)
 
     first = asyncio.create_task(batcher.predict(image(1)))
-    await asyncio.sleep(0.05)  # well inside the delay: still waiting for company
-    assert model.batches == []
+    await eventually(lambda: batcher.queued or model.batches, "the first caller to be queued")
+    for _ in range(3):  # turns of the loop in which a batcher without a delay runs the batch
+        await asyncio.sleep(0)
+    assert model.batches == []  # still waiting for company
     second = asyncio.create_task(batcher.predict(image(2)))
     third = asyncio.create_task(batcher.predict(image(3)))  # the batch is full: go now
-    await asyncio.wait_for(asyncio.gather(first, second, third), 0.2)
+    await within(asyncio.gather(first, second, third), "the full batch, long before its delay")
 
     assert model.batches == [[1, 2, 3]]
 

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mnist_service.client import MnistClient
 
 from .conftest import MnistSplit, ServerProcess, png_bytes
+from .waiting import eventually
 
 PREDICT = "/mnist.Mnist/Predict"
 BATCH = "/mnist.Mnist/PredictBatch"
@@ -49,7 +50,11 @@ def metrics_port(server: ServerProcess) -> int:
     return int(serving["metrics_port"])
 
 
-def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""A scrape: each sample's value by its name and sorted labels."""
+
+
+def scrape(server: ServerProcess) -> Samples:
     url = f"http://[::1]:{metrics_port(server)}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200
@@ -61,9 +66,7 @@ def scrape(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]
     return samples
 
 
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
+def value(samples: Samples, name: str, **labels: str) -> float:
     wanted = tuple(sorted(labels.items()))
     return sum(v for (n, ls), v in samples.items() if n == name and set(wanted) <= set(ls))
 
@@ -100,8 +103,20 @@ async def test_metrics_add_up_to_the_calls_made(
     before = scrape(server)
 
     ok, invalid, batched = await traffic(server.address, data, connections=8)
-    await asyncio.sleep(1.5)  # the in-flight gauges are sampled
-    after = scrape(server)
+    calls = ok + invalid + 8  # and a PredictBatch on each connection
+
+    def settled() -> Samples | None:
+        """A scrape that has every call, with the in-flight gauges (sampled every half
+        second, not counted per call) back at 0."""
+        samples = scrape(server)
+        recorded = value(samples, "mnist_request_duration_seconds_count") - value(
+            before, "mnist_request_duration_seconds_count"
+        )
+        idle = value(samples, "mnist_requests_in_flight") == 0
+        empty = value(samples, "mnist_inference_queue_images") == 0
+        return samples if recorded >= calls and idle and empty else None
+
+    after = await eventually(settled, "every call in the metrics and their gauges back at 0")
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -129,7 +144,7 @@ async def test_metrics_add_up_to_the_calls_made(
     assert len(dict(info[0])["weights_sha256"]) == 64
 
 
-def _families(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> set[str]:
+def _families(samples: Samples) -> set[str]:
     names = set()
     for name, _ in samples:
         for suffix in ("_total", "_count", "_sum", "_bucket", "_created"):
