@@ -27,8 +27,10 @@ from hyperframe.frame import Frame, GoAwayFrame
 from mnist_service._proto.mnist import StreamPrediction
 
 from .conftest import MnistSplit, ServerProcess, png_bytes
+from .test_census import census
 from .test_message_limits import grpc_message, start_call, status_of, text_headers
 from .test_workers import children
+from .waiting import wait_until
 
 GRACE_S = 10.0
 WAIT_S = 20.0
@@ -93,7 +95,9 @@ def test_sigterm_during_calls_and_streams_loses_nothing(
                 stub.Predict.future(pb2.MnistImage(data=png_bytes(images[i])), timeout=WAIT_S)
                 for i in range(UNARY_CALLS)
             ]
-            time.sleep(0.5)  # all in flight: the unary calls wait for their batch
+            wait_until(  # all in flight: the unary calls wait for their batch
+                lambda: census(server)["calls"] == UNARY_CALLS + STREAMS, "every call in flight"
+            )
             signalled = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             code = server.wait(WAIT_S)
@@ -195,7 +199,7 @@ def test_raw_h2_client_sees_the_two_step_goaway_and_a_late_stream_is_refused(
         first = start_call(client.conn, client.port, "/mnist.Mnist/Predict")
         client.conn.send_data(first, message[:20])
         client.flush()
-        time.sleep(0.3)  # the call is in flight, reading its message
+        wait_until(lambda: census(server)["calls"] == 1, "the call in flight, reading its message")
         server.process.send_signal(signal.SIGTERM)
         client.receive_until(lambda: len(client.goaways) == 2)
         late = start_call(client.conn, client.port, "/mnist.Mnist/Predict")
@@ -262,7 +266,7 @@ def test_a_drained_stream_is_reset_without_error_and_the_connection_lingers(
         for data in (b"lingered", b"still ok"):
             client.conn.ping(data)
             client.flush()
-            time.sleep(0.1)
+            time.sleep(0.1)  # the scenario itself: a second write well after the first
         after_fin = client.sock.recv(65536)
         client.sock.close()
         code = server.wait(WAIT_S)
@@ -324,7 +328,7 @@ def test_a_draining_worker_hands_its_client_to_the_other_with_no_failed_call(
             ]
             for thread in threads:
                 thread.start()
-            time.sleep(0.5)
+            wait_until(lambda: len(answered) >= 20, "calls flowing from the four threads")
             before = len(answered)
             drain_started = len(server.logs)
             signal_sent = time.monotonic()
@@ -333,7 +337,10 @@ def test_a_draining_worker_hands_its_client_to_the_other_with_no_failed_call(
                 e.get("message") == "drained" for e in server.logs[drain_started:]
             ):
                 time.sleep(0.05)
-            time.sleep(0.5)  # calls go on, on the other worker
+            drained_at = len(answered)
+            wait_until(  # calls go on, on the other worker
+                lambda: len(answered) >= drained_at + 20, "calls answered after the drain"
+            )
             stop.set()
             for thread in threads:
                 thread.join(WAIT_S)

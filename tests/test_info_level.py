@@ -1,6 +1,7 @@
-"""A real server at `--log-level info`, where unary calls take the lean path of
-`transport.unary` (as they do at debug, where the rest of the end-to-end suite runs; streams
-and calls with unusual headers take grpclib's own path). Real clients only."""
+"""A real server at the default `--log-level info` (the rest of the end-to-end suite runs at
+debug): unary calls and streams through real clients, deadlines, the drain, and what is (not)
+logged at that level. Waits are for events (a census of the server's calls, a log line, the
+client's connection retired), never for a fixed time."""
 
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
+from mnist_service import _compat
 from mnist_service.client import ItemFailure, MnistClient, Prediction
 
 from .conftest import ROOT, MnistSplit, ServerProcess, png_bytes, run_grpcurl
+from .test_census import census
+from .waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +97,7 @@ def test_grpcio_client_unary_calls_and_statuses(
     assert "no ink" in (caught.value.details() or "")
 
 
-async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -> None:
+async def test_deadline_and_drain(mnist_test_set: MnistSplit) -> None:
     """A call whose deadline passes while it waits for its batch is cut short, the server
     goes on serving, and during a drain queued calls finish while the port takes no new
     connection (the client's GOAWAY-tolerant channel tries a new one for its next call)."""
@@ -105,9 +109,13 @@ async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -
         with pytest.raises((TimeoutError, GRPCError)):
             await client.predict(png_bytes(images[6]), timeout=0.1)
         queued = asyncio.ensure_future(client.predict(png_bytes(images[7])))
-        await asyncio.sleep(0.1)
+        await eventually(
+            lambda: asyncio.to_thread(lambda: census(server)["calls"] == 1), "the queued call"
+        )
+        connection = _compat.current_protocol(client._channel)
+        assert connection is not None
         server.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.1)
+        await eventually(lambda: connection.processor.retired, "the drain's GOAWAY")
         with pytest.raises(ConnectionRefusedError):
             await client.predict(png_bytes(images[8]))
         answered = await queued
@@ -120,8 +128,8 @@ async def test_deadline_and_drain_on_the_lean_path(mnist_test_set: MnistSplit) -
 async def test_client_cancels_and_deadlines_are_not_logged_as_faults(
     mnist_test_set: MnistSplit,
 ) -> None:
-    """At the default log level, neither a cancelled stream (grpclib's path) nor a missed
-    deadline produces a log line: they are the client's doing, not the server's."""
+    """At the default log level, neither a cancelled stream nor a missed deadline produces a
+    log line beyond the request log's: they are the client's doing, not the server's."""
     images, _ = mnist_test_set
     server = ServerProcess("--log-level", "info", "--workers", "1", "--max-batch-delay", "300000")
     try:
@@ -134,10 +142,16 @@ async def test_client_cancels_and_deadlines_are_not_logged_as_faults(
             await stream.aclose()  # cancels the call mid-stream
             with pytest.raises((TimeoutError, GRPCError)):
                 await client.predict(png_bytes(images[0]), timeout=0.05)
-            with pytest.raises((TimeoutError, GRPCError)):  # a stream: grpclib's own path
+            with pytest.raises((TimeoutError, GRPCError)):
                 async for _ in client.predict_many([png_bytes(images[2])] * 3, timeout=0.05):
                     pass
-            await asyncio.sleep(0.5)  # let the server finish with both
+            # the server has ended the three calls when the request log has them
+            await eventually(
+                lambda: (
+                    len([e for e in server.logs if e.get("message", "").startswith("call ")]) >= 3
+                ),
+                "the three calls in the request log",
+            )
             assert (await client.predict(png_bytes(images[1]))).label == mnist_test_set[1][1]
     finally:
         assert server.stop() == 0
