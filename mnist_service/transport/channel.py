@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 import grpclib.client
@@ -47,12 +48,19 @@ class Channel(grpclib.client.Channel):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._all_protocols: weakref.WeakSet[_Protocol] = weakref.WeakSet()
+        self.retired = 0
+        """How many GOAWAY frames (with NO_ERROR: a draining server) have retired its
+        connections so far (a drain sends two per connection)."""
 
     def make_protocol(self, config: Configuration, h2_config: Any) -> H2Protocol:
         """grpclib's client protocol, retiring on a graceful GOAWAY and reporting its end."""
         protocol = _Protocol(grpclib.client.Handler(), config, h2_config)
+        protocol.on_retired = self._count_retired
         self._all_protocols.add(protocol)
         return protocol
+
+    def _count_retired(self) -> None:
+        self.retired += 1
 
     def close(self) -> None:
         """Close the connection, and any retired one whose calls still run."""
@@ -73,6 +81,10 @@ class Channel(grpclib.client.Channel):
                 protocol.transport.abort()  # type: ignore[union-attr]  # a stream transport
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Protocol(H2Protocol):
     """grpclib's client protocol: a graceful GOAWAY retires it, and it remembers its
     transport and when the connection ended."""
@@ -81,12 +93,15 @@ class _Protocol(H2Protocol):
         super().__init__(*args)
         self.lost = asyncio.Event()
         self.transport: asyncio.BaseTransport | None = None
+        self.on_retired: Callable[[], None] = _nothing
 
     def connection_made(self, transport: Any) -> None:
         """Keep the transport (to abort it), set up HTTP/2, then take over GOAWAY."""
         self.transport = transport
         super().connection_made(transport)
-        self.processor = _Processor(cast(grpclib.client.Handler, self.handler), self.connection)
+        self.processor = _Processor(
+            cast(grpclib.client.Handler, self.handler), self.connection, self.on_retired
+        )
         _compat.take_goaway_reception(_compat.h2_connection(self), _graceful_goaway)
 
     def connection_lost(self, exc: BaseException | None) -> None:
@@ -117,9 +132,15 @@ class _Processor(EventsProcessor):
 
     retired = False
 
-    def __init__(self, handler: grpclib.client.Handler, connection: Connection) -> None:
+    def __init__(
+        self,
+        handler: grpclib.client.Handler,
+        connection: Connection,
+        on_retired: Callable[[], None],
+    ) -> None:
         super().__init__(handler, connection)
         self._handler = handler
+        self._on_retired = on_retired
 
     def process_connection_terminated(self, event: ConnectionTerminated) -> None:
         if event.error_code != ErrorCodes.NO_ERROR:
@@ -127,6 +148,7 @@ class _Processor(EventsProcessor):
             return
         self.retired = True
         self._handler.connection_lost = True  # the channel opens a new connection for new calls
+        self._on_retired()
         if not self.streams:
             self.close("Received GOAWAY frame, closing connection; error_code: 0")
 
