@@ -321,10 +321,10 @@ class _Wanted:
 
 def _requested_outputs(
     model: str, requested: Sequence[ModelInferRequestInferRequestedOutputTensor]
-) -> list[_Wanted]:
+) -> Sequence[_Wanted]:
     """The outputs to answer with, in the order asked (all of them when none is asked)."""
     if not requested:
-        return [_Wanted(spec) for spec in tensors.OUTPUTS]
+        return _ALL_OUTPUTS
     wanted: list[_Wanted] = []
     for output in requested:
         spec = tensors.output_spec(model, output.name)
@@ -332,6 +332,9 @@ def _requested_outputs(
             raise InvalidTensorError(f"output {spec.name!r} is requested twice")
         wanted.append(_Wanted(spec, _class_count(spec, output.parameters)))
     return wanted
+
+
+_ALL_OUTPUTS: Final = tuple(_Wanted(spec) for spec in tensors.OUTPUTS)
 
 
 def _class_count(spec: tensors.TensorSpec, parameters: Mapping[str, InferParameter]) -> int:

@@ -13,6 +13,7 @@ items go through the same preprocessing as `Mnist/Predict`; `image` goes to the 
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ Decoded = FloatBatch | PixelBatch | list[bytes]
 
 def element_count(shape: Sequence[int]) -> int:
     """How many elements a tensor of `shape` holds."""
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 def from_raw(spec: TensorSpec, shape: Sequence[int], raw: bytes) -> Decoded:
