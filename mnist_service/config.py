@@ -122,7 +122,7 @@ class Limits:
     max_decode_bytes: int = field(
         default=64 * 1024 * 1024,
         metadata=setting(
-            "Bytes of big images (over 256×256) a worker may have waiting for its decode pool;"
+            "Bytes of big images (over 320×320) a worker may have waiting for its decode pool;"
             " past it, new ones get RESOURCE_EXHAUSTED at once (one image is always taken).",
             "Limits",
         ),

@@ -88,7 +88,7 @@ async def test_an_expired_deadline_is_refused_before_preprocessing(
 async def test_big_images_waiting_for_the_decode_pool_are_bounded_in_bytes(
     executor: ThreadPoolExecutor,
 ) -> None:
-    photo = _photo()  # over 256x256: decoded in the pool, not inline
+    photo = _photo()  # over 320x320: decoded in the pool, not inline
     gate = threading.Event()
     executor.submit(gate.wait, 10)  # the pool's one thread is busy until the gate opens
     batcher = Batcher(RecordingClassifier(), max_batch_size=8)  # the model runs inline
@@ -200,7 +200,7 @@ async def test_an_unsure_redrawn_image_is_read_as_the_mean_over_its_shifted_copi
         batcher, max_image_pixels=1 << 22, executor=executor, shift_views=shift_views
     )
     files = {"mnist format": digit.tobytes(), "inverted": (255 - digit).tobytes()}
-    files["photo"] = _photo()  # over 256x256: prepared in the decode pool
+    files["photo"] = _photo()  # over 320x320: prepared in the decode pool
     for name, data in files.items():
         image = preprocess(data, max_pixels=1 << 22)[0]
         redrawn = name != "mnist format"
@@ -271,7 +271,7 @@ def _one_of_many(pipeline: Pipeline) -> Callable[[bytes], Awaitable[npt.NDArray[
 
 
 def _drawn_large(digit: npt.NDArray[np.uint8]) -> bytes:
-    """The digit dark on light at 400x400: over 256x256, so prepared in the decode pool."""
+    """The digit dark on light at 400x400: over 320x320, so prepared in the decode pool."""
     image = Image.fromarray(255 - digit).resize((400, 400), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -1,9 +1,10 @@
 """Request bytes -> probabilities: preprocessing, then the predictor (the batcher).
 
-Small images (a 28x28 PNG decodes in ~25 us) are preprocessed inline on the event loop: a
-thread hand-off costs more than that on a busy core. Images whose header announces more than
-`inline_max_pixels` are decoded by Pillow in the executor, which releases the GIL while it
-decodes, so a big file never stalls the loop and other cores can decode beside it. The rest of
+Small images (a 28x28 PNG decodes in ~25 us, a 280x280 canvas in ~0.6 ms) are preprocessed
+inline on the event loop: a thread hand-off costs more than that on a busy core. Images whose
+header announces more than `inline_max_pixels` are decoded by Pillow in the executor, which
+releases the GIL while it decodes, so a big file never stalls the loop and other cores can
+decode beside it. The rest of
 their preprocessing (the ink map and the redrawing: small numpy steps that hold the GIL, and
 cost about the same whatever the image's size) runs back on the loop: in a thread it would
 only contend with the loop for the GIL, which cost a quarter of the calls a canvas or a photo
@@ -41,8 +42,13 @@ from .views import SHIFTS, collapse, others, unsure
 _ALL_VIEWS: Final = np.array([len(SHIFTS)], np.intp)
 """One image's count of views, for `collapse`."""
 
-INLINE_MAX_PIXELS: Final = 256 * 256
-"""Images up to this many pixels are decoded on the event loop (about 0.5 ms at most)."""
+INLINE_MAX_PIXELS: Final = 320 * 320
+"""Images up to this many pixels are decoded on the event loop (about 0.8 ms at most): the
+drawing canvases of 280x280 and 300x300 that demos use among them. Handing such an image to
+the decode pool cost more CPU than its decode saves on the loop: a 280x280 canvas took about
+1,400 us of server CPU a call inline against 1,700-1,900 through the pool (one core, 64 in
+flight, `python -m bench.profile --payload canvas-280`), the hand-off and its one-image
+model runs included."""
 
 ItemResult = FloatArray | Exception
 """One image's outcome in `classify_many`: probabilities [10], or why it failed."""
