@@ -2,14 +2,17 @@
 
     python -m bench.profile [--root DIR] [--in-flight 64] [--payload mnist-png] [--seconds 5]
     python -m bench.profile --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
+    python -m bench.profile --rpc infer --inclusive 40    # OIP ModelInfer, and time by function
 
 Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this
 checkout; point it at a `git worktree` of an older commit to compare) pinned to core 1, drives
-unary Predict (or PredictBatch with 64 images a call) with h2load pinned to core 0, samples the
+unary Predict (or PredictBatch with 64 images a call, or the Open Inference Protocol's
+ModelInfer with the image as tritonclient sends a file) with h2load pinned to core 0, samples the
 server with py-spy, and reads the server's CPU time
 from /proc. Prints CPU per request and its split by the package of the innermost Python
 frame (native code is counted under the package that called it), and the functions that
-take the most samples themselves. Not a test: it measures.
+take the most samples themselves; with `--inclusive N`, also the N functions most often on the
+stack (the time of a function with its callees). Not a test: it measures.
 Needs h2load and py-spy (`pip install py-spy`).
 """
 
@@ -27,6 +30,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from mnist_service.constants import MODEL_NAMES
 
 from .load import h2load_path
 from .payloads import KINDS, render
@@ -69,9 +74,14 @@ def main(
     in_flight: Annotated[int, typer.Option(help="Concurrent calls (h2load -m).")] = 64,
     payload: Annotated[str, typer.Option(help=f"One of {', '.join(KINDS)}.")] = "mnist-png",
     seconds: Annotated[int, typer.Option(help="Sampled seconds.")] = 5,
-    rpc: Annotated[str, typer.Option(help="predict, or batch (PredictBatch of 64).")] = "predict",
+    rpc: Annotated[
+        str, typer.Option(help="predict, batch (PredictBatch of 64) or infer (OIP ModelInfer).")
+    ] = "predict",
     model: Annotated[str, typer.Option(help="conv or mlp.")] = "conv",
     top: Annotated[int, typer.Option(help="How many of the hottest functions to list.")] = 15,
+    inclusive: Annotated[
+        int, typer.Option(help="Also list this many functions by inclusive time (on the stack).")
+    ] = 0,
 ) -> None:
     """Profile a pinned server under load and print where a request's CPU goes."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -82,9 +92,15 @@ def main(
     images, _ = load_mnist("test")
     count = BATCH_IMAGES if rpc == "batch" else 1
     items = [render(payload, image, i) for i, image in enumerate(images[:count])]
+    service = "mnist.Mnist"
     if rpc == "batch":
         fields = (_field(1, _field(1, item)) for item in items)  # MnistImage{data}
         body, method = b"".join(fields), "PredictBatch"
+    elif rpc == "infer":  # as tritonclient sends a file: BYTES [1] in raw_input_contents
+        tensor = _field(1, b"image_file") + _field(2, b"BYTES") + _field(3, b"\x01")  # shape [1]
+        raw = len(items[0]).to_bytes(4, "little") + items[0]
+        body = _field(1, MODEL_NAMES[model].encode()) + _field(5, tensor) + _field(7, raw)
+        service, method = "inference.GRPCInferenceService", "ModelInfer"
     else:
         body, method = _field(1, items[0]), "Predict"
     server = subprocess.Popen(
@@ -110,7 +126,7 @@ def main(
             load = subprocess.Popen(
                 pinned(0, [h2load_path(), "-D", str(seconds + 3), "-c", "1", "-m", str(in_flight),
                            "-d", str(body_file), "-H", "content-type: application/grpc",
-                           "-H", "te: trailers", f"http://[::1]:{port}/mnist.Mnist/{method}"]),
+                           "-H", "te: trailers", f"http://[::1]:{port}/{service}/{method}"]),
                 stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
             time.sleep(1.5)
@@ -125,12 +141,14 @@ def main(
             wall = time.monotonic() - wall_before
             output, _ = load.communicate(timeout=seconds + 60)
             rate = _rate(output)
-            counts, leaves = _categorise(samples)
+            counts, leaves, stacks = _categorise(samples)
     finally:
         server.terminate()
         server.wait(30)
     label = f"{method} {payload} x{count}" if count > 1 else f"{method} {payload}"
     _report(root, label, in_flight, rate, cpu / wall, counts, leaves, top)
+    if inclusive:
+        _report_inclusive(stacks, sum(counts.values()), cpu / wall / rate * 1e6, inclusive)
 
 
 BATCH_IMAGES = 64
@@ -157,17 +175,35 @@ def _rate(h2load_output: str) -> float:
     raise SystemExit(f"cannot read h2load's rate:\n{h2load_output}")
 
 
-def _categorise(samples: Path) -> tuple[Counter[str], Counter[str]]:
-    """Samples by category of their innermost frame, and by the innermost frame itself."""
+def _categorise(samples: Path) -> tuple[Counter[str], Counter[str], Counter[str]]:
+    """Samples by category of their innermost frame, by the innermost frame itself, and by
+    every function on the stack (each counted once a sample: inclusive time)."""
     counts: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
+    stacks: Counter[str] = Counter()
     for line in samples.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
+        stacks.update(dict.fromkeys({_function(frame) for frame in frames}, int(count)))
         # The innermost frame that is not the idle wait of the event loop itself.
         counts[category(frames[-1])] += int(count)
         leaves[frames[-1]] += int(count)
-    return counts, leaves
+    return counts, leaves, stacks
+
+
+def _function(frame: str) -> str:
+    """`Class.method (package/module.py:42)` -> `Class.method (module.py)`: lines merged."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rpartition(':')[0].rpartition('/')[2]})" if where else name
+
+
+def _report_inclusive(stacks: Counter[str], total: int, per_request_us: float, top: int) -> None:
+    """The functions most often on the stack: what a request spends in each, callees included."""
+    print("\n| on the stack (inclusive) | share | us/request |\n|---|--:|--:|")
+    outermost = max(stacks.values(), default=0)  # the CLI and the event loop's own frames
+    below = [(name, count) for name, count in stacks.most_common() if count < 0.9 * outermost]
+    for name, count in below[:top]:
+        print(f"| `{name}` | {count / total:.0%} | {count / total * per_request_us:,.0f} |")
 
 
 def _report(
