@@ -33,7 +33,7 @@ from .timing import Timing
 
 log = logging.getLogger(__name__)
 
-TIMING: Final = "mnist_service.timing"
+TIMING: Final = web.RequestKey("timing", Timing)
 """The request's `Timing`, under this key of the aiohttp request."""
 TIMEOUT_HEADER: Final = "x-request-timeout"
 OIP_PREFIX: Final = "/v2"

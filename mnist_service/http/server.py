@@ -66,6 +66,17 @@ _TOO_MANY_CONNECTIONS: Final = _refusal(
 )
 
 
+class _ConnectionLog(logging.LoggerAdapter):  # type: ignore[type-arg]  # generic in 3.11's stubs only
+    """aiohttp's per-connection log, where it reports requests it could not parse: a client's
+    doing, so at debug level, and without the exception, whose text quotes the client's bytes
+    (the request log never carries a payload)."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        kwargs.pop("exc_info", None)
+        kwargs.pop("stack_info", None)
+        super().log(min(level, logging.DEBUG), msg, *args, **kwargs)
+
+
 class HttpServer:
     """The HTTP API over the engine's pipelines, in the running event loop."""
 
@@ -115,7 +126,12 @@ class HttpServer:
 
     async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         """Listen on `sock` (bound, listening or not)."""
-        runner = web.AppRunner(self._app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            self._app,
+            handle_signals=False,
+            access_log=None,
+            logger=_ConnectionLog(logging.getLogger(f"{__name__}.connections"), {}),
+        )
         await runner.setup()
         self._runner = runner
         self._web = runner.server
