@@ -136,7 +136,7 @@ def test_workers_match_the_cpus_the_pod_gets(
 
 def test_the_probes_ask_the_served_port(container: dict[str, Any], serve: dict[str, Any]) -> None:
     _, port = parse_address(serve["--address"])
-    (container_port,) = container["ports"]
+    (container_port,) = [p for p in container["ports"] if p["name"] == "grpc"]
     probes = grpc_probes(container)
 
     assert container_port["containerPort"] == port
@@ -181,15 +181,26 @@ def test_the_headless_service_selects_the_pods_and_their_grpc_port(
     manifests: dict[str, dict[str, Any]], pod: dict[str, Any], container: dict[str, Any]
 ) -> None:
     service = manifests["Service"]["spec"]
-    (port,) = service["ports"]
-    (container_port,) = container["ports"]
+    ports = {port["name"]: port for port in service["ports"]}
+    container_ports = {port["name"]: port for port in container["ports"]}
 
     assert service["clusterIP"] == "None"
     assert service["selector"].items() <= pod["metadata"]["labels"].items()
-    # a headless Service translates no ports: clients dial the pod's own
-    assert port["port"] == container_port["containerPort"]
-    assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
-    assert port["appProtocol"] == "kubernetes.io/h2c"
+    assert ports.keys() == container_ports.keys() == {"grpc", "http"}
+    for name, port in ports.items():
+        container_port = container_ports[name]
+        # a headless Service translates no ports: clients dial the pod's own
+        assert port["port"] == container_port["containerPort"]
+        assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+    assert ports["grpc"]["appProtocol"] == "kubernetes.io/h2c"
+
+
+def test_the_container_ports_are_the_ones_it_serves(
+    container: dict[str, Any], serve: dict[str, Any]
+) -> None:
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert parse_address(serve["--address"])[1] == ports["grpc"]
+    assert parse_address(serve["--http-address"])[1] == ports["http"]
 
 
 def test_the_disruption_budget_and_autoscaler_govern_the_deployment(
@@ -219,8 +230,8 @@ async def test_the_deployments_command_line_serves_and_passes_the_kubelets_probe
 ) -> None:
     """Exactly the container's arguments and environment, only the address moved to loopback."""
     args = list(container["args"][1:])
-    address_at = args.index("--address") + 1
-    args[address_at] = "[::1]:0"
+    for flag in ("--address", "--http-address"):
+        args[args.index(flag) + 1] = "[::1]:0"
     server = ServerProcess(*args, env=container_env(container))
     try:
         (serving,) = [e for e in server.logs if str(e.get("message", "")).startswith("serving")]
