@@ -17,8 +17,10 @@ processes (the supervisor and every worker). After `--warmup` (a fifth of the ru
 2 minutes) it fits a line to each process's samples, least squares, and reports its slope
 in MB a minute with its standard error, and the mean level: the slope, not a start and an
 end, which would tell warm-up from growth only by luck. Each worker logs its census
-(`runtime.census`, SIGUSR2) before the load and after it, once the clients have gone, and
-each process's file descriptors are counted then too.
+(`runtime.census`, SIGUSR2) before the load, after the warm-up (for the connections each
+worker carries: the kernel spreads them by a hash, and may give one worker all of them) and
+after the load, once the clients have gone; each process's file descriptors are counted
+before and after too.
 
 It exits 1 when a process's slope is over `--max-slope` (1 MB per 10 minutes; judged only
 with 5 minutes of samples or more after the warm-up: shorter fits are reported, not judged),
@@ -422,10 +424,15 @@ def soak(
         started = time.monotonic()
         times: list[float] = []
         rss: dict[str, list[float]] = {name: [] for name in names.values()}
+        loaded: dict[str, int] | None = None  # each worker's connections, after the warm-up
         while (elapsed := time.monotonic() - started) <= seconds:
             times.append(round(elapsed, 2))
             for process in processes:
                 rss[names[process.pid]].append(round(process.memory_info().rss / 2**20, 2))
+            if loaded is None and elapsed >= warmup:
+                census = server.census()
+                if census is not None:
+                    loaded = {names[pid]: entry["connections"] for pid, entry in census.items()}
             time.sleep(max(0.0, started + len(times) * sample_every - time.monotonic()))
         outcomes = [results.get(timeout=120) for _ in procs]
         for proc in procs:
@@ -476,6 +483,7 @@ def soak(
         if latencies
         else None,
         "rss": slopes(times, rss, warmup),
+        "connections_under_load": loaded,
         "fds_idle": idle_fds,
         "fds_end": end_fds,
         "census_idle": _brief(idle_census),

@@ -49,6 +49,7 @@ def test_short_soak_passes_its_acceptance_bounds(tmp_path: Path) -> None:
     assert idle["connections"] == end["connections"] == end["calls"] == 0
     assert end["tasks"] <= idle["tasks"]
     assert report["rss"]["server"]["samples"] >= 1
+    assert report["connections_under_load"] == {"server": 2}  # a connection per client
 
 
 def samples(per_minute: float, minutes: float, noise: float = 0.0) -> tuple[list[float], list]:
