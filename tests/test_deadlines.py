@@ -32,7 +32,7 @@ from mnist_service.runtime.server import MnistServer
 from .conftest import MnistSplit, png_bytes
 from .test_message_limits import WAIT_S, grpc_message, record_statuses, start_call
 
-WEIGHTS_CONFIG = ServerConfig(port=0, workers=1)
+WEIGHTS_CONFIG = ServerConfig(port=0, workers=1, http_port=0)  # both on free ports
 
 
 @dataclass
