@@ -142,6 +142,8 @@ class ServerPool:
                    "--grace-period", "2", "--workers", str(workers)]  # fmt: skip
         if "--intra-op-threads" in flags:
             command += ["--intra-op-threads", "1"]
+        if "--http-address" in flags:
+            command += ["--http-address", "off"]  # gRPC is benchmarked; 8080 may be taken
         if "--no-access-log" in flags:
             # The baselines log nothing per call; the request log's own cost (about 20 us of
             # CPU a call) is measured apart, in docs/operations.md.
