@@ -317,7 +317,8 @@ async def run_call(
     except (StreamClosedError, StreamTerminatedError):
         call.end(Status.CANCELLED)  # the client reset the stream or left while we answered
     except asyncio.CancelledError:
-        call.end(Status.CANCELLED)  # the server is closing
+        # the client reset the stream (`Handler.cancel`), or the connection or server closes
+        call.end(Status.CANCELLED)
         raise
     finally:
         release()
