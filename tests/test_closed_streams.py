@@ -1,7 +1,7 @@
 """h2's memory of closed streams, bounded on every server connection
 (`transport.server.CLOSED_STREAMS_KEPT`, `_compat.limit_closed_streams`).
 
-h2 remembers 65,536 closed streams per connection by default, about 12 MB resident on a
+h2 remembers 65,536 closed streams per connection by default, about 7.7 MB resident on a
 connection that lived through as many calls (issue 21); ours remember 1,024. These tests
 check a real connection after more calls than that, and show that what gRPC clients send on
 a forgotten stream is answered as before (tests/test_compat.py checks the private names).
