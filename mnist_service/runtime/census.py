@@ -2,7 +2,7 @@
 
 `kill -USR2 <worker pid>` logs one `memory census` line (at info) with the resident set, the
 event loop's tasks, the threads, the server's own registries (connections, calls, waiting
-stream reads, grpclib handlers), and the objects the collector tracks, counted by type (the
+stream reads, connection handlers), and the objects the collector tracks, counted by type (the
 most common 12; what `gc.freeze` set aside at startup is not counted). Under
 `PYTHONTRACEMALLOC=1` (Python's own switch, or `python -X tracemalloc`; a debugging aid: it
 costs a few times the CPU and memory) the line also carries the 12 source lines whose
