@@ -35,7 +35,7 @@ from mnist_service.constants import MODEL_NAMES
 
 from .load import h2load_path
 from .payloads import KINDS, render
-from .servers import pinned
+from .servers import pinned, service_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,7 +106,7 @@ def main(
     command = [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0",
                "--workers", "1", "--log-format", "json", "--no-access-log",
                "--model-architecture", model]  # fmt: skip
-    if "--http-address" in _serve_help(root):  # an older checkout may not have HTTP
+    if "--http-address" in service_flags(root):  # an older checkout may not have HTTP
         command += ["--http-address", "off"]
     server = subprocess.Popen(
         pinned(1, command),
@@ -192,15 +192,6 @@ def _categorise(samples: Path) -> tuple[Counter[str], Counter[str], Counter[str]
         counts[category(frames[-1])] += int(count)
         leaves[frames[-1]] += int(count)
     return counts, leaves, stacks
-
-
-def _serve_help(root: Path) -> str:
-    """`mnist-service serve --help` of the checkout at `root`."""
-    return subprocess.run(
-        [sys.executable, "-m", "mnist_service", "serve", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=root, check=True,
-        env={**os.environ, "COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"},
-    ).stdout  # fmt: skip
 
 
 def _function(frame: str) -> str:

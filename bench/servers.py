@@ -37,11 +37,12 @@ def pinned(core: int | None, command: Sequence[str]) -> list[str]:
     return ["taskset", "-c", str(core), *command] if core is not None else list(command)
 
 
-def service_flags() -> set[str]:
-    """The long options `mnist-service serve` accepts now (the CLI is still growing)."""
+def service_flags(root: Path = ROOT) -> set[str]:
+    """The long options `mnist-service serve` accepts in the checkout at `root` (the CLI is
+    still growing, and an older checkout may lack some)."""
     help_text = subprocess.run(
         [sys.executable, "-m", "mnist_service", "serve", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=ROOT, check=True,
+        capture_output=True, text=True, timeout=60, cwd=root, check=True,
         env={**os.environ, "COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"},
     ).stdout  # fmt: skip
     return {word.strip("│,[]") for word in help_text.split() if word.startswith("--")}

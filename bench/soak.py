@@ -63,7 +63,7 @@ from PIL import Image
 
 from mnist_service.client import ItemFailure, MnistClient
 
-from .servers import ROOT
+from .servers import ROOT, service_flags
 
 EXPECTED = frozenset(
     {"OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED"}
@@ -238,16 +238,6 @@ def _client_process(
     results.put((client.calls, dict(client.statuses), client.latencies))
 
 
-def _serve_flags(root: Path) -> set[str]:
-    """The long options of `serve` in the checkout at `root` (an older one may lack some)."""
-    help_text = subprocess.run(
-        [sys.executable, "-m", "mnist_service", "serve", "--help"],
-        capture_output=True, text=True, timeout=60, cwd=root, check=True,
-        env={**os.environ, "COLUMNS": "200", "TERM": "dumb", "NO_COLOR": "1"},
-    ).stdout  # fmt: skip
-    return {word.strip("│,[]") for word in help_text.split() if word.startswith("--")}
-
-
 @dataclass
 class ServerUnderSoak:
     """`python -m mnist_service serve` from a checkout, its log read as it comes: warnings,
@@ -267,7 +257,7 @@ class ServerUnderSoak:
                    "--model-architecture", "conv", "--workers", str(self.workers),
                    "--intra-op-threads", "1", "--log-format", "json", "--log-level", "info",
                    "--grace-period", "2"]  # fmt: skip
-        if "--http-address" in _serve_flags(self.root):
+        if "--http-address" in service_flags(self.root):
             command += ["--http-address", "[::1]:0"]  # gRPC alone is soaked; no fixed port
         self.process = subprocess.Popen(
             command,
