@@ -23,6 +23,8 @@ DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 LogFormat = Literal["pretty", "json"]
 LOG_FORMATS: tuple[LogFormat, ...] = ("pretty", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ModelControlMode = Literal["none", "explicit"]
+MODEL_CONTROL_MODES: tuple[ModelControlMode, ...] = ("none", "explicit")
 
 DEFAULT_HOST = "::1"
 DEFAULT_PORT = 50051
@@ -220,6 +222,26 @@ class ServerConfig:
         ),
     )
     """None serves the shipped weights of `model_architecture`."""
+    model_repository: Path | None = field(
+        default=None,
+        metadata=setting(
+            "A model repository in Triton's layout (DIR/mnist_convnet/2/model.onnx, an optional"
+            " DIR/NAME/config.json): each served model's versions come from it, and can be"
+            " reloaded at run time (docs/model-repository.md).",
+            "Model",
+            shown_default="the shipped weights, read-only",
+        ),
+    )
+    """None: the built-in repository, the shipped weights (or `model_weights`) as version 1."""
+    model_control: ModelControlMode = field(
+        default="none",
+        metadata=setting(
+            "explicit: the repository API (gRPC RepositoryModelLoad/Unload, HTTP"
+            " /v2/repository/...) may load and unload models at run time; none refuses them"
+            " (SIGHUP rescans either way).",
+            "Model",
+        ),
+    )
     models: tuple[Architecture, ...] = field(
         default=(),
         metadata=setting(
@@ -365,6 +387,19 @@ class ServerConfig:
                 f"models ({', '.join(self.models)}) must include the model architecture "
                 f"({self.model_architecture}), which the MNIST API serves"
             )
+        if self.model_control not in MODEL_CONTROL_MODES:
+            raise ConfigError(
+                f"model control must be one of {', '.join(MODEL_CONTROL_MODES)}, "
+                f"got {self.model_control!r}"
+            )
+        if self.model_repository is not None:
+            if self.model_weights is not None:
+                raise ConfigError(
+                    "--model-weights and --model-repository exclude each other: put the file in"
+                    " the repository as NAME/1/model.onnx"
+                )
+            if not self.model_repository.is_dir():
+                raise ConfigError(f"the model repository {self.model_repository} is not a folder")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.log_format not in LOG_FORMATS:

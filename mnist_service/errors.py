@@ -24,7 +24,10 @@ Nothing here knows about gRPC: the service maps these to status codes in one tab
     │                                metadata: name, datatype, shape, byte count or values
     ├── ModelNotFoundError           an inference request for a model or version not served here
     ├── UnsupportedMethodError       an RPC of Triton's protocol that this server does not implement
-    ├── ModelError                   a model file is missing, unreadable or has the wrong contract
+    ├── ModelError                   a model file is missing, unreadable or has the wrong contract;
+    │   │                            at run time, a version refused before it could serve
+    │   └── RepositoryError          a model repository's layout, config.json or paths are wrong
+    ├── ModelControlError            the model control API is off (--model-control none)
     └── ConfigError                  a setting is invalid (raised while building the config)
 """
 
@@ -103,7 +106,18 @@ class UnsupportedMethodError(MnistServiceError):
 
 
 class ModelError(MnistServiceError):
-    """Raised at startup when a model file is missing, unreadable or breaks the contract."""
+    """Raised when a model file is missing, unreadable or breaks the contract, or (loading at
+    run time) fails its warm-up or golden check: at startup the server does not start, at run
+    time the version is refused and the old one keeps serving."""
+
+
+class RepositoryError(ModelError):
+    """Raised when a model repository's layout or a model's config.json is wrong, or a path
+    leads out of the repository."""
+
+
+class ModelControlError(MnistServiceError):
+    """Raised for a load or unload request while the model control API is off."""
 
 
 class ConfigError(MnistServiceError, ValueError):

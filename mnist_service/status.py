@@ -23,6 +23,8 @@ from .errors import (
     MalformedMessageError,
     MessageTooLargeError,
     MnistServiceError,
+    ModelControlError,
+    ModelError,
     ModelNotFoundError,
     OverloadedError,
     SlowMessageError,
@@ -48,6 +50,11 @@ STATUS_FOR_ERROR: Mapping[type[MnistServiceError], Status] = {
     SlowMessageError: Status.RESOURCE_EXHAUSTED,
     OverloadedError: Status.RESOURCE_EXHAUSTED,
     DeadlineExpiredError: Status.DEADLINE_EXCEEDED,
+    # A model version refused by the control API (its file, config.json, warm-up or golden
+    # check), RepositoryError among them; Triton's answer to a load that fails.
+    ModelError: Status.INVALID_ARGUMENT,
+    # Triton's answer to a load or unload while its model control mode forbids them.
+    ModelControlError: Status.UNAVAILABLE,
 }
 """Domain error -> gRPC status; the most specific class in an exception's MRO wins."""
 

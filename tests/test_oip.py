@@ -440,7 +440,7 @@ def test_an_image_predict_refuses_fails_the_request_with_predicts_message(
     assert caught.value.details() == refusal.message
 
 
-@pytest.mark.parametrize("method", ["ModelConfig", "ModelStatistics", "RepositoryIndex"])
+@pytest.mark.parametrize("method", ["ModelConfig", "ModelStatistics", "TraceSetting"])
 def test_tritons_other_rpcs_are_unimplemented_with_a_clear_message(
     channel: grpc.Channel, method: str
 ) -> None:
@@ -451,7 +451,8 @@ def test_tritons_other_rpcs_are_unimplemented_with_a_clear_message(
     assert caught.value.details() == (
         f"{SERVICE}/{method} is one of Triton's own RPCs, which mnist-service does not"
         " implement; it serves ServerLive, ServerReady, ModelReady, ServerMetadata,"
-        " ModelMetadata, ModelInfer, ModelStreamInfer"
+        " ModelMetadata, ModelInfer, ModelStreamInfer, RepositoryIndex, RepositoryModelLoad,"
+        " RepositoryModelUnload"
     )
 
 

@@ -139,6 +139,8 @@ ENV_CASES: list[tuple[str, str, list[str], dict[str, object]]] = [
     ("MNIST_MODEL_ARCHITECTURE", "mlp", [], {"model_architecture": "mlp"}),
     ("MNIST_MODEL_WEIGHTS", "/models/mine.onnx", [], {"weights_path": "/models/mine.onnx"}),
     ("MNIST_MODELS", "mlp, conv", [], {"models": ["mlp", "conv"]}),
+    ("MNIST_MODEL_REPOSITORY", "/", [], {"model_repository": "/"}),
+    ("MNIST_MODEL_CONTROL", "explicit", [], {"model_control": "explicit"}),
     ("MNIST_SHIFT_VIEWS", "false", [], {"shift_views": False}),
     ("MNIST_DEVICE", "cpu", [], {"device": "cpu"}),
     ("MNIST_ADDRESS", "127.0.0.1:6000", [], {"host": "127.0.0.1", "port": 6000}),

@@ -34,7 +34,9 @@ from mnist_service.errors import (
     InvalidImageError,
     MessageTooLargeError,
     MnistServiceError,
+    ModelControlError,
     ModelError,
+    RepositoryError,
     UndecodableImageError,
 )
 from mnist_service.status import status_for
@@ -173,7 +175,7 @@ async def test_model_info_reports_the_predictor(stub: MnistStub) -> None:
     assert info.architecture == "conv"
     assert info.input_shape == [-1, 1, 28, 28]
     assert info.execution_provider == "CPUExecutionProvider"
-    assert info.metadata == {"test_accuracy": "1.0"}
+    assert info.metadata == {"test_accuracy": "1.0", "model_version": "1", "served_versions": "1"}
     assert info.server_version
 
 
@@ -188,7 +190,9 @@ async def test_model_info_reports_the_predictor(stub: MnistStub) -> None:
         (MessageTooLargeError("x"), Status.RESOURCE_EXHAUSTED),
         (DeadlineExpiredError("x"), Status.DEADLINE_EXCEEDED),
         (CompressionError("x"), Status.INTERNAL),
-        (ModelError("x"), Status.INTERNAL),
+        (ModelError("x"), Status.INVALID_ARGUMENT),
+        (RepositoryError("x"), Status.INVALID_ARGUMENT),
+        (ModelControlError("x"), Status.UNAVAILABLE),
         (MnistServiceError("x"), Status.INTERNAL),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else value.name,

@@ -27,6 +27,7 @@ from ..calls import annotate, current_call, current_expiry
 from ..config import Limits
 from ..engine.inference import FloatArray
 from ..engine.pipeline import ItemResult, Pipeline
+from ..engine.versions import ModelVersion, VersionedModel
 from ..errors import MnistServiceError, TooManyImagesError
 from ..status import INTERNAL_MESSAGE, as_grpc_errors, status_for
 
@@ -34,17 +35,29 @@ log = logging.getLogger(__name__)
 
 
 class MnistService(MnistBase):
-    """Classifies digits through the engine's pipeline (preprocess, batcher, model)."""
+    """Classifies digits through the engine's pipeline (preprocess, batcher, model).
 
-    def __init__(self, pipeline: Pipeline, *, limits: Limits) -> None:
-        self._pipeline = pipeline
+    `model` is one pipeline (served as version 1) or a model whose served versions change at
+    run time: each call takes the default version when it starts and keeps it.
+    """
+
+    def __init__(self, model: Pipeline | VersionedModel, *, limits: Limits) -> None:
+        if isinstance(model, Pipeline):
+            model = VersionedModel.single(model.info.architecture, model)  # type: ignore[arg-type]
+        self._model = model
         self._limits = limits
+
+    def _version(self) -> ModelVersion:
+        """The version a call runs on, noted in its request log line."""
+        version = self._model.get()
+        annotate(version=version.version)
+        return version
 
     async def predict(self, message: MnistImage) -> MnistPrediction:
         """Classify one image."""
         call = current_call()
         with as_grpc_errors():
-            probabilities = await self._pipeline.classify(
+            probabilities = await self._version().pipeline.classify(
                 message.data,
                 call.expires_at if call is not None else None,
                 call.rode_in if call is not None else None,
@@ -63,7 +76,7 @@ class MnistService(MnistBase):
                     f"PredictBatch holds {len(images)} images; the limit is "
                     f"{self._limits.max_batch_images} per call"
                 )
-            results = await self._pipeline.classify_many(
+            results = await self._version().pipeline.classify_many(
                 [image.data for image in images], current_expiry()
             )
         annotate(items=len(results))
@@ -88,7 +101,12 @@ class MnistService(MnistBase):
             try:
                 async for message in messages:
                     await in_flight.acquire()
-                    started.put_nowait(self._pipeline.start(message.data, expires_at))
+                    try:
+                        pipeline = self._model.get().pipeline  # each image: the default now
+                    except MnistServiceError as exc:
+                        started.put_nowait(_failed(exc))
+                        continue
+                    started.put_nowait(pipeline.start(message.data, expires_at))
             finally:
                 started.put_nowait(None)
 
@@ -116,8 +134,15 @@ class MnistService(MnistBase):
             annotate(items=index)
 
     async def get_model_info(self, message: ModelInfoRequest) -> ModelInfo:
-        """Describe the served model."""
-        info = self._pipeline.info
+        """Describe the served model: its default version, and in `metadata` every served
+        version (`served_versions`) and the default one (`model_version`)."""
+        with as_grpc_errors():
+            version = self._model.get()
+        info = version.info
+        metadata = dict(info.metadata)
+        metadata.update(
+            model_version=version.version, served_versions=",".join(self._model.versions)
+        )
         return ModelInfo(
             architecture=info.architecture,
             weights_path=str(info.weights_path),
@@ -125,7 +150,7 @@ class MnistService(MnistBase):
             input_name=info.input_name,
             input_shape=list(info.input_shape),
             execution_provider=info.execution_provider,
-            metadata=dict(info.metadata),
+            metadata=metadata,
             server_version=__version__,
         )
 
@@ -140,6 +165,12 @@ def _item(index: int, result: ItemResult) -> StreamPrediction:
         log.error("unexpected error on item %d", index, exc_info=result)
         error = ItemError(code=Status.INTERNAL.value, message=INTERNAL_MESSAGE)
     return StreamPrediction(index=index, error=error)
+
+
+def _failed(exc: Exception) -> asyncio.Future[FloatArray]:
+    future: asyncio.Future[FloatArray] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
 
 
 def _prediction(probabilities: FloatArray) -> MnistPrediction:

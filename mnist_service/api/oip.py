@@ -1,7 +1,10 @@
 """The Open Inference Protocol's `inference.GRPCInferenceService`: maps RPCs to domain calls.
 
-The models are those loaded (`mnist_convnet`, `mnist_mlp`; version "1"), each behind its
-own pipeline and batcher, the same engine `mnist.Mnist` uses. `engine.tensors` declares and
+The models are those loaded (`mnist_convnet`, `mnist_mlp`; version "1" unless a model
+repository serves others), each version behind its own pipeline and batcher, the same engine
+`mnist.Mnist` uses. A call picks its version when it starts (`engine.versions`). Triton's
+repository extension (`RepositoryIndex`, `RepositoryModelLoad`, `RepositoryModelUnload`)
+goes to the server's `ModelControl`. `engine.tensors` declares and
 decodes their tensors; handlers raise domain errors inside `as_grpc_errors`
 (`mnist_service.status`, the one error map). Triton's RPCs beyond the protocol answer
 UNIMPLEMENTED (`TritonOnlyMethods`).
@@ -10,6 +13,7 @@ UNIMPLEMENTED (`TritonOnlyMethods`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +39,13 @@ from .._proto.inference import (
     ModelReadyRequest,
     ModelReadyResponse,
     ModelStreamInferResponse,
+    RepositoryIndexRequest,
+    RepositoryIndexResponse,
+    RepositoryIndexResponseModelIndex,
+    RepositoryModelLoadRequest,
+    RepositoryModelLoadResponse,
+    RepositoryModelUnloadRequest,
+    RepositoryModelUnloadResponse,
     ServerLiveRequest,
     ServerLiveResponse,
     ServerMetadataRequest,
@@ -44,14 +55,16 @@ from .._proto.inference import (
 )
 from ..calls import annotate, current_call, current_expiry
 from ..config import Limits
-from ..constants import MODEL_NAMES, PROBABILITIES_NAME, Architecture
+from ..constants import PROBABILITIES_NAME, Architecture
 from ..engine import tensors
 from ..engine.inference import FloatArray
 from ..engine.pipeline import Pipeline
+from ..engine.versions import ModelControl, ModelRegistry, VersionedModel
 from ..errors import (
     InvalidTensorError,
     MnistServiceError,
-    ModelNotFoundError,
+    ModelControlError,
+    RepositoryError,
     TooManyImagesError,
     UnsupportedMethodError,
 )
@@ -69,21 +82,23 @@ CLASSIFICATION: Final = "classification"
 """The requested-output parameter of the classification extension: how many classes."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Model:
-    name: str
-    architecture: Architecture
-    pipeline: Pipeline
-
-
 class InferenceService(GrpcInferenceServiceBase):
-    """Health, metadata and inference of the loaded models over the Open Inference Protocol."""
+    """Health, metadata and inference of the loaded models over the Open Inference Protocol;
+    `models` is one pipeline per model (each served as version 1) or the server's registry,
+    `control` what loads and unloads them (None: refused)."""
 
-    def __init__(self, pipelines: Mapping[Architecture, Pipeline], *, limits: Limits) -> None:
-        self._models = {
-            MODEL_NAMES[arch]: _Model(MODEL_NAMES[arch], arch, pipeline)
-            for arch, pipeline in pipelines.items()
-        }
+    def __init__(
+        self,
+        models: Mapping[Architecture, Pipeline] | ModelRegistry,
+        *,
+        limits: Limits,
+        control: ModelControl | None = None,
+    ) -> None:
+        if not isinstance(models, ModelRegistry):
+            served = [VersionedModel.single(arch, pipeline) for arch, pipeline in models.items()]
+            models = ModelRegistry(served, served[0].name)
+        self._models = models
+        self._control = control
         self._limits = limits
         self.ready = False
         """Whether the server takes inference requests (set by the server's lifecycle)."""
@@ -98,8 +113,11 @@ class InferenceService(GrpcInferenceServiceBase):
 
     async def model_ready(self, message: ModelReadyRequest) -> ModelReadyResponse:
         """Whether the model and version are loaded (and the server ready)."""
-        loaded = message.name in self._models and message.version in ("", MODEL_VERSION)
-        return ModelReadyResponse(ready=self.ready and loaded)
+        try:
+            self._models.get(message.name, message.version)
+        except MnistServiceError:
+            return ModelReadyResponse(ready=False)
+        return ModelReadyResponse(ready=self.ready)
 
     async def server_metadata(self, message: ServerMetadataRequest) -> ServerMetadataResponse:
         """Name, version and extensions."""
@@ -110,10 +128,11 @@ class InferenceService(GrpcInferenceServiceBase):
     async def model_metadata(self, message: ModelMetadataRequest) -> ModelMetadataResponse:
         """A loaded model's versions, platform and tensors."""
         with as_grpc_errors():
-            model = self._model(message.name, message.version)
+            model = self._models.model(message.name)
+            model.get(message.version)
         return ModelMetadataResponse(
             name=model.name,
-            versions=[MODEL_VERSION],
+            versions=list(model.versions),
             platform=PLATFORM,
             inputs=[_tensor_metadata(spec) for spec in tensors.INPUTS],
             outputs=[_tensor_metadata(spec) for spec in tensors.OUTPUTS],
@@ -174,32 +193,15 @@ class InferenceService(GrpcInferenceServiceBase):
             log.exception("unexpected error in ModelStreamInfer")
             return ModelStreamInferResponse(error_message=INTERNAL_MESSAGE)
 
-    def _model(self, name: str, version: str) -> _Model:
-        model = self._models.get(name)
-        if model is None:
-            loaded = " and ".join(sorted(self._models))
-            known = name in MODEL_NAMES.values()
-            raise ModelNotFoundError(
-                f"model {name!r} is not loaded on this server (it serves {loaded}; start it "
-                "with --models to serve more)"
-                if known
-                else f"unknown model {name!r}; this server serves {loaded}"
-            )
-        if version not in ("", MODEL_VERSION):
-            raise ModelNotFoundError(
-                f"model {name!r} has no version {version!r}; it has version {MODEL_VERSION}"
-            )
-        return model
-
     async def _infer(
         self, message: ModelInferRequest, expires_at: float | None, *, on_call: bool = False
     ) -> ModelInferResponse:
-        model = self._model(message.model_name, message.model_version)
+        model = self._models.get(message.model_name, message.model_version)
         spec, shape, values = self._input(model.name, message)
         wanted = _requested_outputs(model.name, message.outputs)
         call = current_call() if on_call else None
         if call is not None:
-            call.fields.update(model=model.architecture, items=shape[0])
+            call.fields.update(model=model.architecture, version=model.version, items=shape[0])
         on_batch = call.rode_in if call is not None else None
         if isinstance(values, list):
             probabilities = await _classify_items(model.pipeline, values, expires_at, on_batch)
@@ -216,11 +218,53 @@ class InferenceService(GrpcInferenceServiceBase):
         outputs, raw = _outputs(wanted, probabilities)
         return ModelInferResponse(
             model_name=model.name,
-            model_version=MODEL_VERSION,
+            model_version=model.version,
             id=message.id,
             outputs=outputs,
             raw_output_contents=raw,
         )
+
+    async def repository_index(self, message: RepositoryIndexRequest) -> RepositoryIndexResponse:
+        """The repository's models, their versions and state (Triton's repository extension)."""
+        with as_grpc_errors():
+            entries = self._control_api().index(ready_only=message.ready)
+        return RepositoryIndexResponse(
+            models=[
+                RepositoryIndexResponseModelIndex(
+                    name=e.name, version=e.version, state=e.state, reason=e.reason
+                )
+                for e in entries
+            ]
+        )
+
+    async def repository_model_load(
+        self, message: RepositoryModelLoadRequest
+    ) -> RepositoryModelLoadResponse:
+        """Load or reload a model: warmed up and checked before it serves; refused with the
+        reason otherwise, the old version serving on."""
+        with as_grpc_errors():
+            control = self._control_api()
+            config = None
+            parameter = message.parameters.get("config")
+            if parameter is not None:
+                config = _config_parameter(parameter.string_param)
+            annotate(model=message.model_name)
+            await control.load(message.model_name, config)
+        return RepositoryModelLoadResponse()
+
+    async def repository_model_unload(
+        self, message: RepositoryModelUnloadRequest
+    ) -> RepositoryModelUnloadResponse:
+        """Stop serving a model; calls running on it finish."""
+        with as_grpc_errors():
+            annotate(model=message.model_name)
+            await self._control_api().unload(message.model_name)
+        return RepositoryModelUnloadResponse()
+
+    def _control_api(self) -> ModelControl:
+        if self._control is None:
+            raise ModelControlError("explicit model load / unload is not allowed on this server")
+        return self._control
 
     def _input(
         self, model: str, message: ModelInferRequest
@@ -254,6 +298,17 @@ class InferenceService(GrpcInferenceServiceBase):
                 )
             return spec, shape, tensors.from_raw(spec, shape, raw[0])
         return spec, shape, tensors.from_values(spec, shape, _typed_values(spec, tensor))
+
+
+def _config_parameter(text: str | None) -> dict[str, Any]:
+    """The `config` parameter of a load: a JSON object (Triton's model config override)."""
+    try:
+        document = json.loads(text or "")
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise RepositoryError("the load's 'config' parameter must be a JSON object in string_param")
+    return document
 
 
 async def _classify_items(
@@ -394,9 +449,6 @@ def _tensor_metadata(spec: tensors.TensorSpec) -> ModelMetadataResponseTensorMet
 TRITON_ONLY_METHODS: Final = (
     "ModelConfig",
     "ModelStatistics",
-    "RepositoryIndex",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
     "SystemSharedMemoryStatus",
     "SystemSharedMemoryRegister",
     "SystemSharedMemoryUnregister",
@@ -416,6 +468,9 @@ IMPLEMENTED_METHODS: Final = (
     "ModelMetadata",
     "ModelInfer",
     "ModelStreamInfer",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
 )
 
 

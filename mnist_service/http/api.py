@@ -15,7 +15,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from email.parser import BytesParser
@@ -33,7 +33,8 @@ from ..constants import MODEL_NAMES, Architecture
 from ..engine.inference import FloatArray
 from ..engine.pipeline import ItemResult, Pipeline
 from ..engine.preprocess import preprocess
-from ..errors import MnistServiceError, ModelNotFoundError, TooManyImagesError
+from ..engine.versions import ModelControl, ModelRegistry, ModelVersion, VersionedModel
+from ..errors import MnistServiceError, TooManyImagesError
 from ..status import INTERNAL_MESSAGE, status_for
 from .errors import HttpError
 from .runner import TIMING, read_body
@@ -41,7 +42,6 @@ from .timing import ModelClock, Timing
 
 log = logging.getLogger(__name__)
 
-MODEL_VERSION: Final = "1"
 _now = time.perf_counter
 RAW_TYPES: Final = ("application/octet-stream", "application/x-www-form-urlencoded")
 """Bodies read as the image file itself (or 784 raw pixels): curl's `--data-binary` sends the
@@ -54,46 +54,59 @@ ACCEPTED: Final = (
 
 @dataclass(frozen=True, slots=True)
 class ServedModel:
-    """One loaded model as HTTP serves it: its pipeline (shared with gRPC) and clock."""
+    """One version of a loaded model as HTTP serves it: its pipeline (shared with gRPC) and
+    clock."""
 
     name: str
     architecture: Architecture
     pipeline: Pipeline
     clock: ModelClock | None = None
+    version: str = "1"
 
 
 class Models:
-    """The served models by name; `default` is the one the MNIST API serves unless asked."""
+    """The served models by name, from the server's registry (or one `ServedModel` each,
+    served as version 1); `default` is the one the MNIST API serves unless asked, `control`
+    what loads and unloads them (None: refused)."""
 
-    def __init__(self, models: Sequence[ServedModel], default: Architecture) -> None:
-        self._models = {model.name: model for model in models}
-        self.default = self._models[MODEL_NAMES[default]]
+    def __init__(
+        self,
+        models: Sequence[ServedModel] | ModelRegistry,
+        default: Architecture | None = None,
+        *,
+        control: ModelControl | None = None,
+    ) -> None:
+        if not isinstance(models, ModelRegistry):
+            assert default is not None
+            served = [
+                VersionedModel(
+                    m.name,
+                    m.architecture,
+                    [ModelVersion(m.name, m.architecture, m.version, m.pipeline, clock=m.clock)],
+                )
+                for m in models
+            ]
+            models = ModelRegistry(served, MODEL_NAMES[default])
+        self.registry = models
+        self.control = control
 
-    def __iter__(self) -> Any:
-        return iter(self._models.values())
+    def __iter__(self) -> Iterator[ServedModel]:
+        return iter([_served(m.default) for m in self.registry if m.default is not None])
+
+    @property
+    def default(self) -> ServedModel:
+        """The MNIST API's model, its default version (ModelNotFoundError once unloaded)."""
+        return self.get(None)
 
     def get(self, name: str | None, version: str = "") -> ServedModel:
-        """A served model by name (None: the default), or ModelNotFoundError as the Open
-        Inference Protocol's gRPC service words it."""
-        if name is None:
-            model = self.default
-        else:
-            found = self._models.get(name)
-            if found is None:
-                loaded = " and ".join(sorted(self._models))
-                raise ModelNotFoundError(
-                    f"model {name!r} is not loaded on this server (it serves {loaded}; start "
-                    "it with --models to serve more)"
-                    if name in MODEL_NAMES.values()
-                    else f"unknown model {name[:100]!r}; this server serves {loaded}"
-                )
-            model = found
-        if version not in ("", MODEL_VERSION):
-            raise ModelNotFoundError(
-                f"model {model.name!r} has no version {version[:40]!r}; it has version "
-                f"{MODEL_VERSION}"
-            )
-        return model
+        """The version a call runs on, of model `name` (None: the default model), or
+        ModelNotFoundError as the Open Inference Protocol's gRPC service words it."""
+        return _served(self.registry.get(name, version))
+
+
+def _served(version: ModelVersion) -> ServedModel:
+    clock = version.clock if isinstance(version.clock, ModelClock) else None
+    return ServedModel(version.name, version.architecture, version.pipeline, clock, version.version)
 
 
 def on_batch(call: Call | None, timing: Timing, model: ServedModel) -> Callable[[int], None]:
@@ -146,9 +159,9 @@ class PredictApi:
         label = int(probabilities.argmax())
         call = current_call()
         if call is not None:
-            call.fields.update(label=label, model=model.architecture)
+            call.fields.update(label=label, model=model.architecture, version=model.version)
         answer: dict[str, Any] = _prediction(probabilities)
-        answer.update(model=model.name, version=MODEL_VERSION)
+        answer.update(model=model.name, version=model.version)
         if request.query.get("explain") in ("1", "true"):
             answer["explain"] = {"input_png": await self._model_input_png(data)}
         return _json(answer)
@@ -178,28 +191,31 @@ class PredictApi:
         )
         timing.waited += _now() - handed
         if call is not None:
-            call.fields.update(items=len(results), model=model.architecture)
+            call.fields.update(items=len(results), model=model.architecture, version=model.version)
         return _json(
             {
                 "results": [_item(index, result) for index, result in enumerate(results)],
                 "model": model.name,
-                "version": MODEL_VERSION,
+                "version": model.version,
             }
         )
 
     async def list_models(self, request: web.Request) -> web.Response:
         """The served models, the default first."""
-        models = sorted(self._models, key=lambda m: m is not self._models.default)
+        default = self._models.registry.default.name
+        models = sorted(self._models.registry, key=lambda m: m.name != default)
         return _json(
             {
                 "models": [
                     {
                         "name": m.name,
-                        "version": MODEL_VERSION,
+                        "version": m.default.version,
+                        "versions": list(m.versions),
                         "architecture": m.architecture,
-                        "default": m is self._models.default,
+                        "default": m.name == default,
                     }
                     for m in models
+                    if m.default is not None
                 ]
             }
         )

@@ -27,8 +27,9 @@ from ..calls import current_call
 from ..constants import PROBABILITIES_NAME
 from ..engine import tensors
 from ..engine.inference import FloatArray
-from ..errors import InvalidTensorError, TooManyImagesError
-from .api import MODEL_VERSION, Models, ServedModel, classify_one, on_batch
+from ..engine.versions import ModelControl
+from ..errors import InvalidTensorError, ModelControlError, RepositoryError, TooManyImagesError
+from .api import Models, ServedModel, classify_one, on_batch
 from .errors import HttpError
 from .runner import TIMING, read_body
 from .timing import Timing
@@ -70,6 +71,9 @@ class OipApi:
             web.get(versioned + "/ready", self.model_ready),
             web.post(model + "/infer", self.infer),
             web.post(versioned + "/infer", self.infer),
+            web.post("/v2/repository/index", self.repository_index),
+            web.post("/v2/repository/models/{name}/load", self.repository_load),
+            web.post("/v2/repository/models/{name}/unload", self.repository_unload),
         ]
 
     async def server_metadata(self, request: web.Request) -> web.Response:
@@ -87,7 +91,7 @@ class OipApi:
         return _json(
             {
                 "name": model.name,
-                "versions": [MODEL_VERSION],
+                "versions": list(self._models.registry.model(model.name).versions),
                 "platform": PLATFORM,
                 "inputs": [_metadata(spec) for spec in tensors.INPUTS],
                 "outputs": [_metadata(spec) for spec in tensors.OUTPUTS],
@@ -107,9 +111,9 @@ class OipApi:
         wanted = _requested_outputs(model.name, document)
         call = current_call()
         if call is not None:
-            call.fields.update(model=model.architecture, items=shape[0])
+            call.fields.update(model=model.architecture, version=model.version, items=shape[0])
         probabilities = await self._classify(model, spec, values, request[TIMING])
-        answer: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
+        answer: dict[str, Any] = {"model_name": model.name, "model_version": model.version}
         if isinstance(document.get("id"), str):
             answer["id"] = document["id"]
         outputs, blobs = _outputs(wanted, probabilities)
@@ -122,6 +126,51 @@ class OipApi:
             content_type="application/octet-stream",
             headers={HEADER_LENGTH: str(len(head))},
         )
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        """Triton's repository index: `[{"name", "version", "state", "reason"}, ...]`."""
+        body = await read_body(request)
+        document = _json_object(body, "the index request") if body.strip() else {}
+        ready_only = document.get("ready") is True
+        entries = self._control().index(ready_only=ready_only)
+        return _json(
+            [
+                {"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}
+                for e in entries
+            ]
+        )
+
+    async def repository_load(self, request: web.Request) -> web.Response:
+        """Load or reload a model (`{"parameters": {"config": "<JSON>"}}` overrides its
+        config.json); 200 with an empty body once it serves, or the reason it was refused."""
+        control = self._control()
+        body = await read_body(request)
+        document = _json_object(body, "the load request") if body.strip() else {}
+        parameters = document.get("parameters") or {}
+        config = parameters.get("config") if isinstance(parameters, dict) else None
+        if config is not None:
+            if isinstance(config, str):
+                config = _json_object(config.encode(), "the load's config parameter")
+            if not isinstance(config, dict):
+                raise RepositoryError("the load's config parameter must be a JSON object")
+        name = request.match_info["name"]
+        _annotate_model(name)
+        await control.load(name, config)
+        return web.Response(status=200)
+
+    async def repository_unload(self, request: web.Request) -> web.Response:
+        """Unload a model; calls running on it finish."""
+        control = self._control()
+        await read_body(request)
+        name = request.match_info["name"]
+        _annotate_model(name)
+        await control.unload(name)
+        return web.Response(status=200)
+
+    def _control(self) -> ModelControl:
+        if self._models.control is None:
+            raise ModelControlError("explicit model load / unload is not allowed on this server")
+        return self._models.control
 
     def _model(self, request: web.Request) -> ServedModel:
         return self._models.get(request.match_info["name"], request.match_info.get("version", ""))
@@ -199,6 +248,22 @@ class OipApi:
             expires_at,
             on_batch(call, timing, model),
         )
+
+
+def _annotate_model(name: str) -> None:
+    call = current_call()
+    if call is not None:
+        call.fields["model"] = name[:100]
+
+
+def _json_object(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise _bad(f"{what} must be a JSON object")
+    return document
 
 
 def _split(request: web.Request, body: bytes) -> tuple[dict[str, Any], memoryview]:

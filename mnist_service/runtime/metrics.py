@@ -178,11 +178,49 @@ class Metrics:
             multiprocess_mode="max",
             registry=registry,
         )
+        self.model_version = Gauge(
+            "mnist_model_version_served",
+            "1 for each model version a worker serves now (0 once retired), by model and version.",
+            ["model", "version"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.version_inference = Counter(
+            "mnist_model_version_inference_total",
+            "Model input rows inferred, by model and version.",
+            ["model", "version"],
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "mnist_model_loads_total",
+            "Load and unload requests (the control API, SIGHUP), by model, action and outcome"
+            " (done, unchanged, refused).",
+            ["model", "action", "outcome"],
+            registry=registry,
+        )
         self._success: dict[tuple[str, str], Any] = {}
         self._duration: dict[tuple[str, str], Any] = {}
 
     def describe_model(self, architecture: str, provider: str, weights_sha256: str) -> None:
         self.model_info.labels(architecture, provider, weights_sha256).set(1)
+
+    def version_served(self, model: str, version: str, served: bool) -> None:
+        """A model version started (or stopped) serving in this process."""
+        self.model_version.labels(model, version).set(1 if served else 0)
+
+    def record_load(self, model: str, action: str, outcome: str) -> None:
+        """One load or unload request and how it ended."""
+        self.model_loads.labels(model, action, outcome).inc()
+
+    def version_batches(self, model: str, version: str) -> Any:
+        """The batch observer of one model version: `record_batch`, and its rows by version."""
+        rows = self.version_inference.labels(model, version)
+
+        def observe(batch: BatchRecord) -> None:
+            self.record_batch(batch)
+            rows.inc(batch.images)
+
+        return observe
 
     def record_call(
         self, method: str, status: Status, seconds: float, protocol: str = "grpc"

@@ -27,7 +27,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
@@ -42,18 +42,21 @@ from ..api.oip import InferenceService, TritonOnlyMethods
 from ..calls import Call
 from ..config import ServerConfig, format_address, is_loopback
 from ..constants import MODEL_NAMES, Architecture
-from ..engine.batcher import Batcher
-from ..engine.inference import Classifier, ModelInfo, OnnxClassifier
+from ..engine.batcher import Batcher, BatchObserver
+from ..engine.inference import Classifier, ModelInfo
 from ..engine.pipeline import Pipeline
 from ..engine.preprocess import limit_pillow
+from ..engine.repository import ModelPlan
+from ..engine.versions import Loaded, ModelRegistry, ModelVersion, VersionedModel
 from ..errors import ConfigError
 from ..http import HttpServer
-from ..http.api import Models, ServedModel
+from ..http.api import Models
 from ..http.timing import ModelClock
 from ..tls import server_context
 from ..transport.codec import SizeLimitedCodec
 from ..transport.server import Server
 from .census import Census
+from .control import Control, Link, load_plans, repository_for, startup_plans
 from .eventloop import loop_factory
 from .logs import flush_direct
 from .metrics import Metrics
@@ -175,8 +178,10 @@ class MnistServer:
     """The grpclib server with its services, health, reflection, drain and request log.
 
     `classifier` is the model the MNIST API serves; `models` all those the Open Inference
-    Protocol serves, by architecture (by default `classifier` alone). Each model gets one
-    batcher and pipeline, which both APIs share.
+    Protocol serves, by architecture (by default `classifier` alone), each served as version
+    1. `versions` gives each model's loaded versions instead (`run` loads them from the
+    repository's `plans`). Each version gets one batcher and pipeline, which both APIs
+    share; `control` loads and unloads versions at run time (`runtime.control`).
     """
 
     def __init__(
@@ -188,24 +193,41 @@ class MnistServer:
         models: Mapping[Architecture, Classifier] | None = None,
         metrics: Metrics | None = None,
         metrics_port: int | None = None,
+        versions: Mapping[Architecture, Sequence[Loaded]] | None = None,
+        plans: Mapping[str, ModelPlan | None] | None = None,
+        link: Link | None = None,
     ) -> None:
         self.config = config
         self.classifier = classifier
         self.metrics = metrics
         self.metrics_port = metrics_port
+        self._executor = executor
         self._sampler: asyncio.Task[None] | None = None
         self.request_log = RequestLog(access_log=config.access_log, model=config.model_architecture)
         limit_pillow(config.limits.max_image_pixels)
-        models = {**(models or {}), config.model_architecture: classifier}
-        # Each model run timed, for HTTP's Server-Timing (two clock reads a batch).
-        clocks = {architecture: ModelClock(model) for architecture, model in models.items()}
-        self.pipelines = {
-            architecture: self._pipeline(clock, executor) for architecture, clock in clocks.items()
-        }
-        pipeline = self.pipelines[config.model_architecture]
-        self.pipeline = pipeline
-        service = MnistService(pipeline, limits=config.limits)
-        self.inference = InferenceService(self.pipelines, limits=config.limits)
+        if versions is None:
+            models = {**(models or {}), config.model_architecture: classifier}
+            versions = {arch: [Loaded("1", model)] for arch, model in models.items()}
+        repository = repository_for(config)
+        if plans is None:
+            plans = {MODEL_NAMES[arch]: None for arch in versions}
+        self.registry = ModelRegistry(
+            [
+                VersionedModel(
+                    MODEL_NAMES[arch],
+                    arch,
+                    [self._version(arch, plans.get(MODEL_NAMES[arch]), loaded) for loaded in held],
+                )
+                for arch, held in versions.items()
+            ],
+            MODEL_NAMES[config.model_architecture],
+        )
+        self.control = Control(
+            config, repository, self.registry, self._build, plans=plans, metrics=metrics, link=link
+        )
+        default = self.registry.default
+        service = MnistService(default, limits=config.limits)
+        self.inference = InferenceService(self.registry, limits=config.limits, control=self.control)
         self.health_status = ServiceStatus()
         health = Health({service: [self.health_status], self.inference: [self.health_status]})
         # extend() returns the services given plus reflection's own.
@@ -226,15 +248,8 @@ class MnistServer:
         self.port: int | None = None
         self.http: HttpServer | None = None
         if config.http_host is not None:
-            served = Models(
-                [
-                    ServedModel(MODEL_NAMES[arch], arch, self.pipelines[arch], clocks[arch])
-                    for arch in self.pipelines
-                ],
-                config.model_architecture,
-            )
             self.http = HttpServer(
-                served,
+                Models(self.registry, control=self.control),
                 limits=config.limits,
                 executor=executor,
                 observer=self.request_log if metrics is None else self._observe_http_call,
@@ -243,13 +258,60 @@ class MnistServer:
                 web_ui=config.web_ui,
             )
 
-    def _pipeline(self, classifier: Classifier, executor: Executor) -> Pipeline:
-        """One model's batcher and pipeline."""
+    @property
+    def info(self) -> ModelInfo:
+        """The MNIST API's model: its default version's, or (unloaded) the one started with."""
+        model = self.registry.default.default
+        return model.info if model is not None else self.classifier.info
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The pipeline of the MNIST API's model, its default version now."""
+        return self.registry.get(None).pipeline
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        """The pipelines of every served version."""
+        return [version.pipeline for model in self.registry for version in model.served]
+
+    def _version(self, arch: Architecture, plan: ModelPlan | None, loaded: Loaded) -> ModelVersion:
+        """A served version of a model, with its own batcher and pipeline."""
+        name = MODEL_NAMES[arch]
+        # Each model run timed, for HTTP's Server-Timing (two clock reads a batch).
+        clock = ModelClock(loaded.classifier)
+        batch = (plan.max_batch_size if plan else None) or self.config.max_batch_size
+        delay = plan.max_batch_delay_us if plan and plan.max_batch_delay_us is not None else None
+        pipeline = self._pipeline(
+            clock,
+            self._executor,
+            max_batch_size=batch,
+            max_delay_us=self.config.max_batch_delay_us if delay is None else delay,
+            observer=(self.metrics.version_batches(name, loaded.version) if self.metrics else None),
+        )
+        return ModelVersion(
+            name, arch, loaded.version, pipeline, loaded.accuracy, plan, clock=clock
+        )
+
+    def _build(
+        self, plan: ModelPlan, version: str, classifier: Any, accuracy: float
+    ) -> ModelVersion:
+        return self._version(plan.architecture, plan, Loaded(version, classifier, accuracy))
+
+    def _pipeline(
+        self,
+        classifier: Classifier,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_us: int,
+        observer: BatchObserver | None,
+    ) -> Pipeline:
+        """One model version's batcher and pipeline."""
         batcher = Batcher(
             classifier,
-            max_batch_size=self.config.max_batch_size,
-            max_delay=self.config.max_batch_delay_us / 1e6,
-            observer=self.metrics.record_batch if self.metrics is not None else None,
+            max_batch_size=max_batch_size,
+            max_delay=max_delay_us / 1e6,
+            observer=observer,
         )
         return Pipeline(
             batcher,
@@ -291,15 +353,18 @@ class MnistServer:
         self.health_status.set(True)
         self.inference.ready = True
         if self.metrics is not None:
-            info = self.classifier.info
+            info = self.info
             self.metrics.describe_model(
                 info.architecture, info.execution_provider, info.weights_sha256
             )
+            for model in self.registry:
+                for version in model.served:
+                    self.metrics.version_served(model.name, version.version, True)
             self._sampler = asyncio.create_task(self._sample_metrics())
         if announce:
             log_serving(
                 self.config,
-                self.classifier.info,
+                self.info,
                 self.port,
                 metrics_port=self.metrics_port,
                 http_port=self.http.port if self.http is not None else None,
@@ -323,7 +388,7 @@ class MnistServer:
         """The in-flight and queue gauges, sampled (not counted per call: no per-call cost)."""
         assert self.metrics is not None
         while True:
-            pending = sum(pipeline.pending for pipeline in self.pipelines.values())
+            pending = sum(pipeline.pending for pipeline in self.pipelines)
             http_calls = len(self.http.calls()) if self.http is not None else 0
             self.metrics.sample(len(self.server.calls()) + http_calls, pending)
             await asyncio.sleep(METRICS_SAMPLE_S)
@@ -401,24 +466,42 @@ async def serve(
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
     models: Mapping[Architecture, Classifier] | None = None,
+    versions: Mapping[Architecture, Sequence[Loaded]] | None = None,
+    plans: Mapping[str, ModelPlan | None] | None = None,
+    link: Link | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return.
 
     A worker process gets its listening `sock` (and `http_sock`) from the supervisor, a
-    `lifeline` (the read
-    end of a pipe whose EOF, the supervisor's death, counts as a signal) and `on_ready`.
-    With metrics on, the process records them (`metrics_port`: where this process serves
-    them, for the serving line, when it is the only one).
+    `lifeline` (the read end of a pipe whose EOF, the supervisor's death, counts as a
+    signal), `on_ready` and its `link` to the supervisor for loads and unloads. With metrics
+    on, the process records them (`metrics_port`: where this process serves them, for the
+    serving line, when it is the only one). SIGHUP rescans the model repository.
     """
     metrics = Metrics() if config.metrics_host is not None else None
     app = MnistServer(
-        config, classifier, executor, models=models, metrics=metrics, metrics_port=metrics_port
+        config,
+        classifier,
+        executor,
+        models=models,
+        metrics=metrics,
+        metrics_port=metrics_port,
+        versions=versions,
+        plans=plans,
+        link=link,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGINT, signal.SIGTERM)
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
+    rescans: set[asyncio.Task[str]] = set()
+
+    def rescan() -> None:
+        task = asyncio.ensure_future(app.control.rescan())
+        rescans.add(task)
+        task.add_done_callback(rescans.discard)
+
     if lifeline is not None:
 
         def supervisor_gone() -> None:
@@ -430,6 +513,9 @@ async def serve(
     try:
         # Before SERVING is announced: a signal that came before its handler would kill.
         loop.add_signal_handler(signal.SIGUSR2, Census(app.server.held).log)
+        loop.add_signal_handler(signal.SIGHUP, rescan)
+        if link is not None:
+            link.start(loop)
         await app.start(sock, http_sock=http_sock, announce=sock is None)
         # What exists now (modules, the model, the server) lives as long as the process: take
         # it out of the collector's sight, or each full collection walks it all again
@@ -437,17 +523,21 @@ async def serve(
         gc.collect()
         gc.freeze()
         if on_ready is not None:
-            on_ready(classifier.info)
+            on_ready(app.info)
         await stop.wait()
         log.info("shutdown requested")
         stop.clear()  # set again by a second signal, which cuts the drain short
         await app.stop(grace_period=config.grace_period, hurry=stop)
         log.info("stopped")
     finally:
-        for signum in (*signals, signal.SIGUSR2):
+        for signum in (*signals, signal.SIGUSR2, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if lifeline is not None:
             loop.remove_reader(lifeline)  # a no-op if it already fired
+        if link is not None:
+            link.stop(loop)
+        for task in rescans:
+            task.cancel()
 
 
 def run(
@@ -458,18 +548,18 @@ def run(
     lifeline: int | None = None,
     on_ready: Callable[[ModelInfo], None] | None = None,
     metrics_port: int | None = None,
+    plans: Mapping[str, ModelPlan | None] | None = None,
+    link: Link | None = None,
 ) -> None:
-    """Load the models, then serve in this process until told to stop (see `serve`)."""
-    models: dict[Architecture, Classifier] = {
-        architecture: OnnxClassifier.load(
-            config.weights_for(architecture),
-            architecture=architecture,
-            device=config.device,
-            threads=config.intra_op_threads,
-        )
-        for architecture in config.served_models
-    }
-    classifier = models[config.model_architecture]
+    """Load the models' versions (`plans`, or the repository's now), each warmed up and
+    golden-checked, then serve in this process until told to stop (see `serve`)."""
+    if plans is None:
+        plans = startup_plans(config, repository_for(config))
+    versions = load_plans(config, plans)
+    default = versions[config.model_architecture]
+    classifier = default[-1].classifier if default else None
+    if classifier is None:  # unloaded everywhere: any loaded model's, for the startup line
+        classifier = next(v[-1].classifier for v in versions.values() if v)
     executor = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="mnist-decode")
     try:
         with executor, asyncio.Runner(loop_factory=loop_factory(config.busy_poll_us)) as runner:
@@ -483,7 +573,9 @@ def run(
                     lifeline=lifeline,
                     on_ready=on_ready,
                     metrics_port=metrics_port,
-                    models=models,
+                    versions=versions,
+                    plans=plans,
+                    link=link,
                 )
             )
     finally:

@@ -21,6 +21,13 @@ becomes the supervisor:
 - on SIGTERM or SIGINT it forwards SIGTERM to every worker, which drain as a single process
   does, and exits 0 when they all did; a second signal is forwarded too and stops them now.
 
+Loads and unloads of models at run time go through the supervisor (`runtime.control`): a
+worker that gets one over the control API (or SIGHUP) sends it up its pipe; the supervisor
+plans it once, asks every worker to prepare it (load, warm up, golden check), and then all to
+commit, or, if any refused or died, all to abort: the swap happens in every worker or in
+none. It keeps the committed plans, which a worker started later loads. SIGHUP to the
+supervisor rescans the repository the same way.
+
 Workers sit in their own process group, so a terminal's Ctrl-C reaches only the supervisor,
 which forwards it once. Each worker holds the read end of a pipe from the supervisor: if the
 supervisor dies, the pipe ends and the worker drains and exits rather than linger.
@@ -28,6 +35,7 @@ supervisor dies, the pipe ends and the worker drains and exits rather than linge
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -38,11 +46,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import ForkProcess
 from types import FrameType
+from typing import Any
 
 from ..config import ServerConfig
 from ..engine.inference import ModelInfo
-from ..errors import MnistServiceError
-from . import metrics, server
+from ..engine.repository import ModelPlan
+from ..errors import MnistServiceError, ModelError
+from . import control, metrics, server
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,8 @@ _RESTART_DELAY_S = 1.0
 """A worker that keeps dying is restarted at most this often."""
 _STOP_MARGIN_S = 5.0
 """How long past the grace period workers get to exit before they are killed."""
+_SWAP_TIMEOUT_S = 300.0
+"""How long every worker gets to prepare a load (or acknowledge its commit)."""
 
 
 class WorkerStartupError(MnistServiceError):
@@ -96,11 +108,18 @@ class Supervisor:
         self._http_sockets: list[socket.socket] = []
         self._workers: dict[int, _Worker] = {}
         self._signals = 0
+        self._rescan = False
         self._lifeline_read, self._lifeline_write = os.pipe()
+        self._repository = control.repository_for(config)
+        self._plans: dict[str, ModelPlan | None] = {}
+        """What every worker serves: the plan of each model's last committed load."""
+        self._requests: list[tuple[_Worker, tuple[Any, ...]]] = []
+        self._steps = 0
 
     def run(self) -> None:
         """Bind, start the workers, supervise them; return once all have exited after a stop."""
         config = self.config
+        self._plans = control.startup_plans(config, self._repository)
         first = server.bind_socket(config.host, config.port, reuse_port=config.reuse_port)
         self._sockets = [first]  # with reuse_port: the port's anchor, never listening
         if config.http_host is not None:
@@ -118,6 +137,7 @@ class Supervisor:
         port = first.getsockname()[1]
         http_port = self._http_sockets[0].getsockname()[1] if self._http_sockets else None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         try:
             for index in range(config.workers):
                 self._start(index)
@@ -144,12 +164,15 @@ class Supervisor:
         if self._signals > 1:  # the second signal: workers stop without waiting
             self._forward(signal.SIGTERM)
 
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        self._rescan = True
+
     def _start(self, index: int) -> None:
         sock = self._worker_socket(self._sockets)
         http_sock = self._worker_socket(self._http_sockets) if self._http_sockets else None
         mine = (sock, http_sock)
         others = [s for s in (*self._sockets, *self._http_sockets) if s not in mine]
-        ready_read, ready_write = self._context.Pipe(duplex=False)
+        ready_read, ready_write = self._context.Pipe(duplex=True)  # also the control link
         if self._exporter is not None:
             others.append(self._exporter.socket)  # the supervisor's /metrics, not the worker's
         process = self._context.Process(
@@ -162,6 +185,7 @@ class Supervisor:
                 self._lifeline_read,
                 self._lifeline_write,
                 ready_write,
+                dict(self._plans),
             ),
             name=f"mnist-worker-{index}",
             daemon=False,
@@ -205,31 +229,155 @@ class Supervisor:
         return info
 
     def _supervise(self) -> None:
-        """Restart workers that die, until a signal asks for a stop."""
+        """Restart workers that die and carry out model loads, until a signal asks for a
+        stop."""
         while not self._signals:
+            if self._rescan:
+                self._rescan = False
+                self._carry_out(None, ("request", 0, "rescan", "", None))
+            while self._requests and not self._signals:
+                self._carry_out(*self._requests.pop(0))
             sentinels = {w.process.sentinel: w for w in self._workers.values()}
-            for sentinel in wait(list(sentinels), timeout=_POLL_S):
+            links = {w.ready: w for w in self._workers.values() if not w.ready.closed}
+            for ready in wait([*sentinels, *links], timeout=_POLL_S):
                 if self._signals:
                     break
-                worker = sentinels[sentinel]  # type: ignore[index]
-                worker.process.join()
-                worker.ready.close()
-                if self._exporter is not None and worker.process.pid is not None:
-                    metrics.process_gone(worker.process.pid)
-                log.warning(
-                    "worker %d exited unexpectedly; restarting it",
-                    worker.index,
-                    extra={
-                        "fields": {
-                            "worker_pid": worker.process.pid,
-                            "exitcode": worker.process.exitcode,
-                        }
-                    },
-                )
-                delay = _RESTART_DELAY_S - (time.monotonic() - worker.started)
-                if delay > 0:
-                    time.sleep(delay)
-                self._start(worker.index)
+                if ready in links:
+                    self._read(links[ready])
+                    continue
+                worker = sentinels[ready]  # type: ignore[index]
+                if worker.process.is_alive():
+                    continue
+                self._restart(worker)
+
+    def _restart(self, worker: _Worker) -> None:
+        worker.process.join()
+        worker.ready.close()
+        if self._exporter is not None and worker.process.pid is not None:
+            metrics.process_gone(worker.process.pid)
+        log.warning(
+            "worker %d exited unexpectedly; restarting it",
+            worker.index,
+            extra={
+                "fields": {
+                    "worker_pid": worker.process.pid,
+                    "exitcode": worker.process.exitcode,
+                }
+            },
+        )
+        delay = _RESTART_DELAY_S - (time.monotonic() - worker.started)
+        if delay > 0:
+            time.sleep(delay)
+        self._start(worker.index)
+
+    def _read(self, worker: _Worker) -> tuple[Any, ...] | None:
+        """One message from a worker; requests are queued, the rest returned."""
+        try:
+            message = worker.ready.recv()
+        except (EOFError, OSError):
+            return None
+        if isinstance(message, tuple) and message and message[0] == "request":
+            self._requests.append((worker, message))
+            return None
+        if isinstance(message, ModelInfo):  # a restarted worker's ready message
+            worker.is_ready = True
+            return None
+        if isinstance(message, str):  # a restarted worker's startup error; it exits
+            log.error("worker %d could not start: %s", worker.index, message)
+            return None
+        return message  # type: ignore[no-any-return]
+
+    def _carry_out(self, origin: _Worker | None, request: tuple[Any, ...]) -> None:
+        """A load, unload or rescan in every worker or in none; the outcome to `origin`."""
+        _, ident, action, name, config = request
+        error: MnistServiceError | None = None
+        outcome = ""
+        try:
+            if action == "rescan":
+                changes = control.changed_plans(self._repository, self._plans)
+                done = [self._swap(model, plan) for model, plan in changes]
+                outcome = "; ".join(done) or "unchanged: every loaded model is as on disk"
+            else:
+                plan = control.resolve(self._repository, self._plans, action, name, config)
+                outcome = plan if isinstance(plan, str) else self._swap(name, plan)
+        except MnistServiceError as exc:
+            error = exc
+            log.warning("model control: %s %s refused: %s", action, name or "*", exc)
+        else:
+            if origin is None:
+                log.info("model control: %s: %s", action, outcome)
+        if origin is not None and origin.process.is_alive():
+            with contextlib.suppress(OSError):
+                origin.ready.send(("result", ident, error, outcome))
+
+    def _swap(self, name: str, plan: ModelPlan | None) -> str:
+        """Prepare in every worker, then commit in all, or abort in all."""
+        self._steps += 1
+        step = self._steps
+        deadline = time.monotonic() + _SWAP_TIMEOUT_S
+        # A worker still starting loads the plans it was forked with: wait until it serves.
+        while any(w.process.is_alive() and not w.is_ready for w in self._workers.values()):
+            if self._signals or time.monotonic() > deadline:
+                raise ModelError("a worker is still starting; try again")
+            starting = [w for w in self._workers.values() if not w.is_ready]
+            for ready in wait([w.ready for w in starting], timeout=_POLL_S):
+                self._read(next(w for w in starting if w.ready is ready))
+        workers = [w for w in self._workers.values() if w.is_ready and w.process.is_alive()]
+        self._broadcast(workers, ("prepare", step, name, plan))
+        refusal: MnistServiceError | None = None
+        answered: set[int] = set()
+        while len(answered) < len(workers) and refusal is None:
+            refusal = self._await_step(workers, answered, "prepared", step, deadline)
+        if refusal is not None:
+            self._broadcast(workers, ("abort", step))
+            raise refusal
+        self._broadcast(workers, ("commit", step))
+        self._plans[name] = plan
+        answered = set()
+        while len(answered) < len(workers):
+            if self._await_step(workers, answered, "committed", step, deadline) is not None:
+                break  # a worker died after the commit: it restarts on the new plans
+        versions = ", ".join(plan.version_numbers) if plan is not None else "nothing (unloaded)"
+        return f"model {name!r} serves {versions} in {len(workers)} workers"
+
+    def _await_step(
+        self,
+        workers: list[_Worker],
+        answered: set[int],
+        kind: str,
+        step: int,
+        deadline: float,
+    ) -> MnistServiceError | None:
+        """Wait for the next worker's answer to a step; a refusal, a death or the timeout is
+        returned as the error that fails the step."""
+        waiting = [w for w in workers if w.index not in answered]
+        if self._signals:
+            return ModelError("the server is stopping")
+        if time.monotonic() > deadline:
+            return ModelError(f"workers {[w.index for w in waiting]} did not answer in time")
+        links = {w.ready: w for w in waiting}
+        sentinels = {w.process.sentinel: w for w in waiting}
+        for ready in wait([*links, *sentinels], timeout=_POLL_S):
+            if ready in sentinels:
+                worker = sentinels[ready]
+                return ModelError(f"worker {worker.index} exited during the swap")
+            worker = links[ready]  # type: ignore[index]
+            message = self._read(worker)
+            if message is None:
+                if not worker.process.is_alive():
+                    return ModelError(f"worker {worker.index} exited during the swap")
+                continue
+            if message[0] == kind and message[1] == step:
+                answered.add(worker.index)
+                if kind == "prepared" and message[2] is not None:
+                    error = message[2]
+                    return error if isinstance(error, MnistServiceError) else ModelError(str(error))
+        return None
+
+    def _broadcast(self, workers: list[_Worker], message: tuple[Any, ...]) -> None:
+        for worker in workers:
+            with contextlib.suppress(OSError):  # a dead worker: the step's wait sees it
+                worker.ready.send(message)
 
     def _forward(self, signum: int) -> None:
         for worker in self._workers.values():
@@ -270,14 +418,17 @@ def _worker_main(
     lifeline: int,
     lifeline_write: int,
     ready: Connection,
+    plans: dict[str, ModelPlan | None],
 ) -> None:
-    """A worker process: serve on the inherited socket until SIGTERM or the supervisor dies."""
+    """A worker process: serve on the inherited socket until SIGTERM or the supervisor dies;
+    the models' versions are the supervisor's `plans`."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C goes to the supervisor only
     os.close(lifeline_write)  # else our own copy would keep the pipe open forever
     for other in others:  # the supervisor's anchor and /metrics: not ours to hold
         other.close()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until serve() handles it: a rescan
     try:
         server.run(
             config,
@@ -285,6 +436,8 @@ def _worker_main(
             http_sock=http_sock,
             lifeline=lifeline,
             on_ready=ready.send,
+            plans=plans,
+            link=control.Link(ready),
         )
     except MnistServiceError as exc:  # a startup error: the supervisor prints it and exits
         ready.send(str(exc))
