@@ -141,6 +141,23 @@ CASES: dict[str, Case] = {
         "INVALID_ARGUMENT",
         "not valid JSON",
     ),
+    "oip-nan-values": Case(  # RFC 8259 has no NaN; a lenient parser would hand it to the model
+        post_body(
+            "/v2/models/mnist_convnet/infer",
+            "application/json",
+            b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 28, 28],'
+            b' "data": [NaN' + b", 0.0" * 783 + b"]}]}",
+        ),
+        400,
+        None,
+        "not valid JSON",
+    ),
+    "oip-json-not-utf8": Case(
+        post_body("/v2/models/mnist_convnet/infer", "application/json", b'{"id": "\xff\xfe"}'),
+        400,
+        None,
+        "not valid JSON",
+    ),
     "wrong-content-type": Case(
         post_body("/v1/predict", "text/html", MARKER),
         415,

@@ -12,7 +12,6 @@ import asyncio
 import base64
 import binascii
 import io
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ from ..engine.preprocess import preprocess
 from ..engine.versions import ModelControl, ModelRegistry, ModelVersion, VersionedModel
 from ..errors import MnistServiceError, TooManyImagesError
 from ..status import INTERNAL_MESSAGE, status_for
+from . import documents
 from .errors import HttpError
 from .runner import TIMING, read_body
 from .timing import ModelClock, Timing
@@ -280,11 +280,10 @@ def _form_file(content_type: str, body: bytes) -> bytes:
 
 def _json_body(body: bytes) -> Any:
     try:
-        return json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 text"
+        return documents.loads(body)
+    except documents.DecodeError as exc:
         raise HttpError(
-            Status.INVALID_ARGUMENT, 400, f"the request body is not valid JSON: {reason}"
+            Status.INVALID_ARGUMENT, 400, f"the request body is not valid JSON: {exc.msg}"
         ) from None
 
 
@@ -315,5 +314,5 @@ def _item(index: int, result: ItemResult) -> Mapping[str, Any]:
 
 def _json(document: object, status: int = 200) -> web.Response:
     return web.Response(
-        status=status, body=json.dumps(document).encode(), content_type="application/json"
+        status=status, body=documents.dumps(document), content_type="application/json"
     )

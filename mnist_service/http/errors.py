@@ -12,7 +12,6 @@ layer refuses before any domain call (an unknown path, a wrong method or content
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Final
 
@@ -21,6 +20,7 @@ from grpclib.const import Status
 
 from ..errors import MessageTooLargeError, MnistServiceError, OverloadedError, SlowMessageError
 from ..status import INTERNAL_MESSAGE, status_for
+from . import documents
 
 HTTP_STATUS_FOR_CODE: Final[Mapping[Status, int]] = {
     Status.OK: 200,
@@ -98,7 +98,7 @@ def error_response(error: HttpError, *, oip: bool = False) -> web.Response:
     )
     return web.Response(
         status=error.http_status,
-        body=json.dumps(body).encode(),
+        body=documents.dumps(body),
         content_type="application/json",
         headers=error.headers,
     )

@@ -13,7 +13,6 @@ the request), in the same layout.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,6 +28,7 @@ from ..engine import tensors
 from ..engine.inference import FloatArray
 from ..engine.versions import ModelControl
 from ..errors import InvalidTensorError, ModelControlError, RepositoryError, TooManyImagesError
+from . import documents
 from .api import Models, ServedModel, classify_one, on_batch
 from .errors import HttpError
 from .runner import TIMING, read_body
@@ -118,7 +118,7 @@ class OipApi:
             answer["id"] = document["id"]
         outputs, blobs = _outputs(wanted, probabilities)
         answer["outputs"] = outputs
-        head = json.dumps(answer).encode()
+        head = documents.dumps(answer)
         if not blobs:
             return web.Response(body=head, content_type="application/json")
         return web.Response(
@@ -258,8 +258,8 @@ def _annotate_model(name: str) -> None:
 
 def _json_object(body: bytes, what: str) -> dict[str, Any]:
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+        document = documents.loads(body)
+    except documents.DecodeError:
         document = None
     if not isinstance(document, dict):
         raise _bad(f"{what} must be a JSON object")
@@ -282,10 +282,9 @@ def _split(request: web.Request, body: bytes) -> tuple[dict[str, Any], memoryvie
     else:
         head, binary = view, view[len(body) :]
     try:
-        document = json.loads(bytes(head))
-    except (ValueError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "it is not UTF-8 text"
-        raise _bad(f"the inference request is not valid JSON: {reason}") from None
+        document = documents.loads(head)
+    except documents.DecodeError as exc:
+        raise _bad(f"the inference request is not valid JSON: {exc.msg}") from None
     if not isinstance(document, dict):
         raise _bad("the inference request must be a JSON object")
     return document, binary
@@ -410,5 +409,5 @@ def _bad(message: str) -> HttpError:
 
 def _json(document: object, status: int = 200) -> web.Response:
     return web.Response(
-        status=status, body=json.dumps(document).encode(), content_type="application/json"
+        status=status, body=documents.dumps(document), content_type="application/json"
     )

@@ -19,7 +19,6 @@ loses the connection). aiohttp bounds each header line and field (8 KiB) and the
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -32,6 +31,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ..calls import CallObserver
 from ..config import Limits
+from . import documents
 from .api import Models, PredictApi
 from .oip import OipApi
 from .page import page_routes
@@ -50,7 +50,7 @@ SHUTDOWN_S: Final = 1.0
 
 
 def _refusal(status: int, reason: str, code: str, message: str) -> bytes:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = documents.dumps({"error": {"code": code, "message": message}})
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
