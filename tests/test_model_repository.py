@@ -32,6 +32,8 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from onnx import helper, numpy_helper
 
 from mnist_service._proto.inference import (
@@ -468,8 +470,9 @@ async def test_swapping_under_load_in_two_workers_fails_no_call(
     repository: Path, digits: npt.NDArray[np.float32], expected: dict[str, Any]
 ) -> None:
     """64 calls in flight over 8 connections while versions 1 and 2 swap 10 times: no call
-    fails, each answer is the probabilities of the version it names, and every call started
-    after a load returned is answered by the version loaded."""
+    fails, each answer is the probabilities of the version it names, every call started
+    after a load returned is answered by the version loaded, and health says SERVING
+    throughout (the server's and the MNIST service's)."""
     server = ServerProcess(
         "--workers", "2", "--model-repository", str(repository), "--model-control", "explicit"
     )
@@ -501,11 +504,23 @@ async def test_swapping_under_load_in_two_workers_fails_no_call(
                 rss[pid].append(rss_mb(pid))
             await asyncio.sleep(0.05)
 
+    health_channel = Channel("::1", server.port)
+    health = HealthStub(health_channel)
+    statuses: list[int] = []
+
+    async def watch_health() -> None:
+        while not stop.is_set():
+            for service in ("", "mnist.Mnist"):
+                answer = await health.Check(HealthCheckRequest(service=service), timeout=30)
+                statuses.append(answer.status)
+            await asyncio.sleep(0.01)
+
     def answered(count: int) -> Callable[[], bool]:
         return lambda: len(answers) >= count
 
     callers = [asyncio.ensure_future(caller(i)) for i in range(IN_FLIGHT)]
     sampler = asyncio.ensure_future(sample_rss())
+    watcher = asyncio.ensure_future(watch_health())
     swaps: list[tuple[float, float, str]] = []  # (load called, load returned, version)
     try:
         await eventually(lambda: len(answers) >= IN_FLIGHT, "the first answers")
@@ -523,11 +538,13 @@ async def test_swapping_under_load_in_two_workers_fails_no_call(
             await eventually(answered(len(answers) + IN_FLIGHT), "answers after a swap")
     finally:
         stop.set()
-        await within(asyncio.gather(*callers, sampler), "the callers to stop", timeout=60)
-        for channel in channels:
+        await within(asyncio.gather(*callers, sampler, watcher), "the callers to stop", timeout=60)
+        for channel in [*channels, health_channel]:
             channel.close()
 
     assert failures == []
+    assert len(statuses) > 2 * SWAPS
+    assert set(statuses) == {HealthCheckResponse.SERVING}
     for started, finished, index, version, row in answers:
         np.testing.assert_allclose(row, expected[version][index], atol=1e-6)
         done = [v for (_, returned, v) in swaps if returned <= started]
