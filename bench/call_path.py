@@ -129,7 +129,7 @@ class Bench:
         limits = Limits()
         self.executor = ThreadPoolExecutor(2)
         pipeline = Pipeline(
-            Batcher(StubClassifier()),  # type: ignore[arg-type]
+            Batcher(StubClassifier()),
             max_image_pixels=limits.max_image_pixels,
             executor=self.executor,
         )

@@ -31,7 +31,7 @@ from typing import Annotated
 
 import typer
 
-from mnist_service.constants import MODEL_NAMES
+from mnist_service.constants import MODEL_NAMES, Architecture
 
 from .load import h2load_path
 from .payloads import KINDS, render
@@ -77,7 +77,7 @@ def main(
     rpc: Annotated[
         str, typer.Option(help="predict, batch (PredictBatch of 64) or infer (OIP ModelInfer).")
     ] = "predict",
-    model: Annotated[str, typer.Option(help="conv or mlp.")] = "conv",
+    model: Annotated[Architecture, typer.Option(help="conv or mlp.")] = "conv",
     top: Annotated[int, typer.Option(help="How many of the hottest functions to list.")] = 15,
     inclusive: Annotated[
         int, typer.Option(help="Also list this many functions by inclusive time (on the stack).")

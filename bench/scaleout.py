@@ -327,7 +327,7 @@ def _payloads() -> dict[str, list[bytes]]:
 def _client_process(
     address: str, seed: int, threads: int, ready: Any, stop: Any, results: Any
 ) -> None:
-    import grpc  # type: ignore[import-untyped]  # no stubs in the dev extra
+    import grpc
 
     mnist_pb2, mnist_pb2_grpc = stubs.load()
     payloads = _payloads()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -157,8 +157,9 @@ class MnistClient:
         images: Iterable[ImageLike] | AsyncIterable[ImageLike],
         *,
         timeout: float | None = None,
-    ) -> AsyncIterator[Prediction | ItemFailure]:
+    ) -> AsyncGenerator[Prediction | ItemFailure, None]:
         """Classify many images over one streaming call; results come in request order.
+        Closing the generator early (`aclose`) cancels the call.
 
         An async iterable of images lets the caller pace the stream, e.g. by waiting for
         answers before sending more; a plain iterable is sent as fast as flow control allows.

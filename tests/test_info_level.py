@@ -9,9 +9,8 @@ import asyncio
 import base64
 import json
 import signal
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from types import ModuleType
-from typing import cast
 
 import pytest
 from grpclib.const import Status
@@ -131,10 +130,7 @@ async def test_client_cancels_and_deadlines_are_not_logged_as_faults(
     server = ServerProcess("--log-level", "info", "--workers", "1", "--max-batch-delay", "300000")
     try:
         async with MnistClient(server.address, timeout=30) as client:
-            stream = cast(
-                AsyncGenerator[Prediction | ItemFailure, None],
-                client.predict_many(png_bytes(image) for image in images[:50]),
-            )
+            stream = client.predict_many(png_bytes(image) for image in images[:50])
             await anext(stream)
             await stream.aclose()  # cancels the call mid-stream
             with pytest.raises((TimeoutError, GRPCError)):
