@@ -55,7 +55,7 @@ from .._proto.inference import (
 )
 from ..calls import annotate, current_call, current_expiry
 from ..config import Limits
-from ..constants import PROBABILITIES_NAME, Architecture
+from ..constants import Architecture
 from ..engine import tensors
 from ..engine.inference import FloatArray
 from ..engine.pipeline import Pipeline
@@ -78,8 +78,6 @@ MODEL_VERSION: Final = "1"
 PLATFORM: Final = "onnxruntime_onnx"
 EXTENSIONS: Final = ("classification",)
 """The protocol extensions supported (Triton's names)."""
-CLASSIFICATION: Final = "classification"
-"""The requested-output parameter of the classification extension: how many classes."""
 
 
 class InferenceService(GrpcInferenceServiceBase):
@@ -393,7 +391,7 @@ _ALL_OUTPUTS: Final = tuple(_Wanted(spec) for spec in tensors.OUTPUTS)
 
 
 def _class_count(spec: tensors.TensorSpec, parameters: Mapping[str, InferParameter]) -> int:
-    parameter = parameters.get(CLASSIFICATION)
+    parameter = parameters.get(tensors.CLASSIFICATION)
     if parameter is None:
         return 0
     if parameter.int64_param is not None:
@@ -402,41 +400,26 @@ def _class_count(spec: tensors.TensorSpec, parameters: Mapping[str, InferParamet
         count = parameter.uint64_param
     else:
         raise InvalidTensorError(
-            f"the {CLASSIFICATION!r} parameter of output {spec.name!r} must be an integer "
-            "(int64_param or uint64_param)"
+            f"the {tensors.CLASSIFICATION!r} parameter of output {spec.name!r} must be an "
+            "integer (int64_param or uint64_param)"
         )
-    if spec.name != PROBABILITIES_NAME:
-        raise InvalidTensorError(
-            f"classification applies to output {PROBABILITIES_NAME!r} only, not {spec.name!r}"
-        )
-    if count < 1:
-        raise InvalidTensorError(f"classification needs a class count of at least 1, got {count}")
-    return count
+    return tensors.class_count(spec, count)
 
 
 def _outputs(
     wanted: Sequence[_Wanted], probabilities: FloatArray
 ) -> tuple[list[ModelInferResponseInferOutputTensor], list[bytes]]:
     """The output tensors' descriptions and their raw contents, in the order wanted."""
-    n = len(probabilities)
     described: list[ModelInferResponseInferOutputTensor] = []
     raw: list[bytes] = []
     for want in wanted:
-        name = want.spec.name
-        if want.class_count:
-            found = tensors.classes(probabilities, want.class_count)
-            shape = [n, len(found) // n]
-            datatype, data = tensors.BYTES, tensors.serialize_bytes(found)
-        elif name == PROBABILITIES_NAME:
-            shape, datatype = [n, probabilities.shape[1]], tensors.FP32
-            data = probabilities.astype("<f4", copy=False).tobytes()
-        else:
-            shape, datatype = [n], tensors.INT64
-            data = probabilities.argmax(axis=1).astype("<i8").tobytes()
+        out = tensors.output(want.spec, probabilities, want.class_count)
         described.append(
-            ModelInferResponseInferOutputTensor(name=name, datatype=datatype, shape=shape)
+            ModelInferResponseInferOutputTensor(
+                name=want.spec.name, datatype=out.datatype, shape=out.shape
+            )
         )
-        raw.append(data)
+        raw.append(out.raw())
     return described, raw
 
 

@@ -229,3 +229,49 @@ def classes(probabilities: FloatBatch, count: int) -> list[bytes]:
         for row, indices in zip(probabilities, order, strict=True)
         for index in indices
     ]
+
+
+CLASSIFICATION: Final = "classification"
+"""The parameter of a requested output that asks for Triton's classification extension: the
+number of most probable classes to answer with."""
+
+
+def class_count(spec: TensorSpec, count: int) -> int:
+    """A requested output's classification count, checked: `probabilities` only, at least 1
+    (above the number of classes, every class is given)."""
+    if spec.name != PROBABILITIES_NAME:
+        raise InvalidTensorError(
+            f"classification applies to output {PROBABILITIES_NAME!r} only, not {spec.name!r}"
+        )
+    if count < 1:
+        raise InvalidTensorError(f"classification needs a class count of at least 1, got {count}")
+    return count
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One output tensor of an answer: its datatype, its shape and its values (an array for
+    FP32 and INT64, the elements for BYTES)."""
+
+    datatype: str
+    shape: list[int]
+    values: npt.NDArray[np.float32] | npt.NDArray[np.int64] | list[bytes]
+
+    def raw(self) -> bytes:
+        """The values in the protocol's raw layout (little-endian; BYTES length-prefixed)."""
+        if isinstance(self.values, list):
+            return serialize_bytes(self.values)
+        dtype = "<f4" if self.datatype == FP32 else "<i8"
+        return self.values.astype(dtype, copy=False).tobytes()
+
+
+def output(spec: TensorSpec, probabilities: FloatBatch, classification: int = 0) -> Output:
+    """Output `spec` of a batch's probabilities [N, 10]: the probabilities, the labels, or,
+    with a `classification` count (`class_count`), the most probable classes as BYTES."""
+    n = len(probabilities)
+    if classification:
+        found = classes(probabilities, classification)
+        return Output(BYTES, [n, len(found) // n], found)
+    if spec.name == PROBABILITIES_NAME:
+        return Output(FP32, [n, probabilities.shape[1]], probabilities)
+    return Output(INT64, [n], probabilities.argmax(axis=1).astype(np.int64))

@@ -23,7 +23,6 @@ from grpclib.const import Status
 
 from .. import __version__
 from ..calls import current_call
-from ..constants import PROBABILITIES_NAME
 from ..engine import tensors
 from ..engine.inference import FloatArray
 from ..engine.versions import ModelControl
@@ -37,7 +36,6 @@ from .timing import Timing
 SERVER_NAME: Final = "mnist-service"
 PLATFORM: Final = "onnxruntime_onnx"
 EXTENSIONS: Final = ("classification", "binary_tensor_data")
-CLASSIFICATION: Final = "classification"
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 _MAX_HEADER_LENGTH_DIGITS: Final = 12
 
@@ -346,7 +344,9 @@ def _requested_outputs(model: str, document: Mapping[str, Any]) -> list[_Wanted]
         if not isinstance(options, dict):
             raise InvalidTensorError(f"the parameters of output {spec.name!r} must be an object")
         binary = options.get("binary_data", binary_default) is True
-        wanted.append(_Wanted(spec, _class_count(spec, options.get(CLASSIFICATION)), binary))
+        wanted.append(
+            _Wanted(spec, _class_count(spec, options.get(tensors.CLASSIFICATION)), binary)
+        )
     return wanted
 
 
@@ -355,46 +355,29 @@ def _class_count(spec: tensors.TensorSpec, count: object) -> int:
         return 0
     if not isinstance(count, int) or isinstance(count, bool):
         raise InvalidTensorError(
-            f"the {CLASSIFICATION!r} parameter of output {spec.name!r} must be an integer"
+            f"the {tensors.CLASSIFICATION!r} parameter of output {spec.name!r} must be an integer"
         )
-    if spec.name != PROBABILITIES_NAME:
-        raise InvalidTensorError(
-            f"classification applies to output {PROBABILITIES_NAME!r} only, not {spec.name!r}"
-        )
-    if count < 1:
-        raise InvalidTensorError(f"classification needs a class count of at least 1, got {count}")
-    return count
+    return tensors.class_count(spec, count)
 
 
 def _outputs(
     wanted: Sequence[_Wanted], probabilities: FloatArray
 ) -> tuple[list[dict[str, Any]], list[bytes]]:
     """The output tensors, in the order wanted, and the binary data of those sent so."""
-    n = len(probabilities)
     described: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for want in wanted:
-        name = want.spec.name
-        data: list[Any]
-        if want.class_count:
-            found = tensors.classes(probabilities, want.class_count)
-            shape, datatype = [n, len(found) // n], tensors.BYTES
-            raw, data = tensors.serialize_bytes(found), [item.decode() for item in found]
-        elif name == PROBABILITIES_NAME:
-            shape, datatype = [n, probabilities.shape[1]], tensors.FP32
-            raw = probabilities.astype("<f4", copy=False).tobytes() if want.binary else b""
-            data = [] if want.binary else probabilities.ravel().tolist()
-        else:
-            labels = probabilities.argmax(axis=1)
-            shape, datatype = [n], tensors.INT64
-            raw = labels.astype("<i8").tobytes() if want.binary else b""
-            data = [] if want.binary else labels.tolist()
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+        out = tensors.output(want.spec, probabilities, want.class_count)
+        tensor: dict[str, Any] = {"name": want.spec.name, "datatype": out.datatype}
+        tensor["shape"] = out.shape
         if want.binary:
+            raw = out.raw()
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
+        elif isinstance(out.values, list):
+            tensor["data"] = [item.decode() for item in out.values]
         else:
-            tensor["data"] = data
+            tensor["data"] = out.values.ravel().tolist()
         described.append(tensor)
     return described, blobs
 
