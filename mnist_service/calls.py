@@ -11,6 +11,7 @@ DEADLINE_EXCEEDED, never as a server fault.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any
 
 from grpclib.const import Status
 from grpclib.metadata import Deadline
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, eq=False)
@@ -109,6 +112,15 @@ def annotate(**fields: Any) -> None:
     call = _current.get()
     if call is not None:
         call.fields.update(fields)
+
+
+def observe(observer: CallObserver, call: Call) -> None:
+    """Hand a finished call to the observer, as every protocol's call runner does at a call's
+    end: the observer's failure is logged, and never becomes the call's."""
+    try:
+        observer(call)
+    except Exception:
+        log.exception("call observer failed")
 
 
 def ignore(call: Call) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -467,3 +468,28 @@ async def test_a_read_cancelled_by_someone_else_stays_cancelled() -> None:
     waiting.cancel()  # a client's cancel, not the drain
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_a_failing_observer_is_logged_and_the_call_still_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The request log and the metrics are observers (`calls.observe`, shared by the gRPC and
+    HTTP call runners): one that raises is logged, and the client still gets its answer."""
+
+    def failing(call: Call) -> None:
+        raise RuntimeError("observer broke")
+
+    server = Server([Service()], observer=failing)
+    await server.start("::1", 0)
+    channel = Channel("::1", server.port)
+    try:
+        with caplog.at_level(logging.ERROR, logger="mnist_service.calls"):
+            reply = await MnistStub(channel).predict(MnistImage(data=b"x"))
+    finally:
+        channel.close()
+        await server.close()
+
+    assert reply.label == 1
+    failure = next(r for r in caplog.records if r.getMessage() == "call observer failed")
+    assert failure.exc_info is not None
+    assert "observer broke" in str(failure.exc_info[1])

@@ -26,7 +26,7 @@ from aiohttp import web
 from grpclib.const import Status
 from grpclib.metadata import decode_timeout
 
-from ..calls import REQUEST_ID_HEADER, Call, CallObserver, enter, request_id
+from ..calls import REQUEST_ID_HEADER, Call, CallObserver, enter, observe, request_id
 from ..errors import MessageTooLargeError, SlowMessageError
 from .errors import HttpError, error_response, refusal
 from .timing import Timing
@@ -129,7 +129,7 @@ class CallRunner:
             done.set_result(None)
             if self._on_end is not None:
                 self._on_end(request.transport)
-            self._observer(call)
+            observe(self._observer, call)
         response.headers[REQUEST_ID_HEADER] = call.request_id
         response.headers["Server-Timing"] = timing.header()
         allowed = self._cors.allowed(origin)

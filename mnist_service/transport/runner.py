@@ -58,7 +58,7 @@ from hpack import NeverIndexedHeaderTuple
 from multidict import MultiDict
 
 from .. import _compat
-from ..calls import REQUEST_ID_HEADER, Call, CallObserver, enter
+from ..calls import REQUEST_ID_HEADER, Call, CallObserver, enter, observe
 from .codec import ACCEPT_ENCODING, SizeLimitedCodec, read_message, refuse_missing_message
 from .drain import DRAINING_TRAILER, StreamReads
 
@@ -405,11 +405,3 @@ async def _read(stream: H2Stream, codec: CodecBase, message_type: Any) -> Any:
 def content_type(codec: CodecBase) -> str:
     """The response's content-type for `codec`."""
     return f"{GRPC_CONTENT_TYPE}+{codec.__content_subtype__}"
-
-
-def observe(observer: CallObserver, call: Call) -> None:
-    """Hand a finished call to the observer; its failure is logged, never the call's."""
-    try:
-        observer(call)
-    except Exception:
-        log.exception("call observer failed")

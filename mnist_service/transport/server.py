@@ -44,10 +44,10 @@ from h2.events import PingAckReceived
 from hyperframe.frame import SettingsFrame
 
 from .. import _compat
-from ..calls import REQUEST_ID_HEADER, Call, CallObserver, ignore, request_id
+from ..calls import REQUEST_ID_HEADER, Call, CallObserver, ignore, observe, request_id
 from .coalescing import CoalescingTransport
 from .drain import DRAIN_PING, MAX_STREAM_ID, StreamReads, goaway_frame, ping_frame
-from .runner import Method, methods, observe, run_call
+from .runner import Method, methods, run_call
 
 log = logging.getLogger(__name__)
 
