@@ -62,6 +62,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from PIL import Image
 
 from mnist_service.client import ItemFailure, MnistClient
+from mnist_service.loadgen.latency import percentile
 
 from .servers import ROOT, service_flags
 
@@ -468,10 +469,8 @@ def soak(
         "request_log_lines": request_lines,
         "statuses": dict(statuses.most_common()),
         "unexpected_statuses": sorted(set(statuses) - EXPECTED),
-        "predict_p50_ms": round(1000 * statistics.median(latencies), 2) if latencies else None,
-        "predict_p99_ms": round(1000 * latencies[int(0.99 * (len(latencies) - 1))], 2)
-        if latencies
-        else None,
+        "predict_p50_ms": round(1000 * percentile(latencies, 50), 2) if latencies else None,
+        "predict_p99_ms": round(1000 * percentile(latencies, 99), 2) if latencies else None,
         "rss": slopes(times, rss, warmup),
         "connections_under_load": loaded,
         "fds_idle": idle_fds,
