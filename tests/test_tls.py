@@ -21,17 +21,21 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.exceptions import StreamTerminatedError
 from typer.testing import CliRunner
 
 from mnist_service import ClientTls, MnistClient, Prediction
+from mnist_service._proto.inference import GrpcInferenceServiceStub, RepositoryModelLoadRequest
 from mnist_service.cli import app
-from mnist_service.config import ServerConfig
+from mnist_service.config import ServerConfig, shipped_weights
 from mnist_service.errors import ConfigError
 
 from .certificates import Authority, Issued
 from .conftest import ROOT, MnistSplit, ServerProcess, png_bytes, run_grpcurl
 from .test_end_to_end import serve_and_fail
+from .test_model_repository import CONV, make_repository, pin, softer
 from .test_workers import children, worker_pids_in_request_log
 
 PROMPT_S = 5.0
@@ -524,3 +528,53 @@ def test_a_key_that_does_not_match_is_one_clear_line(pki: Pki, workers: str) -> 
         f"mnist-service: error: cannot load the TLS certificate {pki.server.cert} "
         f"with key {pki.client.key}: key values mismatch"
     ]
+
+
+async def test_the_model_control_api_is_behind_mutual_tls(
+    pki: Pki, tmp_path: Path, mnist_test_set: MnistSplit
+) -> None:
+    """The repository API shares the inference port, so mutual TLS guards it as it guards
+    inference: a client with a certificate from the client CA loads a version, one with a
+    certificate from another CA does not get to ask, and the old version serves on."""
+    repository = make_repository(
+        tmp_path / "models",
+        {1: shipped_weights("conv").read_bytes(), 2: softer()},
+        {"version_policy": {"specific": {"versions": [1]}}},
+    )
+    server = ServerProcess(
+        "--workers", "1", "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key),
+        "--tls-client-ca", str(pki.ca), "--http-address", "off",
+        "--model-repository", str(repository), "--model-control", "explicit",
+    )  # fmt: skip
+
+    async def load_version_2(who: Issued) -> None:
+        tls = client_tls(pki, who)
+        channel = Channel(
+            "::1",
+            server.port,
+            ssl=tls.context(),
+            config=Configuration(ssl_target_name_override=tls.server_name),
+        )
+        try:
+            await GrpcInferenceServiceStub(channel).repository_model_load(
+                RepositoryModelLoadRequest(model_name=CONV, parameters=pin(2)),
+                timeout=CALL_TIMEOUT_S * 4,
+            )
+        finally:
+            channel.close()
+
+    async def served_version() -> str:
+        async with MnistClient(
+            server.address, timeout=CALL_TIMEOUT_S, tls=client_tls(pki, pki.client)
+        ) as client:
+            info = await client.model_info()
+        return info.metadata["model_version"]
+
+    try:
+        with pytest.raises((StreamTerminatedError, ssl.SSLError, ConnectionError)):
+            await load_version_2(pki.stranger)
+        assert await served_version() == "1"
+        await load_version_2(pki.client)
+        assert await served_version() == "2"
+    finally:
+        assert server.stop() == 0
