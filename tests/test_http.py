@@ -26,6 +26,7 @@ from mnist_service.client import MnistClient
 from .certificates import Authority
 from .conftest import MnistSplit, ServerProcess, png_bytes
 from .http_client import base_url, http_port, post_json, request
+from .test_metrics import scrape, value
 from .waiting import wait_until
 
 IMAGES = 12
@@ -427,3 +428,36 @@ def test_grpc_is_unchanged_beside_http(server: ServerProcess) -> None:
                 await client.predict(b"")
 
     asyncio.run(run())
+
+
+def test_a_client_that_leaves_cancels_its_request(digits: list[tuple[bytes, bytes]]) -> None:
+    """A client that disconnects while its image waits for a batch cancels the request, as a
+    gRPC client's reset cancels its call: the image leaves the queue, and the request log says
+    CANCELLED at once, not OK once the batch would have run (the server waits up to 30 s to
+    fill one)."""
+    process = ServerProcess(
+        "--workers", "1", "--max-batch-delay", "30000000", "--metrics-address", "[::1]:0"
+    )  # fmt: skip
+    png = digits[0][0]
+    client = socket.create_connection(("::1", http_port(process)), timeout=30)
+    try:
+        client.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(png)}\r\nx-request-id: leaving\r\n\r\n".encode()
+            + png
+        )
+        wait_until(
+            lambda: value(scrape(process), "mnist_inference_queue_images") == 1,
+            "the image in the queue",
+        )
+        client.close()
+        line = process.log_entry(request_id="leaving")
+        assert line["status"] == "CANCELLED"
+        assert line["protocol"] == "http"
+        wait_until(
+            lambda: value(scrape(process), "mnist_inference_queue_images") == 0,
+            "the queue emptied",
+        )
+    finally:
+        client.close()
+        assert process.stop() == 0

@@ -129,6 +129,10 @@ class HttpServer:
         runner = web.AppRunner(
             self._app,
             handle_signals=False,
+            # A client that leaves cancels its request's handler, as a gRPC client's reset
+            # cancels its call: its image leaves the batch queue, and the request log says
+            # CANCELLED (aiohttp's default since 3.9 lets the handler run on for nobody).
+            handler_cancellation=True,
             access_log=None,
             logger=_ConnectionLog(logging.getLogger(f"{__name__}.connections"), {}),
         )
