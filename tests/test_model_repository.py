@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -63,10 +64,14 @@ LOAD_RUN_MAX_S = 120.0
 """The load run's bound in time (it needs about 10-20 s); calls are bounded by it too."""
 
 
+def pin_config(version: int) -> dict[str, Any]:
+    """A config.json that serves exactly `version`."""
+    return {"version_policy": {"specific": {"versions": [version]}}}
+
+
 def pin(version: int) -> dict[str, ModelRepositoryParameter]:
     """The `config` parameter of a load that serves exactly `version`."""
-    config = json.dumps({"version_policy": {"specific": {"versions": [version]}}})
-    return {"config": ModelRepositoryParameter(string_param=config)}
+    return {"config": ModelRepositoryParameter(string_param=json.dumps(pin_config(version)))}
 
 
 # -- test models, made from the shipped weights ---------------------------------------------
@@ -572,6 +577,32 @@ async def test_swapping_under_load_in_two_workers_fails_no_call(
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
     assert server.stop() == 0
+
+
+def test_a_load_whose_client_leaves_is_still_carried_out(repository: Path) -> None:
+    """A client that asks for a load and disconnects while it is prepared (its HTTP request
+    is cancelled then) does not abandon the load half-way: it is finished, committed and
+    logged, as in `--workers N`, where the supervisor drives every load."""
+    server = ServerProcess(
+        "--workers", "1", "--model-repository", str(repository), "--model-control", "explicit"
+    )  # fmt: skip
+    port = next(e["http_port"] for e in server.logs if "http_port" in e)
+    body = json.dumps({"parameters": {"config": json.dumps(pin_config(2))}}).encode()
+    client = socket.create_connection(("::1", port), timeout=30)
+    try:
+        client.sendall(
+            f"POST /v2/repository/models/{CONV}/load HTTP/1.1\r\nHost: x\r\n".encode()
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        server.log_entry(message=f"preparing model {CONV} version(s) 2")
+        client.close()  # while version 2 loads, warms up and is checked
+        server.log_entry(message=f"model {CONV} now serves 2")
+        logged = server.log_entry(message=f"model control: load {CONV} done")
+        assert logged["outcome"] == "done"
+    finally:
+        client.close()
+        assert server.stop() == 0
 
 
 # -- tritonclient ---------------------------------------------------------------------------

@@ -89,6 +89,8 @@ class Control:
         self.link = link
         self._lock = asyncio.Lock()
         self._prepared: dict[int, Prepared] = {}
+        self._actions: set[asyncio.Future[str]] = set()
+        """Actions under way (`request`), held here so that none is collected unfinished."""
         if link is not None:
             link.control = self
 
@@ -140,7 +142,18 @@ class Control:
         return await self.request(action, name, config)
 
     async def request(self, action: str, name: str, config: dict[str, Any] | None) -> str:
-        """Carry out a load, unload or rescan: here, or through the supervisor."""
+        """Carry out a load, unload or rescan: here, or through the supervisor.
+
+        The action runs to its end even when its caller goes (a client that disconnects, or
+        resets its call): a load once asked for is finished, committed and logged, as in
+        every worker of `--workers N`, where the supervisor drives it; the caller's
+        cancellation only stops its own wait for the outcome."""
+        action_task = asyncio.ensure_future(self._carry_out(action, name, config))
+        self._actions.add(action_task)
+        action_task.add_done_callback(self._actions.discard)
+        return await asyncio.shield(action_task)
+
+    async def _carry_out(self, action: str, name: str, config: dict[str, Any] | None) -> str:
         try:
             if self.link is not None:
                 message = await self.link.request(action, name, config)
