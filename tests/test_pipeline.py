@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from mnist_service.engine.batcher import Batcher
-from mnist_service.engine.pipeline import Pipeline
+from mnist_service.engine.pipeline import Admission, Pipeline
 from mnist_service.engine.preprocess import preprocess
 from mnist_service.engine.views import unsure
 from mnist_service.errors import DeadlineExpiredError, OverloadedError
@@ -52,6 +52,32 @@ async def test_work_past_max_queue_is_refused_at_once_and_slots_come_back(
     assert pipeline.pending == 0
     assert len(await pipeline.classify_many([raw_image(1), raw_image(2)])) == 2
     assert pipeline.pending == 0
+
+
+async def test_the_versions_of_a_model_share_its_max_queue(executor: ThreadPoolExecutor) -> None:
+    """Two versions of one model (a swap: the old one still finishing its calls) hold no more
+    than `--max-queue` together: their pipelines share the model's `Admission`."""
+    gate = threading.Event()
+    admission = Admission(max_queue=4)
+    old, new = (
+        Pipeline(
+            Batcher(RecordingClassifier(gate=gate), max_batch_size=8, executor=executor),
+            max_image_pixels=1 << 20,
+            executor=executor,
+            admission=admission,
+        )
+        for _ in range(2)
+    )
+
+    admitted = [old.start(raw_image(n)) for n in range(1, 4)]
+    admitted.append(new.start(raw_image(4)))
+    refused = new.start(raw_image(5))
+    assert isinstance(refused.exception(), OverloadedError)
+    assert old.pending == new.pending == admission.pending == 4
+
+    gate.set()
+    await asyncio.gather(*admitted)
+    assert admission.pending == 0
 
 
 async def test_a_bad_image_gives_its_slot_back_at_once(executor: ThreadPoolExecutor) -> None:

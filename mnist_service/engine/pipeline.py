@@ -19,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Final, TypeGuard
 
 import numpy as np
@@ -54,6 +55,19 @@ ItemResult = FloatArray | Exception
 """One image's outcome in `classify_many`: probabilities [10], or why it failed."""
 
 
+@dataclass(eq=False, slots=True)
+class Admission:
+    """What a model's pipelines hold, and its bounds: the images accepted and not yet
+    answered (`max_queue`), and the bytes of big images waiting for the decode pool
+    (`max_decode_bytes`). One per model, shared by the pipelines of its versions: while a
+    swap's old version finishes its calls, the model still holds no more than the bounds."""
+
+    max_queue: int = 2048
+    max_decode_bytes: int = 64 * 1024 * 1024
+    pending: int = 0
+    decode_bytes: int = 0
+
+
 class Pipeline:
     """Preprocess where it is cheapest, then predict through the shared predictor."""
 
@@ -67,50 +81,59 @@ class Pipeline:
         max_decode_bytes: int = 64 * 1024 * 1024,
         inline_max_pixels: int = INLINE_MAX_PIXELS,
         shift_views: bool = True,
+        admission: Admission | None = None,
     ) -> None:
+        """`admission` is shared with the model's other versions; without it, the pipeline
+        has its own, bounded by `max_queue` and `max_decode_bytes`."""
         self._predictor = predictor
         self._max_image_pixels = max_image_pixels
         self._executor = executor
-        self._max_queue = max_queue
-        self._max_decode_bytes = max_decode_bytes
+        self._admission = admission or Admission(max_queue, max_decode_bytes)
         self._inline_max_pixels = inline_max_pixels
         self._shift_views = shift_views
-        self._pending = 0
-        self._decode_bytes = 0
+
+    @property
+    def admission(self) -> Admission:
+        """What the model holds, across its versions."""
+        return self._admission
 
     @property
     def pending(self) -> int:
-        """Images accepted and not yet answered."""
-        return self._pending
+        """Images accepted and not yet answered (by every pipeline of its `admission`)."""
+        return self._admission.pending
 
     def _admit(self, count: int) -> None:
         """Count `count` more images in, or refuse them all when that would pass `max_queue`."""
-        if self._pending + count > self._max_queue:
+        admission = self._admission
+        if admission.pending + count > admission.max_queue:
             raise OverloadedError(
-                f"the server has {self._pending} images waiting and takes at most "
-                f"{self._max_queue}; retry later or on another server"
+                f"the server has {admission.pending} images waiting and takes at most "
+                f"{admission.max_queue}; retry later or on another server"
             )
-        self._pending += count
+        admission.pending += count
 
     def _release(self, count: int) -> None:
-        self._pending -= count
+        self._admission.pending -= count
 
     def _admit_decode(self, size: int) -> None:
         """Count `size` more bytes of big images waiting for (or in) the decode pool, or refuse
         them when that would pass `max_decode_bytes`: a queue of photos must not grow without
         bound while the pool works through it."""
-        if self._decode_bytes and self._decode_bytes + size > self._max_decode_bytes:
+        admission = self._admission
+        waiting = admission.decode_bytes
+        if waiting and waiting + size > admission.max_decode_bytes:
             raise OverloadedError(
-                f"the server has {self._decode_bytes} bytes of big images waiting to be decoded"
-                f" and takes at most {self._max_decode_bytes}; retry later or on another server"
+                f"the server has {waiting} bytes of big images waiting to be decoded"
+                f" and takes at most {admission.max_decode_bytes}; retry later or on another"
+                " server"
             )
-        self._decode_bytes += size
+        admission.decode_bytes += size
 
     def _release_decode(self, size: int) -> None:
-        self._decode_bytes -= size
+        self._admission.decode_bytes -= size
 
     def _release_one(self, _: object) -> None:
-        self._pending -= 1
+        self._admission.pending -= 1
 
     @property
     def info(self) -> ModelInfo:

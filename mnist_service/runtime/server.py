@@ -44,7 +44,7 @@ from ..config import ServerConfig, format_address, is_loopback
 from ..constants import MODEL_NAMES, Architecture
 from ..engine.batcher import Batcher, BatchObserver
 from ..engine.inference import Classifier, ModelInfo
-from ..engine.pipeline import Pipeline
+from ..engine.pipeline import Admission, Pipeline
 from ..engine.preprocess import limit_pillow
 from ..engine.repository import ModelPlan
 from ..engine.versions import Loaded, ModelRegistry, ModelVersion, VersionedModel
@@ -203,6 +203,8 @@ class MnistServer:
         self.metrics_port = metrics_port
         self._executor = executor
         self._sampler: asyncio.Task[None] | None = None
+        self._admissions: dict[Architecture, Admission] = {}
+        """Each model's `--max-queue` and `--max-decode-bytes`, shared by its versions."""
         self.request_log = RequestLog(access_log=config.access_log, model=config.model_architecture)
         limit_pillow(config.limits.max_image_pixels)
         if versions is None:
@@ -270,9 +272,10 @@ class MnistServer:
         return self.registry.get(None).pipeline
 
     @property
-    def pipelines(self) -> list[Pipeline]:
-        """The pipelines of every served version."""
-        return [version.pipeline for model in self.registry for version in model.served]
+    def pending(self) -> int:
+        """Images accepted and not yet answered, by every model's versions (retired ones
+        still finishing their calls included)."""
+        return sum(admission.pending for admission in self._admissions.values())
 
     def _version(self, arch: Architecture, plan: ModelPlan | None, loaded: Loaded) -> ModelVersion:
         """A served version of a model, with its own batcher and pipeline."""
@@ -281,9 +284,13 @@ class MnistServer:
         clock = ModelClock(loaded.classifier)
         batch = (plan.max_batch_size if plan else None) or self.config.max_batch_size
         delay = plan.max_batch_delay_us if plan and plan.max_batch_delay_us is not None else None
+        admission = self._admissions.setdefault(
+            arch, Admission(self.config.limits.max_queue, self.config.limits.max_decode_bytes)
+        )
         pipeline = self._pipeline(
             clock,
             self._executor,
+            admission,
             max_batch_size=batch,
             max_delay_us=self.config.max_batch_delay_us if delay is None else delay,
             observer=(self.metrics.version_batches(name, loaded.version) if self.metrics else None),
@@ -301,6 +308,7 @@ class MnistServer:
         self,
         classifier: Classifier,
         executor: Executor,
+        admission: Admission,
         *,
         max_batch_size: int,
         max_delay_us: int,
@@ -317,9 +325,8 @@ class MnistServer:
             batcher,
             max_image_pixels=self.config.limits.max_image_pixels,
             executor=executor,
-            max_queue=self.config.limits.max_queue,
-            max_decode_bytes=self.config.limits.max_decode_bytes,
             shift_views=self.config.shift_views,
+            admission=admission,
         )
 
     async def start(
@@ -388,7 +395,7 @@ class MnistServer:
         """The in-flight and queue gauges, sampled (not counted per call: no per-call cost)."""
         assert self.metrics is not None
         while True:
-            pending = sum(pipeline.pending for pipeline in self.pipelines)
+            pending = self.pending
             http_calls = len(self.http.calls()) if self.http is not None else 0
             self.metrics.sample(len(self.server.calls()) + http_calls, pending)
             await asyncio.sleep(METRICS_SAMPLE_S)
