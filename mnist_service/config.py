@@ -141,8 +141,9 @@ class Limits:
     max_queue: int = field(
         default=2048,
         metadata=setting(
-            "Images a worker may have taken in and not yet answered; past it, new work gets"
-            " RESOURCE_EXHAUSTED at once rather than queueing.",
+            "Images a worker may have taken in and not yet answered, for each served model (its"
+            " versions together); past it, new work gets RESOURCE_EXHAUSTED at once rather"
+            " than queueing.",
             "Limits",
         ),
     )
