@@ -26,8 +26,9 @@ from mnist_service.calls import Call
 from mnist_service.config import Limits
 from mnist_service.engine.inference import FloatArray, ModelInfo
 from mnist_service.engine.pipeline import Pipeline
+from mnist_service.engine.versions import ModelRegistry, VersionedModel
 from mnist_service.http import HttpServer
-from mnist_service.http.api import Models, ServedModel
+from mnist_service.http.api import Models
 
 from .conftest import MnistSplit, ServerProcess, png_bytes
 from .http_client import http_port, request
@@ -362,7 +363,7 @@ async def test_a_full_queue_is_503_with_retry_after(mnist_test_set: MnistSplit) 
             model, max_image_pixels=limits.max_image_pixels, executor=executor, max_queue=1
         )
         server = HttpServer(
-            Models([ServedModel("mnist_convnet", "conv", pipeline)], "conv"),
+            Models(ModelRegistry([VersionedModel.single("conv", pipeline)], "mnist_convnet")),
             limits=limits,
             executor=executor,
             observer=calls.append,

@@ -14,9 +14,8 @@ import binascii
 import io
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 from typing import Any, Final
@@ -28,11 +27,10 @@ from PIL import Image
 
 from ..calls import Call, current_call
 from ..config import Limits
-from ..constants import MODEL_NAMES, Architecture
 from ..engine.inference import FloatArray
-from ..engine.pipeline import ItemResult, Pipeline
+from ..engine.pipeline import ItemResult
 from ..engine.preprocess import preprocess
-from ..engine.versions import ModelControl, ModelRegistry, ModelVersion, VersionedModel
+from ..engine.versions import ModelControl, ModelRegistry, ModelVersion
 from ..errors import MnistServiceError, TooManyImagesError
 from ..status import INTERNAL_MESSAGE, status_for
 from . import documents
@@ -52,76 +50,43 @@ ACCEPTED: Final = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ServedModel:
-    """One version of a loaded model as HTTP serves it: its pipeline (shared with gRPC) and
-    clock."""
-
-    name: str
-    architecture: Architecture
-    pipeline: Pipeline
-    clock: ModelClock | None = None
-    version: str = "1"
-
-
 class Models:
-    """The served models by name, from the server's registry (or one `ServedModel` each,
-    served as version 1); `default` is the one the MNIST API serves unless asked, `control`
-    what loads and unloads them (None: refused)."""
+    """The served models by name, from the server's registry: `default` is the one the MNIST
+    API serves unless asked, `control` what loads and unloads them (None: refused). Each call
+    runs on one version of a model (`engine.versions.ModelVersion`), as on gRPC."""
 
-    def __init__(
-        self,
-        models: Sequence[ServedModel] | ModelRegistry,
-        default: Architecture | None = None,
-        *,
-        control: ModelControl | None = None,
-    ) -> None:
-        if not isinstance(models, ModelRegistry):
-            assert default is not None
-            served = [
-                VersionedModel(
-                    m.name,
-                    m.architecture,
-                    [ModelVersion(m.name, m.architecture, m.version, m.pipeline, clock=m.clock)],
-                )
-                for m in models
-            ]
-            models = ModelRegistry(served, MODEL_NAMES[default])
-        self.registry = models
+    def __init__(self, registry: ModelRegistry, *, control: ModelControl | None = None) -> None:
+        self.registry = registry
         self.control = control
 
-    def __iter__(self) -> Iterator[ServedModel]:
-        return iter([_served(m.default) for m in self.registry if m.default is not None])
+    def __iter__(self) -> Iterator[ModelVersion]:
+        return iter([m.default for m in self.registry if m.default is not None])
 
     @property
-    def default(self) -> ServedModel:
+    def default(self) -> ModelVersion:
         """The MNIST API's model, its default version (ModelNotFoundError once unloaded)."""
         return self.get(None)
 
-    def get(self, name: str | None, version: str = "") -> ServedModel:
+    def get(self, name: str | None, version: str = "") -> ModelVersion:
         """The version a call runs on, of model `name` (None: the default model), or
         ModelNotFoundError as the Open Inference Protocol's gRPC service words it."""
-        return _served(self.registry.get(name, version))
+        return self.registry.get(name, version)
 
 
-def _served(version: ModelVersion) -> ServedModel:
-    clock = version.clock if isinstance(version.clock, ModelClock) else None
-    return ServedModel(version.name, version.architecture, version.pipeline, clock, version.version)
-
-
-def on_batch(call: Call | None, timing: Timing, model: ServedModel) -> Callable[[int], None]:
+def on_batch(call: Call | None, timing: Timing, model: ModelVersion) -> Callable[[int], None]:
     """What the batcher tells of each model run the call's images rode in."""
+    clock = model.clock if isinstance(model.clock, ModelClock) else None
 
     def rode_in(size: int) -> None:
         if call is not None:
             call.rode_in(size)
-        if model.clock is not None:
-            timing.inference += model.clock.last_run_s
+        if clock is not None:
+            timing.inference += clock.last_run_s
 
     return rode_in
 
 
-async def classify_one(model: ServedModel, data: bytes, timing: Timing) -> FloatArray:
+async def classify_one(model: ModelVersion, data: bytes, timing: Timing) -> FloatArray:
     """One image through `Mnist/Predict`'s own path: probabilities [1, 10]."""
     call = current_call()
     expires_at = call.expires_at if call is not None else None

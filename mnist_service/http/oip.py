@@ -25,10 +25,10 @@ from .. import __version__
 from ..calls import current_call
 from ..engine import tensors
 from ..engine.inference import FloatArray
-from ..engine.versions import ModelControl
+from ..engine.versions import ModelControl, ModelVersion
 from ..errors import InvalidTensorError, ModelControlError, RepositoryError, TooManyImagesError
 from . import documents
-from .api import Models, ServedModel, classify_one, on_batch
+from .api import Models, classify_one, on_batch
 from .errors import HttpError
 from .runner import TIMING, read_body
 from .timing import Timing
@@ -170,7 +170,7 @@ class OipApi:
             raise ModelControlError("explicit model load / unload is not allowed on this server")
         return self._models.control
 
-    def _model(self, request: web.Request) -> ServedModel:
+    def _model(self, request: web.Request) -> ModelVersion:
         return self._models.get(request.match_info["name"], request.match_info.get("version", ""))
 
     def _input(
@@ -222,7 +222,7 @@ class OipApi:
 
     async def _classify(
         self,
-        model: ServedModel,
+        model: ModelVersion,
         spec: tensors.TensorSpec,
         values: tensors.Decoded,
         timing: Timing,
