@@ -471,29 +471,41 @@ def _grey_ink(pixels: npt.NDArray[np.uint8]) -> FloatImage:
 class Lighting(NamedTuple):
     """A quadratic surface of the paper's grey level over the image (uneven light)."""
 
-    coefficients: npt.NDArray[np.float32]
-    """Of 1, x, y, x², xy, y², where cell (i, j) of the fitted grid is at y = i / rows - 0.5,
+    terms: npt.NDArray[np.float32]
+    """The surface's coefficients as a 3x3 matrix T, T[i, j] that of yⁱxʲ (so the surface is
+    [1, y, y²] T [1, x, x²]ᵀ), where cell (i, j) of the fitted grid is at y = i / rows - 0.5,
     x = j / columns - 0.5."""
     cell: int
     """The grid's cells are cell x cell pixels."""
     rows: int
     columns: int
 
+    @classmethod
+    def of(cls, coefficients: _Basis, cell: int, rows: int, columns: int) -> Lighting:
+        """The surface of coefficients of 1, x, y, x², xy, y² (`_Cells.fit`)."""
+        c0, c1, c2, c3, c4, c5 = coefficients.tolist()
+        terms = np.array([[c0, c1, c3], [c2, c4, 0], [c5, 0, 0]], np.float32)
+        return cls(terms, cell, rows, columns)
+
     def at(self, top: int, left: int, shape: tuple[int, ...], step: int) -> FloatImage:
         """The surface over a `shape` of blocks of step x step pixels, the first at (top,
         left): each block's mean is compared with the surface at its centre."""
         first = (step - 1) / 2 - (self.cell - 1) / 2  # block centre less cell centre, in px
-        ys = (top + first + np.arange(shape[0], dtype=np.float32) * step) / self.cell
-        xs = (left + first + np.arange(shape[1], dtype=np.float32) * step) / self.cell
-        fy, fx = ys / np.float32(self.rows) - 0.5, xs / np.float32(self.columns) - 0.5
-        c = self.coefficients
-        surface: FloatImage = (
-            c[0]
-            + (c[1] + c[3] * fx)[np.newaxis, :] * fx[np.newaxis, :]
-            + (c[2] + c[5] * fy)[:, np.newaxis] * fy[:, np.newaxis]
-            + c[4] * fy[:, np.newaxis] * fx[np.newaxis, :]
-        )
+        # y = (top + first + i * step) / cell / rows - 0.5 at row i; x likewise at column j.
+        fy = np.arange(shape[0], dtype=np.float32) * np.float32(step / self.cell / self.rows)
+        fy += np.float32((top + first) / self.cell / self.rows - 0.5)
+        fx = np.arange(shape[1], dtype=np.float32) * np.float32(step / self.cell / self.columns)
+        fx += np.float32((left + first) / self.cell / self.columns - 0.5)
+        surface: FloatImage = np.asarray((_powers(fy).T @ self.terms) @ _powers(fx), np.float32)
         return surface
+
+
+def _powers(values: FloatImage) -> FloatImage:
+    """[1, v, v²] for each of `values`: float32 [3, N]."""
+    powers = np.ones((3, values.size), np.float32)
+    powers[1] = values
+    np.multiply(values, values, out=powers[2])
+    return powers
 
 
 class Paper(NamedTuple):
@@ -525,7 +537,8 @@ def _box_ink(
     floor = max(NOISE_FLOOR, NOISE_SIGMAS * paper.noise / step / strongest)
     scale = np.float32(side / strongest / (1 - floor))
     ink = deviation * scale - np.float32(floor / (1 - floor))
-    return _despeckle(np.clip(ink, 0, 1, out=ink))
+    np.maximum(ink, 0, out=ink)
+    return _despeckle(np.minimum(ink, 1, out=ink))
 
 
 def _deviation(
@@ -536,7 +549,7 @@ def _deviation(
         flat: FloatImage = pixels.astype(np.float32) - np.float32(paper.level)
         return flat
     surface = paper.lighting.at(top, left, pixels.shape, step)
-    return np.subtract(pixels, surface, dtype=np.float32)
+    return np.subtract(pixels, surface, out=surface)
 
 
 def _ink_side(deviation: FloatImage, paper: Paper) -> int:
@@ -553,9 +566,9 @@ def _ink_side(deviation: FloatImage, paper: Paper) -> int:
             return 1
         if paper.level + threshold > 255:  # nor that much brighter
             return -1 if bool((deviation < -threshold).any()) else 1
-    above = deviation[deviation > threshold]
-    below = deviation[deviation < -threshold]
-    return 1 if float(above.sum()) >= -float(below.sum()) else -1
+    # The contrast above the paper less that below, beyond the threshold either way.
+    beyond = float(deviation.sum(where=np.abs(deviation) > threshold))
+    return 1 if beyond >= 0 else -1
 
 
 def _digit_box(picture: Image.Image, paper: Paper) -> tuple[int, int, int, int]:
@@ -602,10 +615,16 @@ def _paper_level(border: npt.NDArray[np.uint8]) -> int:
     common band of levels, not the most common level alone, stays put under sensor noise.
     """
     histogram = _histogram(border)
-    centre = int(np.convolve(histogram, np.ones(PAPER_SPREAD * 2 + 1), "same").argmax())
+    centre = int(np.convolve(histogram, _BAND, "same").argmax())
     low, high = max(centre - PAPER_SPREAD, 0), min(centre + PAPER_SPREAD + 1, 256)
     band = histogram[low:high]
-    return round(float(band @ np.arange(low, high)) / float(band.sum()))
+    return round(float(band @ _LEVELS[low:high]) / float(band.sum()))
+
+
+_BAND: Final = np.ones(PAPER_SPREAD * 2 + 1, np.intp)
+_LEVELS: Final = np.arange(256)
+for _constant in (_BAND, _LEVELS):
+    _constant.flags.writeable = False
 
 
 def _lighting(picture: Image.Image) -> Lighting | None:
@@ -625,9 +644,9 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     factor = max(1, min(picture.size) // FLATTEN_GRID)
     coarse = _array(picture.reduce(factor)).astype(np.float64)
     rows, cols = coarse.shape
-    basis, ring, on_ring = _grid(rows, cols)
+    grid = _grid(rows, cols)
     values = coarse.ravel()
-    border = values[ring]  # the rounds fit the border's cells alone; the inside joins at the end
+    border = values[grid.ring]  # the rounds fit the border's cells alone; the inside joins last
     distance = np.abs(border - _middle(border))
     paper = distance <= _middle(distance) * _MAD_SCALE * FLATTEN_OUTLIER + 1
     if not paper.any() or np.ptp(border[paper]) < FLATTEN_TOLERANCE * 255:
@@ -635,8 +654,8 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     for _ in range(FLATTEN_ROUNDS):
         if np.count_nonzero(paper) < FLATTEN_MIN_PAPER * border.size:
             return None  # the border is largely ink: nothing to fit the light to
-        coefficients = _least_squares(on_ring[paper], border[paper])
-        residual = border - on_ring @ coefficients
+        coefficients = grid.on_ring.fit(border, paper)
+        residual = border - grid.on_ring.cells @ coefficients
         centre, misfit = _centre_spread(residual[paper])
         kept = np.abs(residual - centre) <= misfit * FLATTEN_OUTLIER + 1
         if (kept == paper).all():
@@ -650,12 +669,14 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     ):
         return None
     # The inside's paper: cells the border's surface explains as well as the border itself.
-    everywhere = np.abs(values - basis @ coefficients - centre) <= misfit * FLATTEN_OUTLIER + 1
-    everywhere[ring] |= paper
-    coefficients = _least_squares(basis[everywhere], values[everywhere])
-    if np.ptp((basis @ coefficients)[everywhere]) < FLATTEN_TOLERANCE * 255:
+    everywhere = np.abs(values - grid.all.cells @ coefficients - centre) <= (
+        misfit * FLATTEN_OUTLIER + 1
+    )
+    everywhere[grid.ring] |= paper
+    coefficients = grid.all.fit(values, everywhere)
+    if np.ptp((grid.all.cells @ coefficients)[everywhere]) < FLATTEN_TOLERANCE * 255:
         return None
-    return Lighting(coefficients.astype(np.float32), factor, rows, cols)
+    return Lighting.of(coefficients, factor, rows, cols)
 
 
 _Basis = npt.NDArray[np.float64]
@@ -664,25 +685,53 @@ _MAD_SCALE: Final = 1.4826
 """The median absolute deviation of a normal law, times this, is its standard deviation."""
 
 
+class _Cells(NamedTuple):
+    """The quadratic basis over some cells of the lighting grid, ready for least squares."""
+
+    cells: _Basis
+    """A row of (1, x, y, x², xy, y²) per cell."""
+    across: _Basis
+    """The same, transposed (6 x cells), contiguous."""
+    products: _Basis
+    """Each cell's outer product of its row with itself, flattened (36 x cells)."""
+
+    @classmethod
+    def of(cls, cells: _Basis) -> _Cells:
+        products = (cells[:, :, np.newaxis] * cells[:, np.newaxis, :]).reshape(len(cells), -1)
+        parts = cls(cells, np.ascontiguousarray(cells.T), np.ascontiguousarray(products.T))
+        for array in parts:
+            array.flags.writeable = False
+        return parts
+
+    def fit(self, values: _Basis, chosen: npt.NDArray[np.bool_]) -> _Basis:
+        """The coefficients that fit the `chosen` cells' `values` best: the normal equations
+        (6 unknowns), summed over the chosen cells by weights of 0 and 1 rather than by
+        copying them out (a third of the cost on the grids here)."""
+        weights = chosen.astype(np.float64)
+        normal = (self.products @ weights).reshape(6, 6)
+        return np.asarray(np.linalg.solve(normal, self.across @ (values * weights)), np.float64)
+
+
+class _Grid(NamedTuple):
+    """The lighting grid's basis: over every cell, and over the border ring's cells."""
+
+    all: _Cells
+    ring: npt.NDArray[np.bool_]
+    """Which cells (in row order) are on the ring."""
+    on_ring: _Cells
+
+
 @functools.lru_cache(maxsize=64)
-def _grid(rows: int, cols: int) -> tuple[_Basis, npt.NDArray[np.bool_], _Basis]:
+def _grid(rows: int, cols: int) -> _Grid:
     """The quadratic basis over a rows x cols grid (a row per cell), its border ring, and
     the basis of the ring's cells."""
     y, x = np.mgrid[0:rows, 0:cols]
     ring = np.minimum(np.minimum(y, rows - 1 - y), np.minimum(x, cols - 1 - x)) < FLATTEN_RING
     y, x = y.ravel() / rows - 0.5, x.ravel() / cols - 0.5
     basis = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
-    on_ring = basis[ring.ravel()]
-    for array in (basis, ring, on_ring):
-        array.flags.writeable = False
-    return basis, ring.ravel(), on_ring
-
-
-def _least_squares(
-    basis: npt.NDArray[np.float64], values: npt.NDArray[np.float64]
-) -> npt.NDArray[np.float64]:
-    """The coefficients that fit `values` best, by the normal equations (6 unknowns)."""
-    return np.asarray(np.linalg.solve(basis.T @ basis, basis.T @ values), np.float64)
+    on_ring = ring.ravel()
+    on_ring.flags.writeable = False
+    return _Grid(_Cells.of(basis), on_ring, _Cells.of(basis[on_ring]))
 
 
 def _centre_spread(values: npt.NDArray[np.float64]) -> tuple[float, float]:
@@ -714,7 +763,8 @@ def _noise_level(pixels: npt.NDArray[np.uint8], border: npt.NDArray[np.uint8]) -
 
 def _despeckle(ink: FloatImage) -> FloatImage:
     """Drop ink pixels with no inked neighbour: sensor speckle, not strokes (in place)."""
-    return np.multiply(ink, _neighboured(ink > 0), out=ink)
+    # Paper (0) stays paper whatever its neighbours: only the count decides.
+    return np.multiply(ink, _around(ink > 0) >= 2, out=ink)
 
 
 def _neighboured(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
@@ -722,11 +772,18 @@ def _neighboured(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     px across."""
     if inked.shape[0] < 3 or inked.shape[1] < 3:
         return inked
+    kept: npt.NDArray[np.bool_] = inked & (_around(inked) >= 2)
+    return kept
+
+
+def _around(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.uint8]:
+    """How many pixels of each one's 3x3 neighbourhood (itself too) are inked."""
+    if inked.shape[0] < 3 or inked.shape[1] < 3:
+        return inked.view(np.uint8) * np.uint8(2)  # an image this small is all neighbours
     padded = _padded(inked.view(np.uint8), 1)
     across = padded[:, :-2] + padded[:, 1:-1] + padded[:, 2:]
-    around = across[:-2] + across[1:-1] + across[2:]  # inked pixels in each 3x3, itself too
-    kept: npt.NDArray[np.bool_] = inked & (around >= 2)
-    return kept
+    around: npt.NDArray[np.uint8] = across[:-2] + across[1:-1] + across[2:]
+    return around
 
 
 def _histogram(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.intp]:
@@ -773,15 +830,15 @@ def _fit(crop: FloatImage, box: int) -> FloatImage:
     scale = box / max(height, width)
     rows, cols = max(1, round(height * scale)), max(1, round(width * scale))
     resized = crop
-    if cols != width:  # Pillow's order: across first, each pass rounded to float32
-        resized = (resized.astype(np.float64) @ _resize_weights(width, cols).T).astype(np.float32)
+    if cols != width:  # Pillow's order: across first
+        resized = resized @ _resize_weights(width, cols).T
     if rows != height:
-        resized = (_resize_weights(height, rows) @ resized.astype(np.float64)).astype(np.float32)
+        resized = _resize_weights(height, rows) @ resized
     return resized
 
 
 @functools.lru_cache(maxsize=1024)
-def _resize_weights(size: int, out: int) -> npt.NDArray[np.float64]:
+def _resize_weights(size: int, out: int) -> FloatImage:
     """Pillow's bilinear resampling of `size` px to `out` px as a matrix [out, size]: a
     triangle filter around each output pixel's centre, widened by the scale when shrinking,
     cut to Pillow's window and normalised (Pillow's ``precompute_coeffs``)."""
@@ -796,8 +853,9 @@ def _resize_weights(size: int, out: int) -> npt.NDArray[np.float64]:
     weights: npt.NDArray[np.float64] = np.where(window, np.maximum(taps, 0), 0)
     totals = weights.sum(axis=1, keepdims=True)
     np.divide(weights, totals, out=weights, where=totals != 0)
-    weights.flags.writeable = False
-    return weights
+    single = weights.astype(np.float32)  # computed as Pillow does, applied in float32
+    single.flags.writeable = False
+    return single
 
 
 def _saturate(patch: FloatImage) -> FloatImage:
