@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+import operator
 import re
 import warnings
 from collections.abc import Sequence
@@ -615,16 +616,14 @@ def _paper_level(border: npt.NDArray[np.uint8]) -> int:
     common band of levels, not the most common level alone, stays put under sensor noise.
     """
     histogram = _histogram(border)
-    centre = int(np.convolve(histogram, _BAND, "same").argmax())
+    centre = int(np.correlate(histogram, _BAND, "same").argmax())
     low, high = max(centre - PAPER_SPREAD, 0), min(centre + PAPER_SPREAD + 1, 256)
-    band = histogram[low:high]
-    return round(float(band @ _LEVELS[low:high]) / float(band.sum()))
+    band = histogram[low:high].tolist()  # 9 counts: Python's sums are the cheaper here
+    return round(sum(map(operator.mul, band, range(low, high))) / sum(band))
 
 
 _BAND: Final = np.ones(PAPER_SPREAD * 2 + 1, np.intp)
-_LEVELS: Final = np.arange(256)
-for _constant in (_BAND, _LEVELS):
-    _constant.flags.writeable = False
+_BAND.flags.writeable = False
 
 
 def _lighting(picture: Image.Image) -> Lighting | None:
@@ -817,7 +816,7 @@ def centre_like_mnist(ink: FloatImage) -> FloatImage:
     return field
 
 
-_POSITIONS: Final = np.arange(IMAGE_SIZE)
+_POSITIONS: Final = np.arange(IMAGE_SIZE, dtype=np.float64)
 """Pixel indices along a side of the field (for the centre of mass)."""
 _POSITIONS.flags.writeable = False
 
