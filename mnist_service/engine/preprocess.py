@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import operator
 import re
 import warnings
 from collections.abc import Sequence
@@ -618,8 +617,9 @@ def _paper_level(border: npt.NDArray[np.uint8]) -> int:
     histogram = _histogram(border)
     centre = int(np.correlate(histogram, _BAND, "same").argmax())
     low, high = max(centre - PAPER_SPREAD, 0), min(centre + PAPER_SPREAD + 1, 256)
-    band = histogram[low:high].tolist()  # 9 counts: Python's sums are the cheaper here
-    return round(sum(map(operator.mul, band, range(low, high))) / sum(band))
+    band: list[int] = histogram[low:high].tolist()  # 9 counts: Python sums them cheaper
+    weighted = sum(count * level for count, level in zip(band, range(low, high), strict=True))
+    return round(weighted / sum(band))
 
 
 _BAND: Final = np.ones(PAPER_SPREAD * 2 + 1, np.intp)

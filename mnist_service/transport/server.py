@@ -47,6 +47,7 @@ from .. import _compat
 from ..calls import REQUEST_ID_HEADER, Call, CallObserver, ignore, observe, request_id
 from .coalescing import CoalescingTransport
 from .drain import DRAIN_PING, MAX_STREAM_ID, StreamReads, goaway_frame, ping_frame
+from .header_blocks import cache_header_blocks
 from .runner import Method, methods, run_call
 
 log = logging.getLogger(__name__)
@@ -355,7 +356,9 @@ class CoalescingProtocol(asyncio.Protocol):
             cast(asyncio.Transport, transport), asyncio.get_running_loop()
         )
         self.inner.connection_made(self.transport)  # type: ignore[arg-type]
-        _compat.limit_closed_streams(_compat.h2_connection(self.inner), CLOSED_STREAMS_KEPT)
+        connection = _compat.h2_connection(self.inner)
+        _compat.limit_closed_streams(connection, CLOSED_STREAMS_KEPT)
+        cache_header_blocks(connection)
         self.handler.flush_if_last = self.transport.flush_if_last
         self._connections.add(self)
 
