@@ -26,7 +26,7 @@ pure-Python Huffman coding of a value that never repeats.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from hpack import Decoder, Encoder, HeaderTuple
 
@@ -45,16 +45,12 @@ _NEVER_INDEXED: Final = 0x10
 _TableState = tuple[int, object, int]
 
 
-def _state(coder: Encoder | Decoder) -> _TableState:
+def _state(coder: Any) -> _TableState:
     """What identifies the dynamic table's contents: its length, its newest entry (an
     insertion puts a new tuple there), and its size limit."""
     table = coder.header_table
     entries = table.dynamic_entries
     return len(entries), entries[0] if entries else None, table.maxsize
-
-
-def _unchanged(before: _TableState, after: _TableState) -> bool:
-    return before[0] == after[0] and before[1] is after[1] and before[2] == after[2]
 
 
 def _integer(value: int, prefix_bits: int) -> bytes:
@@ -82,28 +78,42 @@ def _as_bytes(value: Any) -> bytes:
     return (value if isinstance(value, str) else str(value)).encode("utf-8")
 
 
-class CachingEncoder(Encoder):
-    """hpack's `Encoder`, with each field's bytes kept while its coding changes no table."""
+_Coder = TypeVar("_Coder", bound="_Cache")
 
-    _known: dict[tuple[bytes, bytes, bool], bytes]
+
+class _Cache:
+    """What the two caching coders share: the cache, and the table state it was made at."""
+
+    header_table: Any
+    _known: dict[Any, Any]
     _known_at: _TableState
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.forget()
 
     @classmethod
-    def adopt(cls, encoder: Encoder) -> CachingEncoder:
-        """Make hpack's `encoder` (and its table, as it is) a caching one."""
-        encoder.__class__ = cls
-        adopted: CachingEncoder = encoder  # type: ignore[assignment]
+    def adopt(cls: type[_Coder], coder: Encoder | Decoder) -> _Coder:
+        """Make hpack's `coder` (its table and limits as they are) a caching one."""
+        coder.__class__ = cls
+        adopted: _Coder = coder  # type: ignore[assignment]
         adopted.forget()
         return adopted
 
     def forget(self) -> None:
-        """Empty the cache: what it holds was coded with the table as it is now."""
+        """Empty the cache: what it will hold is coded with the table as it is now."""
         self._known = {}
         self._known_at = _state(self)
+
+    def changed(self) -> bool:
+        """Whether the table differs from the one the cache was made with."""
+        length, newest, size = _state(self)
+        then = self._known_at
+        return length != then[0] or newest is not then[1] or size != then[2]
+
+
+class CachingEncoder(_Cache, Encoder):
+    """hpack's `Encoder`, with each field's bytes kept while its coding changes no table."""
 
     def encode(self, headers: Any, huffman: bool = True) -> bytes:
         """hpack's `Encoder.encode`: the header block of `headers`."""
@@ -111,7 +121,7 @@ class CachingEncoder(Encoder):
             encoded = super().encode(headers, huffman)  # a size update to announce first, or
             self.forget()  # hpack's ordering of a dict
             return encoded
-        if not _unchanged(self._known_at, _state(self)):
+        if self.changed():
             self.forget()  # resized without a size update to announce
         known = self._known
         parts = []
@@ -128,7 +138,7 @@ class CachingEncoder(Encoder):
             field = known.get(key)
             if field is None:
                 field = self.add((name, value), False, huffman)
-                if not _unchanged(self._known_at, _state(self)):
+                if self.changed():
                     self.forget()  # every field kept may now index another entry
                     known = self._known
                 elif len(known) < CACHED_MAX:
@@ -137,32 +147,12 @@ class CachingEncoder(Encoder):
         return b"".join(parts)
 
 
-class CachingDecoder(Decoder):
+class CachingDecoder(_Cache, Decoder):
     """hpack's `Decoder`, with each block's headers kept while decoding changes no table."""
-
-    _known: dict[tuple[bytes, bool, int, int], tuple[Any, ...]]
-    _known_at: _TableState
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.forget()
-
-    @classmethod
-    def adopt(cls, decoder: Decoder) -> CachingDecoder:
-        """Make hpack's `decoder` (its table and limits as they are) a caching one."""
-        decoder.__class__ = cls
-        adopted: CachingDecoder = decoder  # type: ignore[assignment]
-        adopted.forget()
-        return adopted
-
-    def forget(self) -> None:
-        """Empty the cache: what it holds was coded with the table as it is now."""
-        self._known = {}
-        self._known_at = _state(self)
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """hpack's `Decoder.decode`: the headers of one header block."""
-        if not _unchanged(self._known_at, _state(self)):
+        if self.changed():
             self.forget()  # resized from outside
         block = data if type(data) is bytes else bytes(data)
         key = (block, raw, self.max_header_list_size, self.max_allowed_table_size)
@@ -170,7 +160,7 @@ class CachingDecoder(Decoder):
         if known is not None:
             return list(known)
         headers = list(super().decode(block, raw))
-        if not _unchanged(self._known_at, _state(self)):
+        if self.changed():
             self.forget()
         elif len(self._known) < CACHED_MAX:
             self._known[key] = tuple(headers)
