@@ -93,10 +93,10 @@ class _Cache:
         self.forget()
 
     @classmethod
-    def adopt(cls: type[_Coder], coder: Encoder | Decoder) -> _Coder:
+    def adopt(cls: type[_Coder], coder: Any) -> _Coder:
         """Make hpack's `coder` (its table and limits as they are) a caching one."""
         coder.__class__ = cls
-        adopted: _Coder = coder  # type: ignore[assignment]
+        adopted: _Coder = coder
         adopted.forget()
         return adopted
 
