@@ -20,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mnist_service.transport.header_blocks import (
+    CACHED_BYTES,
+    CACHED_MAX,
     CachingDecoder,
     CachingEncoder,
     cache_header_blocks,
@@ -197,3 +199,17 @@ def test_long_literals_are_coded_with_hpack_integers(size: int) -> None:
     value = b"x" * size
     block = CachingEncoder().encode([NeverIndexedHeaderTuple(b"n", value)])
     assert Decoder().decode(block, raw=True) == [NeverIndexedHeaderTuple(b"n", value)]
+
+
+def test_what_a_peer_sends_cannot_grow_the_cache_past_its_bounds() -> None:
+    """Blocks that leave the table alone are kept up to CACHED_MAX of CACHED_BYTES each: a
+    peer sending many, or big ones, costs a connection a few tens of KiB at most."""
+    writer, reader = Encoder(), CachingDecoder()
+    for index in range(3 * CACHED_MAX):  # literals never indexed: the table stays empty
+        field = NeverIndexedHeaderTuple(b"x-%d" % index, b"v")
+        reader.decode(writer.encode([field]), raw=True)
+    assert len(reader._known) == CACHED_MAX
+    big = writer.encode([NeverIndexedHeaderTuple(b"x-big", b"v" * 2 * CACHED_BYTES)])
+    reader.forget()
+    assert reader.decode(big, raw=True) == reader.decode(big, raw=True)
+    assert reader._known == {}

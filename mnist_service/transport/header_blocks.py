@@ -35,9 +35,13 @@ if TYPE_CHECKING:
 
 __all__ = ["CachingDecoder", "CachingEncoder", "cache_header_blocks"]
 
-CACHED_MAX: Final = 256
-"""Entries a cache keeps before it starts again (a peer can send many distinct blocks that
-leave the table alone)."""
+CACHED_MAX: Final = 64
+"""Entries a cache holds at most: a peer can send many distinct blocks that leave the table
+alone, and a connection needs a few (one client's request headers, our answers' fields)."""
+
+CACHED_BYTES: Final = 1024
+"""Only blocks (and fields) up to this size are kept: a call's headers, indexed, are a few
+dozen bytes, and a peer's big blocks must not make a connection hold more than 64 KiB here."""
 
 _NEVER_INDEXED: Final = 0x10
 """The first byte of a literal field never indexed, with a literal name (RFC 7541, 6.2.3)."""
@@ -141,7 +145,7 @@ class CachingEncoder(_Cache, Encoder):
                 if self.changed():
                     self.forget()  # every field kept may now index another entry
                     known = self._known
-                elif len(known) < CACHED_MAX:
+                elif len(known) < CACHED_MAX and len(field) <= CACHED_BYTES:
                     known[key] = field
             parts.append(field)
         return b"".join(parts)
@@ -162,7 +166,7 @@ class CachingDecoder(_Cache, Decoder):
         headers = list(super().decode(block, raw))
         if self.changed():
             self.forget()
-        elif len(self._known) < CACHED_MAX:
+        elif len(self._known) < CACHED_MAX and len(block) <= CACHED_BYTES:
             self._known[key] = tuple(headers)
         return headers
 
