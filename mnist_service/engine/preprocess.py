@@ -769,8 +769,6 @@ def _despeckle(ink: FloatImage) -> FloatImage:
 def _neighboured(inked: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """The inked pixels that have an inked neighbour (of 8); all of them in an image under 3
     px across."""
-    if inked.shape[0] < 3 or inked.shape[1] < 3:
-        return inked
     kept: npt.NDArray[np.bool_] = inked & (_around(inked) >= 2)
     return kept
 
