@@ -5,7 +5,8 @@
 
 The server (`transport.server.Server` with the real `mnist.Mnist`, OIP and health services,
 pipeline and batcher) is driven in-process: an h2 client connection writes the calls' frames,
-they are fed to the server's protocol (`Server.protocol()`) 64 calls at a time, as a busy
+they are fed to the server's protocol (`Server.protocol()`) 64 calls at a time (4 of the kinds of
+64 images a call, which would otherwise pass the admission limit), as a busy
 socket would deliver them, and the loop runs until every call has ended. The model is a stub
 that answers at once (onnxruntime's own cost is in `python -m bench.model_speed`), so what is
 timed is the call path: HTTP/2 (h2, hpack), the runner, the codec, the service, the
@@ -33,10 +34,16 @@ from grpclib.health.service import Health
 from grpclib.health.v1.health_pb2 import HealthCheckRequest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import DataReceived, StreamEnded, TrailersReceived
+from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
 
 from mnist_service._proto.inference import ModelInferRequest, ModelInferRequestInferInputTensor
-from mnist_service._proto.mnist import MnistImage, ModelInfoRequest, PredictBatchRequest
+from mnist_service._proto.mnist import (
+    MnistImage,
+    ModelInfoRequest,
+    PredictBatchRequest,
+    PredictBatchResponse,
+    StreamPrediction,
+)
 from mnist_service.api.mnist import MnistService
 from mnist_service.api.oip import InferenceService
 from mnist_service.calls import Call
@@ -55,6 +62,15 @@ from .report import cpu_model
 app = typer.Typer(add_completion=False)
 
 IN_FLIGHT = 64
+X64_IN_FLIGHT = 4
+"""The kinds of 64 images a call run 4 at a time, as `bench.run` runs PredictBatch: 64 of them
+would queue 4,096 images, past the admission limit (`Limits.max_queue`, 2,048), and half of
+the calls or items would be refused, which costs less than answering them."""
+
+
+def in_flight(kind: str) -> int:
+    """Calls a round of `kind` keeps in flight."""
+    return X64_IN_FLIGHT if kind.endswith("-x64") else IN_FLIGHT
 
 
 class StubClassifier:
@@ -124,7 +140,7 @@ class Bench:
     """One server and one client connection, in memory."""
 
     def __init__(self) -> None:
-        self.calls: list[Call] = []
+        self.calls = 0
         self.client_s = 0.0
         limits = Limits()
         self.executor = ThreadPoolExecutor(2)
@@ -141,7 +157,7 @@ class Bench:
         self.server = Server(
             [mnist, inference, Health({mnist: [status]})],
             codec=SizeLimitedCodec(limits.max_message_bytes),
-            observer=self.calls.append,
+            observer=self._observe,
         )
         self.wire = Wire()
         self.protocol = self.server.protocol()
@@ -151,6 +167,9 @@ class Bench:
         self.client.update_settings({0x4: 2**24})  # a wide window: flow control is not timed
         self.client.increment_flow_control_window(2**24)
         self._exchange()
+
+    def _observe(self, call: Call) -> None:
+        self.calls += 1  # counted, not kept: a list of every call would grow all run long
 
     def _exchange(self) -> list[Any]:
         """Deliver what each side wrote to the other; the client's events."""
@@ -172,19 +191,37 @@ class Bench:
             self.client_s += time.perf_counter() - started
         return events
 
-    async def round(self, path: str, messages: list[bytes], calls: int) -> tuple[float, int]:
-        """`calls` calls, `IN_FLIGHT` at a time; seconds taken and the calls that failed."""
+    async def round(
+        self, path: str, messages: list[bytes], calls: int, in_flight: int = IN_FLIGHT
+    ) -> tuple[float, int]:
+        """`calls` calls, `in_flight` at a time; seconds taken and the calls that failed (a
+        grpc-status other than 0)."""
+        seconds, failed, _ = await self._round(path, messages, calls, in_flight, keep=False)
+        return seconds, failed
+
+    async def answers(
+        self, path: str, messages: list[bytes], calls: int, in_flight: int = IN_FLIGHT
+    ) -> tuple[list[str], list[bytes]]:
+        """`calls` calls (untimed): each one's grpc-status, and the bytes of its answer."""
+        _, _, kept = await self._round(path, messages, calls, in_flight, keep=True)
+        return [status for status, _ in kept], [body for _, body in kept]
+
+    async def _round(
+        self, path: str, messages: list[bytes], calls: int, in_flight: int, *, keep: bool
+    ) -> tuple[float, int, list[tuple[str, bytes]]]:
         frame = b"".join(b"\0" + len(body).to_bytes(4, "big") + body for body in messages)
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
                    (":authority", "bench"), ("content-type", "application/grpc"),
                    ("te", "trailers")]  # fmt: skip
         failed = 0
+        kept: list[tuple[str, bytes]] = []
         self.client_s = 0.0
         start = time.perf_counter()
-        for _ in range(0, calls, IN_FLIGHT):
+        for _ in range(0, calls, in_flight):
             open_streams: set[int] = set()
+            bodies: dict[int, list[bytes]] = {}
             sending = time.perf_counter()
-            for _ in range(IN_FLIGHT):
+            for _ in range(in_flight):
                 stream_id = self.client.get_next_available_stream_id()
                 self.client.send_headers(stream_id, headers)
                 at = 0
@@ -206,15 +243,38 @@ class Bench:
             self.client_s += time.perf_counter() - sending
             while open_streams:
                 for event in self._exchange():
-                    if isinstance(event, TrailersReceived):
-                        status = dict(event.headers).get(b"grpc-status", b"0")
-                        failed += status != b"0"
+                    if keep and isinstance(event, DataReceived):
+                        bodies.setdefault(event.stream_id, []).append(event.data)
+                    # The status is in the trailers, or in the headers of a Trailers-Only
+                    # answer (an error); header_encoding="utf-8": names and values are str.
+                    status: str | None = None
+                    if isinstance(event, (ResponseReceived, TrailersReceived)):
+                        received: dict[Any, Any] = dict(event.headers or [])
+                        status = received.get("grpc-status")
+                    if status is not None:
+                        failed += status != "0"
+                        if keep:
+                            kept.append((status, b"".join(bodies.pop(event.stream_id, []))))
                     if isinstance(event, StreamEnded):
                         open_streams.discard(event.stream_id)
                 if open_streams:
                     await asyncio.sleep(0)
         # The client's own HTTP/2 work is not the server's: it is taken out.
-        return time.perf_counter() - start - self.client_s, failed
+        return time.perf_counter() - start - self.client_s, failed, kept
+
+
+def _item_errors(kind: str, body: bytes) -> int:
+    """Items of a PredictBatch or PredictStream answer (gRPC frames) that carry an error."""
+    errors = 0
+    while body:
+        size = int.from_bytes(body[1:5], "big")
+        message, body = body[5 : 5 + size], body[5 + size :]
+        if kind.startswith("batch"):
+            answer = PredictBatchResponse.parse(message)
+            errors += sum(item.error is not None for item in answer.results)
+        elif kind.startswith("stream"):
+            errors += StreamPrediction.parse(message).error is not None
+    return errors
 
 
 @app.command()
@@ -234,23 +294,28 @@ def main(
     digit = load_mnist("test")[0][0]
     kinds = _kinds(digit)
     chosen = kind or list(kinds)
-    print(f"{cpu_model()}; Python {platform.python_version()}; {IN_FLIGHT} calls in flight,"
-          " model stubbed")  # fmt: skip
-    print("\n| RPC kind | us per call | failed |\n|---|--:|--:|")
+    print(f"{cpu_model()}; Python {platform.python_version()}; model stubbed")
+    print("\n| RPC kind | in flight | us per call | failed |\n|---|--:|--:|--:|")
     print("(batch-x64 and stream-x64 carry 64 images a call)")
 
     async def run() -> None:
         for name in chosen:
             bench = Bench()  # a fresh server and connection per kind
             path, messages = kinds[name]
-            made = _calls_of(name, calls)
-            await bench.round(path, messages, IN_FLIGHT * 4)  # warm up
-            best, failed = min([await bench.round(path, messages, made) for _ in range(rounds)])
-            print(f"| {name} | {best / made * 1e6:,.1f} | {failed} |")
+            made, width = _calls_of(name, calls), in_flight(name)
+            # Warm up, and check that the answers are answers: a refusal costs less.
+            statuses, bodies = await bench.answers(path, messages, width * 4, width)
+            refused = sum(status != "0" for status in statuses)
+            refused += sum(_item_errors(name, body) for body in bodies)
+            if refused:
+                raise SystemExit(f"{name}: {refused} calls or items failed; nothing timed")
+            timed = [await bench.round(path, messages, made, width) for _ in range(rounds)]
+            best, failed = min(timed)
+            print(f"| {name} | {width} | {best / made * 1e6:,.1f} | {failed} |")
             if profile:
                 profiler = cProfile.Profile()
                 profiler.enable()
-                await bench.round(path, messages, made)
+                await bench.round(path, messages, made, width)
                 profiler.disable()
                 out = io.StringIO()
                 stats = pstats.Stats(profiler, stream=out)
