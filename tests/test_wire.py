@@ -44,6 +44,7 @@ from mnist_service._proto.mnist import (
     PredictBatchResponse,
     StreamPrediction,
 )
+from mnist_service.transport import wire
 from mnist_service.transport.codec import SizeLimitedCodec
 from mnist_service.transport.wire import (
     WireFormatError,
@@ -661,6 +662,37 @@ def test_model_infer_requests_decode_as_betterproto2_parses_them() -> None:
         assert decoded is not None
         # compared as bytes: the typed contents may hold NaN, which equals nothing
         assert bytes(decoded) == bytes(ModelInferRequest.parse(encoded)) == encoded
+
+
+def test_repeated_descriptions_code_as_the_first_time_from_the_caches() -> None:
+    """The coders keep the parts that repeat call after call (an input's description, an
+    output's): coded again, from the cache, a part gives what it gave the first time, in a
+    fresh message, and the caches stay bounded."""
+    rng = random.Random(24)
+    requests = [bytes(random_infer_request(rng, rare=False)) for _ in range(40)]
+    responses = [random_infer_response(rng) for _ in range(40)]
+    for _ in range(3):
+        for encoded in requests:
+            first = decode_message(encoded, ModelInferRequest)
+            assert isinstance(first, ModelInferRequest)
+            assert bytes(first) == encoded
+            for tensor in first.inputs:
+                tensor.shape.append(7)  # a change to one call's message stays its own
+                tensor.name += "x"
+            assert bytes(decode_message(encoded, ModelInferRequest)) == encoded
+        for message in responses:
+            assert encode_message(message) == encode_message(message) == bytes(message)
+    assert 0 < len(wire._INPUT_DESCRIPTIONS) <= wire._MAX_CACHED
+    assert 0 < len(wire._OUTPUT_BODIES) <= wire._MAX_CACHED
+
+
+def test_an_output_description_from_the_cache_keeps_its_unknown_fields() -> None:
+    plain = ModelInferResponseInferOutputTensor(name="label", datatype="INT64", shape=[1])
+    with_unknown = ModelInferResponseInferOutputTensor.parse(bytes(plain) + b"\x50\x01")
+    for tensor in (plain, with_unknown, plain, with_unknown):
+        message = ModelInferResponse(model_name="m", outputs=[tensor], raw_output_contents=[b"1"])
+        assert encode_message(message) == bytes(message)
+    assert bytes(ModelInferResponse(outputs=[with_unknown])).endswith(b"\x50\x01")
 
 
 def test_an_unpacked_shape_is_read_as_protobuf_reads_it() -> None:

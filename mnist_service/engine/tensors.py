@@ -65,6 +65,9 @@ OUTPUTS: Final = (
 """What every model gives; `probabilities` also as top-k classes (classification)."""
 
 _INPUTS_BY_NAME: Final = {spec.name: spec for spec in INPUTS}
+_ITEM_SHAPES: Final = {spec.name: list(spec.shape[1:]) for spec in INPUTS}
+"""Each input's shape after the batch: every input declares the batch as its first dimension,
+and only there."""
 _OUTPUTS_BY_NAME: Final = {spec.name: spec for spec in OUTPUTS}
 _ITEM_SIZE: Final = {FP32: 4, UINT8: 1, INT64: 8}
 _LENGTH: Final = struct.Struct("<I")
@@ -87,9 +90,7 @@ def input_spec(model: str, name: str, datatype: str, shape: Sequence[int]) -> Te
         raise InvalidTensorError(
             f"input {name!r} of model {model!r} has datatype {spec.datatype}, got {datatype!r}"
         )
-    if len(shape) != len(spec.shape) or any(
-        want != BATCH and got != want for got, want in zip(shape, spec.shape, strict=True)
-    ):
+    if len(shape) != len(spec.shape) or list(shape[1:]) != _ITEM_SHAPES[spec.name]:
         raise InvalidTensorError(
             f"input {name!r} of model {model!r} has shape {format_shape(spec.shape)}, "
             f"got {format_shape(shape)}"

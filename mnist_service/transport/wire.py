@@ -205,17 +205,32 @@ def _packed_int64(tag: bytes, values: list[int]) -> bytes:
 def _output_tensor_message(tensor: ModelInferResponseInferOutputTensor) -> bytes | None:
     if tensor.parameters or tensor.contents is not None or type(tensor.shape) is not list:
         return None  # betterproto2's
-    name, datatype = tensor.name, tensor.datatype
+    name, datatype, shape = tensor.name, tensor.datatype, tensor.shape
     if type(name) is not str or type(datatype) is not str:
         return None
-    if any(type(value) is not int for value in tensor.shape):
-        return None
-    return (
-        _text_field(_TAG_1_LEN, name)
-        + _text_field(_TAG_2_LEN, datatype)
-        + _packed_int64(_TAG_3_LEN, tensor.shape)
-        + unknown_fields(tensor)
-    )
+    for value in shape:
+        if type(value) is not int:
+            return None
+    # The service answers with the same few descriptions call after call.
+    key = (name, datatype, *shape)
+    body = _OUTPUT_BODIES.get(key)
+    if body is None:
+        body = (
+            _text_field(_TAG_1_LEN, name)
+            + _text_field(_TAG_2_LEN, datatype)
+            + _packed_int64(_TAG_3_LEN, shape)
+        )
+        if len(_OUTPUT_BODIES) >= _MAX_CACHED:
+            _OUTPUT_BODIES.clear()
+        _OUTPUT_BODIES[key] = body
+    return body + unknown_fields(tensor)
+
+
+_MAX_CACHED = 64
+"""Entries a cache of coded parts keeps (emptied when full): the parts repeat, or are few."""
+
+_OUTPUT_BODIES: dict[tuple[object, ...], bytes] = {}
+"""An output tensor's description (name, datatype, shape) -> its encoding, less unknown fields."""
 
 
 def _model_infer_response_message(message: ModelInferResponse) -> bytes | None:
@@ -392,6 +407,30 @@ def _int64s(data: bytes, start: int, stop: int, wire_type: int) -> list[int]:
 
 
 def _decode_input_tensor(data: bytes, pos: int, end: int) -> ModelInferRequestInferInputTensor:
+    # A client describes its input the same way call after call: the bytes of a description
+    # without parameters or contents decode to the same name, datatype and shape.
+    coded = data[pos:end]
+    known = _INPUT_DESCRIPTIONS.get(coded)
+    if known is not None:
+        name, datatype, *shape = known
+        return ModelInferRequestInferInputTensor(name=name, datatype=datatype, shape=shape)
+    tensor = _parse_input_tensor(data, pos, end)
+    if not tensor.parameters and tensor.contents is None and len(coded) <= _MAX_CACHED_INPUT:
+        if len(_INPUT_DESCRIPTIONS) >= _MAX_CACHED:
+            _INPUT_DESCRIPTIONS.clear()
+        _INPUT_DESCRIPTIONS[coded] = (tensor.name, tensor.datatype, *tensor.shape)
+    return tensor
+
+
+_MAX_CACHED_INPUT = 256
+"""Bytes of the longest input description `_INPUT_DESCRIPTIONS` keeps (a long shape is no
+common case)."""
+
+_INPUT_DESCRIPTIONS: dict[bytes, tuple[Any, ...]] = {}
+"""An input tensor's bytes (no parameters, no contents) -> (name, datatype, *shape)."""
+
+
+def _parse_input_tensor(data: bytes, pos: int, end: int) -> ModelInferRequestInferInputTensor:
     name = datatype = ""
     shape: list[int] = []
     rare: list[bytes] = []  # parameters and contents: betterproto2's
