@@ -439,11 +439,13 @@ def ink_map(image: Image.Image) -> FloatImage:
     ink is mapped only in the digit's box, shrunk to about `FINE_SIDE` px: so the cost hardly
     depends on the image's size, and paper far from the digit cannot add ink.
     """
-    return _grey_ink(_array(_canonical(image) if image.mode == "LA" else image))
+    grey = _canonical(image) if image.mode == "LA" else image
+    return _grey_ink(_array(grey), grey)
 
 
-def _grey_ink(pixels: npt.NDArray[np.uint8]) -> FloatImage:
-    """`ink_map` of 8-bit grey pixels."""
+def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None) -> FloatImage:
+    """`ink_map` of 8-bit grey pixels; `picture` is the same pixels as a Pillow image, where
+    the caller has one (else one is made when needed)."""
     ring = _border(pixels)
     darkest, lightest = int(ring.min()), int(ring.max())
     flat = darkest == lightest  # a drawing's background: no noise, no lighting, one level
@@ -451,7 +453,8 @@ def _grey_ink(pixels: npt.NDArray[np.uint8]) -> FloatImage:
     if max(pixels.shape) < FLATTEN_MIN_SIDE:
         # A thumbnail: taken as evenly lit and noiseless, and mapped whole.
         return _box_ink(pixels, Paper(level, None, 0.0), 0, 0, 1)
-    picture = _image(pixels)  # the same pixels, for Pillow's reductions
+    if picture is None:
+        picture = _image(pixels)  # the same pixels, for Pillow's reductions
     if flat:
         paper = Paper(level, None, 0.0)
     else:
