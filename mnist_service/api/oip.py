@@ -309,16 +309,23 @@ def _config_parameter(text: str | None) -> dict[str, Any]:
     return document
 
 
-async def _classify_items(
+def _classify_items(
     pipeline: Pipeline,
     items: Sequence[bytes],
     expires_at: float | None,
     on_batch: Callable[[int], None] | None,
-) -> FloatArray:
+) -> Awaitable[FloatArray]:
     """Images through Predict's preprocessing; the first that fails fails the request, with
-    the error Predict would give for it. One image takes Predict's own path."""
+    the error Predict would give for it. One image takes Predict's own path (its future is
+    awaited as it is: no coroutine in between)."""
     if len(items) == 1:
-        return await pipeline.start(items[0], expires_at, on_batch)
+        return pipeline.start(items[0], expires_at, on_batch)
+    return _classify_many(pipeline, items, expires_at)
+
+
+async def _classify_many(
+    pipeline: Pipeline, items: Sequence[bytes], expires_at: float | None
+) -> FloatArray:
     results = await pipeline.classify_many(items, expires_at)
     for result in results:
         if isinstance(result, Exception):
