@@ -4,11 +4,12 @@
     taskset -c 1 python -m bench.preprocess_speed --images 200 --json out.json
 
 For each kind of `payloads.KINDS` it times, per image, what the server does before the model:
-`open_image` (the header), Pillow's own decode (the file's pixels, at the reduced JPEG scale the
-server asks for) and the whole of `prepare` (decode, orientation, mode conversion, the ink map,
+`open_image` (the header; for raw bytes and an MNIST-format PNG, the whole decode: `engine.png`),
+the decode (Pillow's, the file's pixels at the reduced JPEG scale the server asks for; or
+`open_image`'s) and the whole of `prepare` (decode, orientation, mode conversion, the ink map,
 the crop, the resize, the strokes and the centring), and the model rows the image costs: its
 own view, and 4 more when that reading is unsure (`views.unsure`, with the shipped ConvNet).
-"Ours" is `prepare` less Pillow's decode: what the budgets of issue 20 are about. Best of
+"Ours" is `prepare` less the decode: what the budgets of issue 20 are about. Best of
 `--rounds` passes over the same files (the median per image within a pass), so a burst of
 noise from the shared machine does not decide it. Not a test: nothing asserts on the times.
 """
@@ -56,7 +57,8 @@ def _header(data: bytes) -> object:
 
 
 def _decode(data: bytes) -> object:
-    """Pillow's share: the header, then the pixels at the scale `load` drafts JPEGs to."""
+    """The decoder's share: the header, then the pixels at the scale `load` drafts JPEGs to
+    (`open_image` alone for what it decodes itself)."""
     opened = open_image(data, MAX_PIXELS)
     if isinstance(opened, Image.Image):
         if opened.format in ("JPEG", "MPO"):
