@@ -679,7 +679,9 @@ def test_repeated_descriptions_code_as_the_first_time_from_the_caches() -> None:
             for tensor in first.inputs:
                 tensor.shape.append(7)  # a change to one call's message stays its own
                 tensor.name += "x"
-            assert bytes(decode_message(encoded, ModelInferRequest)) == encoded
+            again = decode_message(encoded, ModelInferRequest)
+            assert again is not None
+            assert bytes(again) == encoded
         for message in responses:
             assert encode_message(message) == encode_message(message) == bytes(message)
     assert 0 < len(wire._INPUT_DESCRIPTIONS) <= wire._MAX_CACHED
