@@ -114,13 +114,14 @@ class MnistService(MnistBase):
         index = 0
         try:
             while (future := await started.get()) is not None:
-                result: ItemResult
+                # The item is made inside the `except`: a local that kept the error would hold
+                # its traceback, and so this frame, in a cycle only the collector breaks.
                 try:
-                    result = (await future)[0]
+                    item = _item(index, (await future)[0])
                 except Exception as exc:  # per item: becomes an ItemError, the stream goes on
-                    result = exc
+                    item = _item(index, exc)
                 in_flight.release()
-                yield _item(index, result)
+                yield item
                 index += 1
             await reader  # re-raises what ended the request stream, e.g. an oversize message
         finally:

@@ -327,11 +327,18 @@ async def _classify_many(
     pipeline: Pipeline, items: Sequence[bytes], expires_at: float | None
 ) -> FloatArray:
     results = await pipeline.classify_many(items, expires_at)
-    for result in results:
-        if isinstance(result, Exception):
-            raise result
-    rows: list[FloatArray] = results  # type: ignore[assignment]  # no exceptions left
-    return np.stack(rows)
+    errors = [result for result in results if isinstance(result, Exception)]
+    if not errors:
+        rows: list[FloatArray] = results  # type: ignore[assignment]  # no exceptions left
+        return np.stack(rows)
+    error = errors[0]
+    # Raised from this frame, the error's traceback holds it: no local may hold the error,
+    # or the two make a cycle that keeps the request's images until the collector's next pass.
+    del results, errors
+    try:
+        raise error
+    finally:
+        del error
 
 
 def _typed_values(

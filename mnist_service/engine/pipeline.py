@@ -25,7 +25,7 @@ from typing import Final, TypeGuard
 import numpy as np
 from PIL import Image
 
-from ..errors import DeadlineExpiredError, OverloadedError
+from ..errors import DeadlineExpiredError, MnistServiceError, OverloadedError
 from .inference import FloatArray, ModelInfo, Predictor
 from .preprocess import (
     Opened,
@@ -285,7 +285,7 @@ class Pipeline:
                 else:
                     prepared[index] = prepare(image)
             except Exception as exc:  # per item; the service maps and logs it
-                prepared[index] = exc
+                prepared[index] = _as_result(exc)
         if big:
             self._admit_decode(big_bytes)  # or the whole call is refused: RESOURCE_EXHAUSTED
             loop = asyncio.get_running_loop()
@@ -351,6 +351,17 @@ def _prepared(decoded: Image.Image | BaseException) -> Prepared | Exception:
         return prepare_decoded(decoded)
     except Exception as exc:  # per item, as for the small ones
         return exc
+
+
+def _as_result(exc: Exception) -> Exception:
+    """An item's error, kept as its result. An expected one (a bad image, say) goes without
+    its traceback and the error it was raised from: their frames hold this call's frame (as
+    a traceback entry, or as a caller), and so the list of results that holds the error, in a
+    cycle that kept the frames and the images' bytes until the collector's next pass. An
+    unexpected one keeps them, for the log."""
+    if isinstance(exc, MnistServiceError):
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 def _error(outcome: BaseException) -> Exception:
