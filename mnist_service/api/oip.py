@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import grpclib.const
-import numpy as np
 from grpclib.const import Cardinality
 
 from .. import __version__
@@ -320,25 +319,7 @@ def _classify_items(
     awaited as it is: no coroutine in between)."""
     if len(items) == 1:
         return pipeline.start(items[0], expires_at, on_batch)
-    return _classify_many(pipeline, items, expires_at)
-
-
-async def _classify_many(
-    pipeline: Pipeline, items: Sequence[bytes], expires_at: float | None
-) -> FloatArray:
-    results = await pipeline.classify_many(items, expires_at)
-    errors = [result for result in results if isinstance(result, Exception)]
-    if not errors:
-        rows: list[FloatArray] = results  # type: ignore[assignment]  # no exceptions left
-        return np.stack(rows)
-    error = errors[0]
-    # Raised from this frame, the error's traceback holds it: no local may hold the error,
-    # or the two make a cycle that keeps the request's images until the collector's next pass.
-    del results, errors
-    try:
-        raise error
-    finally:
-        del error
+    return pipeline.classify_all(items, expires_at)
 
 
 def _typed_values(

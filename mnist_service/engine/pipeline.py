@@ -260,6 +260,26 @@ class Pipeline:
         finally:
             self._release(len(items))
 
+    async def classify_all(
+        self, items: Sequence[bytes], expires_at: float | None = None
+    ) -> FloatArray:
+        """Many images, all or nothing (the Open Inference Protocol's ModelInfer): their
+        probabilities [N, 10], or the error of the first one that fails, raised."""
+        results = await self.classify_many(items, expires_at)
+        errors = [result for result in results if isinstance(result, Exception)]
+        if not errors:
+            rows: list[FloatArray] = results  # type: ignore[assignment]  # no errors left
+            return np.stack(rows)
+        error = errors[0]
+        # Raised from this frame, the error's traceback holds it: no local may hold the error,
+        # or the two make a cycle that keeps the request's images until the collector's next
+        # pass.
+        del results, errors
+        try:
+            raise error
+        finally:
+            del error
+
     async def _classify_many(
         self, items: Sequence[bytes], expires_at: float | None
     ) -> list[ItemResult]:

@@ -98,6 +98,10 @@ async def classify_one(model: ModelVersion, data: bytes, timing: Timing) -> Floa
         return await future
     finally:
         timing.waited += _now() - handed
+        # An error raised here holds this frame in its traceback, and the future holds the
+        # error: without this, the two would keep each other (and the request) for the
+        # collector to find.
+        del future
 
 
 class PredictApi:

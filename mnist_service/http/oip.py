@@ -235,12 +235,7 @@ class OipApi:
             items = values if isinstance(values, list) else [image.tobytes() for image in values]
             if len(items) == 1:
                 return await classify_one(model, items[0], timing)
-            results = await model.pipeline.classify_many(items, expires_at)
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
-            rows: list[FloatArray] = results  # type: ignore[assignment]  # no errors left
-            return np.stack(rows)
+            return await model.pipeline.classify_all(items, expires_at)
         return await model.pipeline.classify_prepared(
             values,  # type: ignore[arg-type]  # FP32, checked by tensors
             expires_at,

@@ -152,10 +152,15 @@ class CallRunner:
             if request.method == "OPTIONS":
                 return self._preflight(request, origin)
             response = await handler(request)
+        # An error raised through this frame holds it in its traceback: none may stay
+        # referenced from here (from `error`, or from aiohttp's match_info in the request,
+        # which keeps its router's refusal), or the two keep each other, and the request,
+        # until the collector comes round.
         except web.HTTPException as exc:  # aiohttp's router: unknown path, wrong method
             error = _from_aiohttp(request, exc)
+            exc.__traceback__ = None
         except HttpError as exc:
-            error = exc
+            error = exc.with_traceback(None)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
