@@ -666,7 +666,7 @@ def test_model_infer_requests_decode_as_betterproto2_parses_them() -> None:
 
 def test_repeated_descriptions_code_as_the_first_time_from_the_caches() -> None:
     """The coders keep the parts that repeat call after call (an input's description, an
-    output's): coded again, from the cache, a part gives what it gave the first time, in a
+    output's, a response's model, version and id): coded again, from the cache, a part gives what it gave the first time, in a
     fresh message, and the caches stay bounded."""
     rng = random.Random(24)
     requests = [bytes(random_infer_request(rng, rare=False)) for _ in range(40)]
@@ -686,6 +686,7 @@ def test_repeated_descriptions_code_as_the_first_time_from_the_caches() -> None:
             assert encode_message(message) == encode_message(message) == bytes(message)
     assert 0 < len(wire._INPUT_DESCRIPTIONS) <= wire._MAX_CACHED
     assert 0 < len(wire._OUTPUT_BODIES) <= wire._MAX_CACHED
+    assert 0 < len(wire._HEADS) <= wire._MAX_CACHED
 
 
 def test_an_output_description_from_the_cache_keeps_its_unknown_fields() -> None:

@@ -17,7 +17,7 @@ import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -188,6 +188,10 @@ def _checked(spec: TensorSpec, values: npt.NDArray[np.generic]) -> Decoded:
 
 
 def _split_bytes(spec: TensorSpec, shape: Sequence[int], raw: bytes, count: int) -> list[bytes]:
+    if count == 1 and len(raw) >= _LENGTH.size:  # the usual request: one file
+        (length,) = _LENGTH.unpack_from(raw, 0)
+        if length == len(raw) - _LENGTH.size:
+            return [raw[_LENGTH.size :]]
     items: list[bytes] = []
     offset = 0
     view = memoryview(raw)
@@ -249,10 +253,10 @@ def class_count(spec: TensorSpec, count: int) -> int:
     return count
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
     """One output tensor of an answer: its datatype, its shape and its values (an array for
-    FP32 and INT64, the elements for BYTES)."""
+    FP32 and INT64, the elements for BYTES). A tuple: made for every answer, it costs a third
+    of a frozen dataclass."""
 
     datatype: str
     shape: list[int]
@@ -275,4 +279,4 @@ def output(spec: TensorSpec, probabilities: FloatBatch, classification: int = 0)
         return Output(BYTES, [n, len(found) // n], found)
     if spec.name == PROBABILITIES_NAME:
         return Output(FP32, [n, probabilities.shape[1]], probabilities)
-    return Output(INT64, [n], probabilities.argmax(axis=1).astype(np.int64))
+    return Output(INT64, [n], probabilities.argmax(axis=1).astype(np.int64, copy=False))

@@ -229,6 +229,9 @@ def _output_tensor_message(tensor: ModelInferResponseInferOutputTensor) -> bytes
 _MAX_CACHED = 64
 """Entries a cache of coded parts keeps (emptied when full): the parts repeat, or are few."""
 
+_HEADS: dict[tuple[object, ...], bytes] = {}
+"""A response's model name, version and id -> their encoding."""
+
 _OUTPUT_BODIES: dict[tuple[object, ...], bytes] = {}
 """An output tensor's description (name, datatype, shape) -> its encoding, less unknown fields."""
 
@@ -240,13 +243,19 @@ def _model_infer_response_message(message: ModelInferResponse) -> bytes | None:
     if type(message.raw_output_contents) is not list:
         return None
     texts = (message.model_name, message.model_version, message.id)
-    if any(type(text) is not str for text in texts):
+    if type(texts[0]) is not str or type(texts[1]) is not str or type(texts[2]) is not str:
         return None
-    parts = [
-        _text_field(_TAG_1_LEN, texts[0]),
-        _text_field(_TAG_2_LEN, texts[1]),
-        _text_field(_TAG_3_LEN, texts[2]),
-    ]
+    head = _HEADS.get(texts)  # the same model, version and (mostly empty) id, call after call
+    if head is None:
+        head = (
+            _text_field(_TAG_1_LEN, texts[0])
+            + _text_field(_TAG_2_LEN, texts[1])
+            + _text_field(_TAG_3_LEN, texts[2])
+        )
+        if len(_HEADS) >= _MAX_CACHED:
+            _HEADS.clear()
+        _HEADS[texts] = head
+    parts = [head]
     for tensor in message.outputs:
         if type(tensor) is not ModelInferResponseInferOutputTensor:
             return None
