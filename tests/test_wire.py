@@ -666,8 +666,8 @@ def test_model_infer_requests_decode_as_betterproto2_parses_them() -> None:
 
 def test_repeated_descriptions_code_as_the_first_time_from_the_caches() -> None:
     """The coders keep the parts that repeat call after call (an input's description, an
-    output's, a response's model, version and id): coded again, from the cache, a part gives what it gave the first time, in a
-    fresh message, and the caches stay bounded."""
+    output's, a response's model, version and id): coded again, from the cache, a part gives
+    what it gave the first time, in a fresh message, and the caches stay bounded."""
     rng = random.Random(24)
     requests = [bytes(random_infer_request(rng, rare=False)) for _ in range(40)]
     responses = [random_infer_response(rng) for _ in range(40)]
