@@ -4,9 +4,10 @@ What a call allocates is freed by reference counting as soon as the call ends, s
 follows the traffic. An object in a cycle waits for the collector instead: an error kept
 in a local of a frame its traceback holds (a bad item of a PredictBatch, a refused item of a
 PredictStream) used to keep those frames, and the images' bytes they hold, for as long as the
-collector took to come round. Each case runs calls through the real server in memory
+collector took to come round. Each gRPC case runs calls through the real server in memory
 (`bench.call_path.Bench`: the server's protocol, services, pipeline and batcher, a stub
-model), then counts what only the collector could free.
+model), each HTTP case through the real `HttpServer` on loopback from a raw HTTP/1.1 client;
+then what only the collector could free is counted.
 """
 
 from __future__ import annotations
