@@ -43,7 +43,7 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Callable, Sequence
-from typing import Any, SupportsIndex
+from typing import Any, SupportsIndex, TypeVar
 
 import betterproto2
 import numpy as np
@@ -220,14 +220,23 @@ def _output_tensor_message(tensor: ModelInferResponseInferOutputTensor) -> bytes
             + _text_field(_TAG_2_LEN, datatype)
             + _packed_int64(_TAG_3_LEN, shape)
         )
-        if len(_OUTPUT_BODIES) >= _MAX_CACHED:
-            _OUTPUT_BODIES.clear()
-        _OUTPUT_BODIES[key] = body
+        _remember(_OUTPUT_BODIES, key, body)
     return body + unknown_fields(tensor)
 
 
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
 _MAX_CACHED = 64
 """Entries a cache of coded parts keeps (emptied when full): the parts repeat, or are few."""
+
+
+def _remember(cache: dict[_K, _V], key: _K, value: _V) -> None:
+    """Keep `value` under `key`, emptying `cache` first when it holds `_MAX_CACHED`."""
+    if len(cache) >= _MAX_CACHED:
+        cache.clear()
+    cache[key] = value
+
 
 _HEADS: dict[tuple[object, ...], bytes] = {}
 """A response's model name, version and id -> their encoding."""
@@ -252,9 +261,7 @@ def _model_infer_response_message(message: ModelInferResponse) -> bytes | None:
             + _text_field(_TAG_2_LEN, texts[1])
             + _text_field(_TAG_3_LEN, texts[2])
         )
-        if len(_HEADS) >= _MAX_CACHED:
-            _HEADS.clear()
-        _HEADS[texts] = head
+        _remember(_HEADS, texts, head)
     parts = [head]
     for tensor in message.outputs:
         if type(tensor) is not ModelInferResponseInferOutputTensor:
@@ -425,9 +432,7 @@ def _decode_input_tensor(data: bytes, pos: int, end: int) -> ModelInferRequestIn
         return ModelInferRequestInferInputTensor(name=name, datatype=datatype, shape=shape)
     tensor = _parse_input_tensor(data, pos, end)
     if not tensor.parameters and tensor.contents is None and len(coded) <= _MAX_CACHED_INPUT:
-        if len(_INPUT_DESCRIPTIONS) >= _MAX_CACHED:
-            _INPUT_DESCRIPTIONS.clear()
-        _INPUT_DESCRIPTIONS[coded] = (tensor.name, tensor.datatype, *tensor.shape)
+        _remember(_INPUT_DESCRIPTIONS, coded, (tensor.name, tensor.datatype, *tensor.shape))
     return tensor
 
 
