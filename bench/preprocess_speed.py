@@ -5,17 +5,21 @@
 
 For each kind of `payloads.KINDS` it times, per image, what the server does before the model:
 `open_image` (the header; for raw bytes and an MNIST-format PNG, the whole decode: `engine.png`),
-the decode (Pillow's, the file's pixels at the reduced JPEG scale the server asks for; or
-`open_image`'s) and the whole of `prepare` (decode, orientation, mode conversion, the ink map,
-the crop, the resize, the strokes and the centring), and the model rows the image costs: its
-own view, and 4 more when that reading is unsure (`views.unsure`, with the shipped ConvNet).
-"Ours" is `prepare` less the decode: what the budgets of issue 20 are about. Best of
+the decode (the file's pixels as the server decodes them: a plain PNG inflated by zlib-ng and
+unfiltered by Pillow, only the alpha channel of a transparent canvas; a JPEG at the reduced
+scale the server asks for; or `open_image`'s), Pillow's own decode of the whole file at that
+scale for reference (what a server that opens files with Pillow pays), and the whole of
+`prepare` (decode, orientation, mode conversion, the ink map, the crop, the resize, the strokes
+and the centring), and the model rows the image costs: its own view, and 4 more when that
+reading is unsure (`views.unsure`, with the shipped ConvNet). "Ours" is `prepare` less the
+server's decode: what the budgets of issue 20 are about. Best of
 `--rounds` passes over the same files (the median per image within a pass), so a burst of
 noise from the shared machine does not decide it. Not a test: nothing asserts on the times.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import platform
 import statistics
@@ -29,6 +33,8 @@ import typer
 from PIL import Image
 
 from export.evaluate import onnx_probabilities, open_session
+from mnist_service.engine import png, preprocess
+from mnist_service.engine.png import PngFile
 from mnist_service.engine.preprocess import WORKING_SIDE, Prepared, open_image, prepare
 from mnist_service.engine.views import SHIFTS, unsure
 from training.data import load_mnist
@@ -57,14 +63,30 @@ def _header(data: bytes) -> object:
 
 
 def _decode(data: bytes) -> object:
-    """The decoder's share: the header, then the pixels at the scale `load` drafts JPEGs to
-    (`open_image` alone for what it decodes itself)."""
+    """The decoder's share: the header, then the pixels the server decodes: a plain PNG's
+    (only the alpha of a transparent canvas, `png.decode`), or Pillow's, at the scale `load`
+    drafts JPEGs to (`open_image` alone for what it decodes itself)."""
     opened = open_image(data, MAX_PIXELS)
+    if isinstance(opened, PngFile):
+        return png.decode(opened, alpha_only=lambda alpha: True)
     if isinstance(opened, Image.Image):
-        if opened.format in ("JPEG", "MPO"):
-            opened.draft("L", (WORKING_SIDE, WORKING_SIDE))
-        opened.load()
+        _pillow_load(opened)
     return opened
+
+
+def _pillow_decode(data: bytes) -> object:
+    """Pillow's decode of the whole file, at the scale `load` drafts JPEGs to."""
+    if preprocess.is_raw(data):
+        return data
+    image = Image.open(io.BytesIO(data))
+    _pillow_load(image)
+    return image
+
+
+def _pillow_load(image: Image.Image) -> None:
+    if image.format in ("JPEG", "MPO"):
+        image.draft("L", (WORKING_SIDE, WORKING_SIDE))
+    image.load()
 
 
 def _prepare(data: bytes) -> Prepared:
@@ -86,6 +108,7 @@ def main(
         files = [payloads.render(kind, digit, index) for index, digit in enumerate(digits)]
         header = min(_median_us(_header, files) for _ in range(rounds))
         decode = min(_median_us(_decode, files) for _ in range(rounds))
+        pillow = min(_median_us(_pillow_decode, files) for _ in range(rounds))
         total = min(_median_us(_prepare, files) for _ in range(rounds))
         view_rows = _model_rows([_prepare(f) for f in files], session)
         rows.append(
@@ -94,6 +117,7 @@ def main(
                 "bytes": statistics.median(len(f) for f in files),
                 "header_us": round(header, 1),
                 "decode_us": round(decode, 1),
+                "pillow_decode_us": round(pillow, 1),
                 "total_us": round(total, 1),
                 "ours_us": round(max(total - decode, 0.0), 1),
                 "model_rows": view_rows,
@@ -102,13 +126,15 @@ def main(
     cpu = cpu_model()
     typer.echo(f"{cpu}; Python {platform.python_version()}; {images} images per kind\n")
     typer.echo(
-        "| kind | bytes | header µs | decode µs | prepare in all µs | ours µs | model rows |"
+        "| kind | bytes | header µs | decode µs | Pillow's decode µs | prepare in all µs"
+        " | ours µs | model rows |"
     )
-    typer.echo("|---|--:|--:|--:|--:|--:|--:|")
+    typer.echo("|---|--:|--:|--:|--:|--:|--:|--:|")
     for row in rows:
         typer.echo(
             f"| {row['kind']} | {row['bytes']:,.0f} | {row['header_us']:,.0f} |"
-            f" {row['decode_us']:,.0f} | {row['total_us']:,.0f} | {row['ours_us']:,.0f} |"
+            f" {row['decode_us']:,.0f} | {row['pillow_decode_us']:,.0f} |"
+            f" {row['total_us']:,.0f} | {row['ours_us']:,.0f} |"
             f" {row['model_rows']:.2f} |"
         )
     if json_out is not None:

@@ -147,7 +147,7 @@ def assert_strokes_stay_ink_and_paper_stays_paper(drawing: Drawing) -> None:
     coverage = drawing.coverage
     assume(shows_paper(coverage))
     opened = open_image(drawing.data, 1 << 24)
-    assert isinstance(opened, Image.Image)
+    assert not isinstance(opened, np.ndarray)  # a file to decode, not MNIST-format pixels
     ink = ink_map(load(opened))
     assert ink.shape == coverage.shape, "the map must line up with the image"
     core = coverage >= STRONG * coverage.max()

@@ -30,6 +30,7 @@ from .inference import FloatArray, ModelInfo, Predictor
 from .preprocess import (
     Opened,
     Prepared,
+    Undecoded,
     is_raw,
     load,
     open_image,
@@ -198,7 +199,7 @@ class Pipeline:
 
     async def _classify_big(
         self,
-        opened: Image.Image,
+        opened: Undecoded,
         size: int,
         expires_at: float | None,
         on_batch: Callable[[int], None] | None,
@@ -292,7 +293,7 @@ class Pipeline:
             for row, index in enumerate(raw):
                 if ready[row]:
                     prepared[index] = Prepared(raw_inputs[row], redrawn=False)
-        big: dict[int, Image.Image] = {}
+        big: dict[int, Undecoded] = {}
         big_bytes = 0
         for index, data in enumerate(items):
             if prepared[index] is not None:
@@ -347,9 +348,9 @@ class Pipeline:
             read[index] = collapse(views, _ALL_VIEWS)[0]
         return read
 
-    def _is_big(self, opened: Opened) -> TypeGuard[Image.Image]:
+    def _is_big(self, opened: Opened) -> TypeGuard[Undecoded]:
         """Whether an image is decoded in the pool: a file over `inline_max_pixels`."""
-        return isinstance(opened, Image.Image) and pixel_count(opened) > self._inline_max_pixels
+        return not isinstance(opened, np.ndarray) and pixel_count(opened) > self._inline_max_pixels
 
 
 def _check_deadline(expires_at: float | None) -> None:

@@ -11,8 +11,10 @@ into that same form, so the pipeline is::
                  pixel is decoded; big images are decoded small (JPEG draft) and shrunk
                  (integer reduce) while their shorter side stays at least WORKING_SIDE. A
                  transparent canvas becomes its alpha channel alone: the alpha is the ink.
-                 Exactly 784 bytes that are no image are taken as raw 28x28 MNIST pixels; a
-                 plain 28x28 8-bit grey PNG is decoded straight to its pixels (`png`).
+                 Exactly 784 bytes that are no image are taken as raw 28x28 MNIST pixels. A
+                 plain PNG is inflated by zlib-ng and unfiltered by Pillow (`png`): a 28x28
+                 8-bit grey one at once, to its pixels, and a transparent canvas's alpha
+                 alone.
     ink_map      -> float32 around the digit, 0 = paper, 1 = strongest ink. The paper is the
                  most common level of the image's border (paper even when the digit fills
                  the frame: a tight crop touches it at a few points); the ink is on whichever
@@ -58,10 +60,13 @@ from mnist_service.errors import (
     UndecodableImageError,
 )
 
-from .png import mnist_png_pixels
+from . import png
+from .png import PngFile
 
 __all__ = [
+    "Opened",
     "Prepared",
+    "Undecoded",
     "centre_like_mnist",
     "decode",
     "ink_map",
@@ -81,8 +86,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FloatImage = npt.NDArray[np.float32]
-Opened = Image.Image | npt.NDArray[np.uint8]
-"""What `open_image` gives: a lazily decoded image file, or 28x28 pixels that need no more
+Undecoded = Image.Image | PngFile
+"""An image file whose header is read and checked, its pixels not decoded yet (`load`): a
+plain PNG (`png.read`), or any file Pillow opens."""
+Opened = Undecoded | npt.NDArray[np.uint8]
+"""What `open_image` gives: an image file to decode, or 28x28 pixels that need no more
 decoding (raw bytes, or an MNIST-format PNG)."""
 
 FORMATS: Final = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
@@ -279,15 +287,22 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
     """Read the header only and check the pixel limit: cheap, so callers can decide where
     the decode (`load`) runs. Raw 784-byte pixels come back as a ready uint8 [28, 28] array,
     and so does a plain 28x28 8-bit grey PNG (`png.mnist_png_pixels`: decoded at once, for
-    half of what Pillow's file machinery costs on its own)."""
+    half of what Pillow's file machinery costs on its own); another plain PNG comes back
+    as a `png.PngFile`, to be decoded by `load`."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
     if is_raw(data):
         return _raw(data)  # no Pillow attempt: no supported format starts this way
-    if max_pixels >= PIXELS:
-        pixels = mnist_png_pixels(data)
-        if pixels is not None:
-            return pixels
+    file = png.read(data)
+    if file is not None:
+        width, height = file.size
+        if width * height > max_pixels:
+            raise ImageTooLargeError(_pixels_message(width, height, max_pixels))
+        if file.mode == "L" and file.size == (IMAGE_SIZE, IMAGE_SIZE):
+            pixels = png.decode(file)  # a few microseconds: no reason to wait
+            if pixels is not None:
+                return np.frombuffer(pixels.tobytes(), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+        return file
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -340,9 +355,11 @@ def _too_many_pixels(data: bytes, max_pixels: int, refusal: Exception) -> str:
     return f"image is {count}; the limit is {max_pixels}"
 
 
-def load(image: Image.Image) -> Image.Image:
+def load(image: Undecoded) -> Image.Image:
     """Decode an image from `open_image` into an upright, working-size 8-bit L or LA image."""
     try:
+        if isinstance(image, PngFile):
+            return _shrink(_load_png(image))
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode grey at 1/2..1/8 scale: a 4000x3000 photo costs ~1/64th.
             # (a scale that keeps the shorter side at least WORKING_SIDE).
@@ -360,6 +377,25 @@ def load(image: Image.Image) -> Image.Image:
     except Exception as exc:
         log.debug("undecodable image data: %r", exc)
         raise UndecodableImageError("image data is truncated or corrupt") from None
+
+
+def _load_png(file: PngFile) -> Image.Image:
+    """A plain PNG decoded (`png`) into its canonical L image (`_canonical`): a transparent
+    canvas's alpha channel alone, or the whole image converted; where its data does not
+    inflate as its header says, Pillow reads it, or refuses it, from the file."""
+    image = png.decode(file, alpha_only=_alpha_is_ink)
+    if image is None:
+        image = Image.open(io.BytesIO(file.data), formats=("PNG",))
+        image.load()
+        return _canonical(_upright(image))
+    # L: a grey image, or the alpha channel of a transparent canvas; else, as `_canonical`
+    # converts an image of that mode whose alpha (if any) is not its ink.
+    return image if image.mode == "L" else image.convert("L")
+
+
+def _alpha_is_ink(alpha: Image.Image) -> bool:
+    """Whether an image's alpha channel is its ink: the background is transparent."""
+    return _transparent(_border(_array(alpha)))
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -395,7 +431,7 @@ def _canonical(image: Image.Image) -> Image.Image:
         # A transparent background (a canvas export): whatever the strokes' colour, the alpha
         # is the ink, and the grey is not needed (nor its conversion, a third of the decode).
         alpha = image.getchannel("A")
-        if _transparent(_border(_array(alpha))):
+        if _alpha_is_ink(alpha):
             return alpha
         return image.convert("L")
     if image.mode in ("PA", "RGBa", "La") or "transparency" in image.info:
