@@ -1,6 +1,6 @@
 """Request bytes -> probabilities: preprocessing, then the predictor (the batcher).
 
-Small images (a 28x28 PNG decodes in ~25 us, a 280x280 canvas in ~0.6 ms) are preprocessed
+Small images (a 28x28 PNG decodes in ~15 us, a 280x280 canvas in ~0.13 ms) are preprocessed
 inline on the event loop: a thread hand-off costs more than that on a busy core. Images whose
 header announces more than `inline_max_pixels` are decoded by Pillow in the executor, which
 releases the GIL while it decodes, so a big file never stalls the loop and other cores can
@@ -45,7 +45,8 @@ _ALL_VIEWS: Final = np.array([len(SHIFTS)], np.intp)
 """One image's count of views, for `collapse`."""
 
 INLINE_MAX_PIXELS: Final = 320 * 320
-"""Images up to this many pixels are decoded on the event loop (about 0.8 ms at most): the
+"""Images up to this many pixels are decoded on the event loop (about 0.8 ms at most through
+Pillow; a plain PNG, which `engine.png` inflates with zlib-ng, a fifth of that): the
 drawing canvases of 280x280 and 300x300 that demos use among them. Handing such an image to
 the decode pool cost more CPU than its decode saves on the loop: a 280x280 canvas took about
 1,400 us of server CPU a call inline against 1,700-1,900 through the pool (one core, 64 in
