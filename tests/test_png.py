@@ -283,25 +283,6 @@ def test_files_left_to_pillow_get_its_answer(without_fast_path: Any) -> None:
         assert outcome(data) == without_fast_path(data), name
 
 
-@settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    cut=st.integers(0, len(PLAIN)),
-    flip=st.one_of(st.none(), st.integers(0, len(PLAIN) - 1)),
-    tail=st.binary(max_size=8),
-)
-def test_damaged_files_get_the_answer_pillow_gives(
-    without_fast_path: Any, cut: int, flip: int | None, tail: bytes
-) -> None:
-    """Cut short, a byte flipped, bytes appended: with the fast path or without, the same
-    model input or the same error."""
-    data = bytearray(PLAIN[:cut] + tail)
-    if flip is not None and flip < len(data):
-        data[flip] ^= 0x40
-    assert outcome(bytes(data)) == without_fast_path(bytes(data))
-
-
 def test_mnist_pngs_take_the_fast_path_with_the_same_outcome(
     mnist_test_set: tuple[Bytes, Bytes], without_fast_path: Any
 ) -> None:
@@ -349,18 +330,19 @@ def test_drawings_take_the_fast_path_with_the_same_outcome(
 CANVAS = drawings(np.eye(28, dtype=np.uint8) * 255)["RGBA canvas"]
 
 
+@pytest.mark.parametrize("original", [PLAIN, CANVAS], ids=["28x28", "canvas"])
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(
-    cut=st.integers(0, len(CANVAS)),
-    flip=st.one_of(st.none(), st.integers(0, len(CANVAS) - 1)),
-    tail=st.binary(max_size=8),
-)
-def test_damaged_canvases_get_the_answer_pillow_gives(
-    without_fast_path: Any, cut: int, flip: int | None, tail: bytes
+@given(damage=st.data())
+def test_damaged_files_get_the_answer_pillow_gives(
+    without_fast_path: Any, original: bytes, damage: st.DataObject
 ) -> None:
-    data = bytearray(CANVAS[:cut] + tail)
+    """Cut short, a byte flipped, bytes appended: with the fast path or without, the same
+    model input or the same error."""
+    data = bytearray(original[: damage.draw(st.integers(0, len(original)), label="cut")])
+    data += damage.draw(st.binary(max_size=8), label="tail")
+    flip = damage.draw(st.one_of(st.none(), st.integers(0, len(original) - 1)), label="flip")
     if flip is not None and flip < len(data):
         data[flip] ^= 0x40
     assert outcome(bytes(data)) == without_fast_path(bytes(data))

@@ -286,9 +286,9 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 def open_image(data: bytes, max_pixels: int) -> Opened:
     """Read the header only and check the pixel limit: cheap, so callers can decide where
     the decode (`load`) runs. Raw 784-byte pixels come back as a ready uint8 [28, 28] array,
-    and so does a plain 28x28 8-bit grey PNG (`png.mnist_png_pixels`: decoded at once, for
-    half of what Pillow's file machinery costs on its own); another plain PNG comes back
-    as a `png.PngFile`, to be decoded by `load`."""
+    and so does a plain 28x28 8-bit grey PNG (decoded at once by `png`, for half of what
+    Pillow's file machinery costs on its own); another plain PNG comes back as a
+    `png.PngFile`, to be decoded by `load`."""
     if not data:
         raise EmptyImageError("image is empty: the request carried no bytes")
     if is_raw(data):
