@@ -13,7 +13,7 @@ import numpy.typing as npt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from bench import payloads
 from mnist_service.engine import png
@@ -188,12 +188,41 @@ def test_pillows_own_files_decode_to_its_pixels(
             assert (whole == pixels).all()
 
 
-def test_passive_chunks_before_the_data_are_allowed() -> None:
+PASSIVE_CHUNKS = {
+    "pHYs": chunk(b"pHYs", struct.pack(">IIB", 2835, 2835, 1)),
+    "gAMA": chunk(b"gAMA", b"\0\0\xb1\x8f"),
+    "sRGB": chunk(b"sRGB", b"\0"),
+    "bKGD": chunk(b"bKGD", b"\0\xff"),  # GIMP writes it; Pillow skips it
+    "tIME": chunk(b"tIME", struct.pack(">HBBBBB", 2026, 12, 7, 18, 0, 0)),
+    "sBIT": chunk(b"sBIT", b"\x08"),
+    "a private one": chunk(b"prVt", b"anything"),
+}
+
+
+@pytest.mark.parametrize("name", list(PASSIVE_CHUNKS))
+def test_passive_chunks_before_and_after_the_data_are_allowed(
+    name: str, without_fast_path: Any
+) -> None:
     pixels = np.arange(784, dtype=np.uint32).reshape(28, 28).astype(np.uint8)
-    extras = chunk(b"pHYs", struct.pack(">IIB", 2835, 2835, 1)) + chunk(b"gAMA", b"\0\0\xb1\x8f")
-    whole = decoded(png_file(pixels, [0] * 28, before=extras))
-    assert whole is not None
-    assert (whole == pixels).all()
+    data = png_file(pixels, [0] * 28, before=PASSIVE_CHUNKS[name])
+    iend = data.index(b"IEND") - 4
+    for layout in (data, data[:iend] + PASSIVE_CHUNKS[name] + data[iend:]):
+        whole = decoded(layout)
+        assert whole is not None
+        assert (whole == pixels).all()
+        assert outcome(layout) == without_fast_path(layout)
+
+
+def test_every_chunk_pillow_reads_is_known_here() -> None:
+    """The chunks Pillow's PNG plugin has a reader for are the ones `png` lets pass (their
+    content kept in `info` only) or leaves to Pillow: a Pillow that reads one more must be
+    looked at before its files take the fast path."""
+    read = {
+        name.removeprefix("chunk_").encode()
+        for name in dir(PngImagePlugin.PngStream)
+        if name.startswith("chunk_")
+    }
+    assert read == set(png._PASSIVE) | png._READ | {b"IHDR", b"IDAT", b"IEND"}
 
 
 PIXELS = np.tile(np.arange(28, dtype=np.uint8) * 9, (28, 1))
@@ -222,6 +251,14 @@ def unread_files() -> dict[str, bytes]:
         "a gamma too short to read": PLAIN[:IDAT_AT] + chunk(b"gAMA", b"\0\1")
         + PLAIN[IDAT_AT:],
         "a second IHDR": PLAIN[:IDAT_AT] + ihdr() + PLAIN[IDAT_AT:],
+        "a colour profile": PLAIN[:IDAT_AT] + chunk(b"iCCP", b"p\0\0" + zlib.compress(b"icc"))
+        + PLAIN[IDAT_AT:],
+        "animation": PLAIN[:IDAT_AT] + chunk(b"acTL", struct.pack(">II", 1, 0))
+        + PLAIN[IDAT_AT:],
+        "an unknown critical chunk": PLAIN[:IDAT_AT] + chunk(b"ABCD", b"") + PLAIN[IDAT_AT:],
+        "a chunk type not of letters": PLAIN[:IDAT_AT] + chunk(b"ab1d", b"") + PLAIN[IDAT_AT:],
+        "image data in two runs": PLAIN[:IEND_AT] + chunk(b"tIME", bytes(7))
+        + chunk(b"IDAT", b"") + PLAIN[IEND_AT:],
         "no IEND": PLAIN[:IEND_AT],
         "no image data": PLAIN[:IDAT_AT] + chunk(b"IEND", b""),
         "bad IHDR CRC": PLAIN[:29] + bytes([PLAIN[29] ^ 1]) + PLAIN[30:],

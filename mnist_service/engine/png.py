@@ -16,14 +16,16 @@ quarter of the work (~110 us for that canvas, instead of ~670 us for Pillow's de
 `getchannel`).
 
 Only the plainest file is taken (`read`): the signature; IHDR first, 8 bits a sample, grey,
-grey and alpha, RGB or RGBA, not interlaced; then only chunks that cannot change the pixels
-or their orientation (pHYs, gAMA, sRGB, cHRM, tIME, each as long as Pillow needs); the IDAT
-chunks in one run; IEND straight after them; every CRC right; at most `MAX_FILTERED` bytes of
-rows. Anything else (a palette, 16 bits, transparency, text that may hold XMP or EXIF
-orientation, a bad CRC) gives None, and the caller opens the file with Pillow, which reads or
-refuses it as it always has. So does image data that does not inflate to exactly the rows the
-header promises, as one whole zlib stream (`decode` gives None): Pillow's decoder, given a
-stream that ends early, would keep the rows it lacks black, where opening the file refuses it.
+grey and alpha, RGB or RGBA, not interlaced; the IDAT chunks in one run; IEND last; and
+besides them only chunks that cannot change the pixels or their orientation: the ones Pillow
+reads into `info` alone (pHYs, gAMA, sRGB, cHRM, each as long as Pillow needs), and ancillary
+ones it skips (bKGD, tIME, sBIT and the like, which GIMP and Paint write); every CRC right; at
+most `MAX_FILTERED` bytes of rows. Anything else (a palette, 16 bits, transparency, a colour
+profile, text that may hold XMP or EXIF orientation, animation, a bad CRC) gives None, and the
+caller opens the file with Pillow, which reads or refuses it as it always has. So does image
+data that does not inflate to exactly the rows the header promises, as one whole zlib stream
+(`decode` gives None): Pillow's decoder, given a stream that ends early, would keep the rows
+it lacks black, where opening the file refuses it.
 """
 
 from __future__ import annotations
@@ -50,10 +52,17 @@ _MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 
 _CHANNELS: Final = {"L": 1, "RGB": 3, "LA": 2, "RGBA": 4}
 
-_PASSIVE: Final = {b"pHYs": 9, b"gAMA": 4, b"sRGB": 1, b"cHRM": 32, b"tIME": 7}
-"""Chunks that may come before the image data, as long as this: they leave the decoded pixels
-and their orientation as they are (Pillow keeps them in `info` only, and refuses the file
-where one is shorter than it reads)."""
+_PASSIVE: Final = {b"pHYs": 9, b"gAMA": 4, b"sRGB": 1, b"cHRM": 32}
+"""Chunks Pillow reads into `info` alone, and how long each must be (it refuses the file where
+one is shorter than it reads): they leave the decoded pixels and their orientation as they
+are."""
+
+_READ: Final = frozenset(
+    {b"PLTE", b"tRNS", b"iCCP", b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"acTL", b"fcTL", b"fdAT"}
+)
+"""The other chunks Pillow's PNG plugin reads (besides IHDR, IDAT and IEND): a palette,
+transparency, a colour profile, text (which may hold XMP or EXIF orientation), EXIF,
+animation. A file with one is Pillow's to open. Any other ancillary chunk it skips."""
 
 _IHDR: Final = struct.Struct(">IIBBBBB")
 _LENGTH_TYPE: Final = struct.Struct(">I4s")
@@ -123,9 +132,11 @@ def decode(
 
 def _image_data(data: bytes, at: int) -> bytes | None:
     """The image data (the IDAT chunks' bodies, joined) of the chunks from `at` (after IHDR),
-    laid out as the module says, every CRC checked; None otherwise."""
+    laid out as the module says, every CRC checked; None otherwise. (Pillow checks the CRCs
+    up to the image data only: a file this refuses may still be Pillow's to read.)"""
     end = len(data)
     image_data: list[bytes] = []
+    after = False  # whether the run of IDAT chunks is over
     while at + 12 <= end:
         length, kind = _LENGTH_TYPE.unpack_from(data, at)
         stop = at + 8 + length
@@ -136,12 +147,26 @@ def _image_data(data: bytes, at: int) -> bytes | None:
             return None
         at = stop + 4
         if kind == b"IDAT":
+            if after:
+                return None  # a second run of image data
             image_data.append(body)
-        elif image_data:  # the run of IDAT chunks is over: only IEND may follow it
-            return b"".join(image_data) if kind == b"IEND" else None
-        elif length < _PASSIVE.get(kind, 1 << 32):
-            return None  # not passive, or too short for Pillow to read
-    return None  # no IEND after the image data
+        elif kind == b"IEND":
+            return b"".join(image_data) if image_data else None
+        elif _passive(kind, length):
+            after = bool(image_data)
+        else:
+            return None
+    return None  # no IEND
+
+
+def _passive(kind: bytes, length: int) -> bool:
+    """Whether a chunk leaves the decoded pixels and their orientation as they are: one that
+    Pillow reads into `info` alone, as long as it needs, or an ancillary one (its type's first
+    letter in lower case) that it skips."""
+    least = _PASSIVE.get(kind)
+    if least is not None:
+        return length >= least
+    return kind.isalpha() and kind[:1].islower() and kind not in _READ
 
 
 def _inflate(file: PngFile) -> bytes | None:
