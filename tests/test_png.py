@@ -196,6 +196,12 @@ PASSIVE_CHUNKS = {
     "tIME": chunk(b"tIME", struct.pack(">HBBBBB", 2026, 12, 7, 18, 0, 0)),
     "sBIT": chunk(b"sBIT", b"\x08"),
     "a private one": chunk(b"prVt", b"anything"),
+    "matplotlib's text": chunk(
+        b"tEXt", b"Software\0Matplotlib version3.10.0, https://matplotlib.org/"
+    ),
+    "a comment without its NUL": chunk(b"tEXt", b"Comment"),
+    "ImageMagick's dates": chunk(b"tEXt", b"date:create\x002026-12-07T18:00:00+00:00")
+    + chunk(b"tEXt", b"date:modify\x002026-12-07T18:00:00+00:00"),
 }
 
 
@@ -234,7 +240,7 @@ IEND_AT = PLAIN.index(b"IEND") - 4
 def unread_files() -> dict[str, bytes]:
     """Files `png.read` must leave to Pillow: each one way off its narrow layout."""
     data = zlib.compress(filtered(PIXELS, [0] * 28))
-    text = chunk(b"tEXt", b"Comment\0hello")
+    text = chunk(b"tEXt", b"Raw profile type exif\0hello")  # an orientation, for Pillow
     return {
         "16-bit": SIGNATURE + ihdr(depth=16) + chunk(b"IDAT", data) + chunk(b"IEND", b""),
         "1-bit": SIGNATURE + ihdr(depth=1) + chunk(b"IDAT", data) + chunk(b"IEND", b""),
@@ -247,6 +253,12 @@ def unread_files() -> dict[str, bytes]:
         "transparency": PLAIN[:IDAT_AT] + chunk(b"tRNS", b"\0\0") + PLAIN[IDAT_AT:],
         "text before the data": PLAIN[:IDAT_AT] + text + PLAIN[IDAT_AT:],
         "text after the data": PLAIN[:IEND_AT] + text + PLAIN[IEND_AT:],
+        "text Pillow would read": PLAIN[:IDAT_AT] + chunk(b"tEXt", b"transparency\0" + bytes(2))
+        + PLAIN[IDAT_AT:],
+        "too much text": PLAIN[:IDAT_AT] + chunk(b"tEXt", b"Comment\0" + bytes(1 << 20))
+        + PLAIN[IDAT_AT:],
+        "compressed text": PLAIN[:IDAT_AT] + chunk(b"zTXt", b"Comment\0\0" + zlib.compress(b"x"))
+        + PLAIN[IDAT_AT:],
         "exif": PLAIN[:IDAT_AT] + chunk(b"eXIf", b"MM\0*") + PLAIN[IDAT_AT:],
         "a gamma too short to read": PLAIN[:IDAT_AT] + chunk(b"gAMA", b"\0\1")
         + PLAIN[IDAT_AT:],
@@ -334,7 +346,8 @@ def test_mnist_pngs_take_the_fast_path_with_the_same_outcome(
 
 def drawings(digit: Bytes) -> dict[str, bytes]:
     """A digit drawn as people send it in PNG: a transparent canvas in RGBA and in grey and
-    alpha, an opaque one (a screenshot's alpha is all 255), on grey, in colour."""
+    alpha, an opaque one (a screenshot's alpha is all 255), on grey (also with matplotlib's
+    text and resolution), in colour."""
     ink = np.asarray(Image.fromarray(digit).resize((200, 200), Image.Resampling.BILINEAR))
     paper = 255 - ink
     files = {
@@ -349,6 +362,11 @@ def drawings(digit: Bytes) -> dict[str, bytes]:
         buffer = io.BytesIO()
         image.save(buffer, "PNG")
         out[name] = buffer.getvalue()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Software", "Matplotlib version3.10.0, https://matplotlib.org/")
+    buffer = io.BytesIO()
+    files["grey"].save(buffer, "PNG", pnginfo=text, dpi=(100, 100))  # as matplotlib saves
+    out["grey, with text"] = buffer.getvalue()
     return out
 
 

@@ -18,14 +18,15 @@ quarter of the work (~110 us for that canvas, instead of ~670 us for Pillow's de
 Only the plainest file is taken (`read`): the signature; IHDR first, 8 bits a sample, grey,
 grey and alpha, RGB or RGBA, not interlaced; the IDAT chunks in one run; IEND last; and
 besides them only chunks that cannot change the pixels or their orientation: the ones Pillow
-reads into `info` alone (pHYs, gAMA, sRGB, cHRM, each as long as Pillow needs), and ancillary
+reads into `info` alone (pHYs, gAMA, sRGB, cHRM, each as long as Pillow needs; text under the
+keywords PNG and ImageMagick define, such as Software, which matplotlib writes), and ancillary
 ones it skips (bKGD, tIME, sBIT and the like, which GIMP and Paint write); every CRC right; at
 most `MAX_FILTERED` bytes of rows. Anything else (a palette, 16 bits, transparency, a colour
-profile, text that may hold XMP or EXIF orientation, animation, a bad CRC) gives None, and the
-caller opens the file with Pillow, which reads or refuses it as it always has. So does image
-data that does not inflate to exactly the rows the header promises, as one whole zlib stream
-(`decode` gives None): Pillow's decoder, given a stream that ends early, would keep the rows
-it lacks black, where opening the file refuses it.
+profile, other text, which may hold XMP or EXIF orientation, animation, a bad CRC) gives None,
+and the caller opens the file with Pillow, which reads or refuses it as it always has. So does
+image data that does not inflate to exactly the rows the header promises, as one whole zlib
+stream (`decode` gives None): Pillow's decoder, given a stream that ends early, would keep the
+rows it lacks black, where opening the file refuses it.
 """
 
 from __future__ import annotations
@@ -57,12 +58,26 @@ _PASSIVE: Final = {b"pHYs": 9, b"gAMA": 4, b"sRGB": 1, b"cHRM": 32}
 one is shorter than it reads): they leave the decoded pixels and their orientation as they
 are."""
 
+_TEXT_KEYWORDS: Final = frozenset(
+    {
+        *(b"Title", b"Author", b"Description", b"Copyright", b"Creation Time", b"Software"),
+        *(b"Disclaimer", b"Warning", b"Source", b"Comment"),  # PNG's own keywords
+        *(b"date:create", b"date:modify", b"date:timestamp"),  # ImageMagick's
+    }
+)
+"""The keywords of tEXt chunks that pass: Pillow keeps their text in `info`, where nothing
+reads it. Under another keyword it might be read (`exif`, or `transparency`, say)."""
+
+_MAX_TEXT: Final = 1 << 20
+"""At most this many bytes of tEXt chunks in all pass (far below Pillow's own limit)."""
+
 _READ: Final = frozenset(
     {b"PLTE", b"tRNS", b"iCCP", b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"acTL", b"fcTL", b"fdAT"}
 )
 """The other chunks Pillow's PNG plugin reads (besides IHDR, IDAT and IEND): a palette,
 transparency, a colour profile, text (which may hold XMP or EXIF orientation), EXIF,
-animation. A file with one is Pillow's to open. Any other ancillary chunk it skips."""
+animation. A file with one is Pillow's to open (tEXt under `_TEXT_KEYWORDS` aside). Any
+other ancillary chunk it skips."""
 
 _IHDR: Final = struct.Struct(">IIBBBBB")
 _LENGTH_TYPE: Final = struct.Struct(">I4s")
@@ -137,6 +152,7 @@ def _image_data(data: bytes, at: int) -> bytes | None:
     end = len(data)
     image_data: list[bytes] = []
     after = False  # whether the run of IDAT chunks is over
+    text = 0  # bytes of tEXt chunks
     while at + 12 <= end:
         length, kind = _LENGTH_TYPE.unpack_from(data, at)
         stop = at + 8 + length
@@ -152,6 +168,11 @@ def _image_data(data: bytes, at: int) -> bytes | None:
             image_data.append(body)
         elif kind == b"IEND":
             return b"".join(image_data) if image_data else None
+        elif kind == b"tEXt" and body.split(b"\0", 1)[0] in _TEXT_KEYWORDS:
+            text += length
+            if text > _MAX_TEXT:
+                return None
+            after = bool(image_data)
         elif _passive(kind, length):
             after = bool(image_data)
         else:
@@ -160,9 +181,9 @@ def _image_data(data: bytes, at: int) -> bytes | None:
 
 
 def _passive(kind: bytes, length: int) -> bool:
-    """Whether a chunk leaves the decoded pixels and their orientation as they are: one that
-    Pillow reads into `info` alone, as long as it needs, or an ancillary one (its type's first
-    letter in lower case) that it skips."""
+    """Whether a chunk (other than text) leaves the decoded pixels and their orientation as
+    they are: one that Pillow reads into `info` alone, as long as it needs, or an ancillary
+    one (its type's first letter in lower case) that it skips."""
     least = _PASSIVE.get(kind)
     if least is not None:
         return length >= least
