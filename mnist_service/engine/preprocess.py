@@ -697,7 +697,7 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     border = values[grid.ring]  # the rounds fit the border's cells alone; the inside joins last
     distance = np.abs(border - _middle(border))
     paper = distance <= _middle(distance) * _MAD_SCALE * FLATTEN_OUTLIER + 1
-    if not paper.any() or np.ptp(border[paper]) < FLATTEN_TOLERANCE * 255:
+    if not paper.any() or _span(border[paper]) < FLATTEN_TOLERANCE * 255:
         return None  # the border's paper is evenly lit (or there is none)
     for _ in range(FLATTEN_ROUNDS):
         if np.count_nonzero(paper) < FLATTEN_MIN_PAPER * border.size:
@@ -722,7 +722,7 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     )
     everywhere[grid.ring] |= paper
     coefficients = grid.all.fit(values, everywhere)
-    if np.ptp((grid.all.cells @ coefficients)[everywhere]) < FLATTEN_TOLERANCE * 255:
+    if _span((grid.all.cells @ coefficients)[everywhere]) < FLATTEN_TOLERANCE * 255:
         return None
     return Lighting.of(coefficients, factor, rows, cols)
 
@@ -787,6 +787,11 @@ def _centre_spread(values: npt.NDArray[np.float64]) -> tuple[float, float]:
     deviation from it, scaled for a normal law."""
     centre = _middle(values)
     return centre, _middle(np.abs(values - centre)) * _MAD_SCALE
+
+
+def _span(values: _Basis) -> float:
+    """The largest value less the smallest (`np.ptp`, a third cheaper on these few cells)."""
+    return float(values.max() - values.min())
 
 
 def _middle(values: npt.NDArray[Any]) -> float:
@@ -943,14 +948,13 @@ def _dilations(grow: float) -> int:
 
 
 def _dilate(image: FloatImage) -> FloatImage:
-    """3x3 grey-level dilation (maximum over each pixel's neighbourhood)."""
+    """3x3 grey-level dilation (maximum over each pixel's neighbourhood, the frame beyond the
+    image taken as 0): across each row, then down each column (4 maxima, not 9)."""
     padded = _padded(image, 1)
-    height, width = image.shape
-    out = image.copy()
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            np.maximum(out, padded[dy : dy + height, dx : dx + width], out=out)
-    return out
+    across = np.maximum(padded[:, :-2], padded[:, 1:-1])
+    np.maximum(across, padded[:, 2:], out=across)
+    out: FloatImage = np.maximum(across[:-2], across[1:-1])
+    return np.maximum(out, across[2:], out=out)
 
 
 def _median(values: FloatImage) -> float:
