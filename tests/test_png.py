@@ -168,6 +168,25 @@ def test_the_alpha_is_decoded_alone_only_where_the_caller_says() -> None:
     assert (np.asarray(seen[0]) == pixels[..., 3]).all()
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    filters=st.lists(st.integers(0, 4), min_size=12, max_size=12),
+    holes=st.lists(st.tuples(st.integers(0, 11), st.integers(0, 11), st.integers(0, 254))),
+)
+def test_an_opaque_alpha_is_told_from_its_filtered_rows(
+    size: tuple[int, int], filters: list[int], holes: list[tuple[int, int, int]]
+) -> None:
+    """`png._opaque` says an alpha is 255 everywhere exactly when it is, whatever each row's
+    filter (then its alpha is not decoded alone: it cannot be the ink)."""
+    height, width = size
+    alpha = np.full((height, width), 255, np.uint8)
+    for row, column, level in holes:
+        alpha[row % height, column % width] = level
+    rows = np.frombuffer(filtered(alpha, filters[:height]), np.uint8).reshape(height, width + 1)
+    assert png._opaque(rows) == bool((alpha == 255).all())
+
+
 @pytest.mark.parametrize("options", [{}, {"optimize": True}, {"compress_level": 0}])
 def test_pillows_own_files_decode_to_its_pixels(
     mnist_test_set: tuple[Bytes, Bytes], options: dict[str, Any]

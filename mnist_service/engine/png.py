@@ -1,19 +1,22 @@
 """Plain PNGs decoded with zlib-ng's inflate and Pillow's own unfiltering.
 
 Decoding a PNG is two steps: inflating the image data (zlib), then undoing each row's
-filter. Pillow does both, with the zlib its wheels carry, and the inflate is most of the time:
-a 280x280 RGBA canvas export (2 KB of data, 306 KB once inflated) takes ~450 us to inflate
-and ~200 us for the rest. zlib-ng inflates the same data in ~30 us. So a file laid out plainly
-is inflated here, and the rows go back to the decoder Pillow's PNG plugin uses (its "zip"
-decoder, through the public `Image.frombytes`) wrapped as stored deflate blocks, which it
-only copies: the pixels are Pillow's own, bit for bit.
+filter. Pillow does both, with the zlib its wheels carry, and on a drawing the inflate is most
+of the time: a 280x280 RGBA canvas export (a pen's strokes on a blank canvas: 2 KB of data,
+306 KB once inflated) takes ~450 us to inflate and ~200 us for the rest. zlib-ng inflates the
+same data in ~30 us. So a file laid out plainly is inflated here, and the rows go back to the
+decoder Pillow's PNG plugin uses (its "zip" decoder, through the public `Image.frombytes`)
+wrapped as stored deflate blocks, which it only copies: the pixels are Pillow's own, bit for
+bit. (Where most rows use the Paeth filter, as on a photo or a smooth gradient, Pillow's
+unfiltering is the larger part, ~640 us for the same size, and stays.)
 
 A transparent canvas (its ink in the alpha channel, `preprocess._canonical`) needs its alpha
 alone. With 8 bits a sample, every PNG filter predicts a byte from the same channel of the
 pixels to the left, above and above-left, so the alpha bytes of the rows, with their filter
 bytes, are an 8-bit grey image filtered the same way: the alpha is unfiltered on its own, a
 quarter of the work (~110 us for that canvas, instead of ~670 us for Pillow's decode and
-`getchannel`).
+`getchannel`). An alpha that is 255 everywhere (a screenshot, a page filled white before the
+drawing) is told from its filtered bytes (`_opaque`), and not unfiltered for nothing.
 
 Only the plainest file is taken (`read`): the signature; IHDR first, 8 bits a sample, grey,
 grey and alpha, RGB or RGBA, not interlaced; the IDAT chunks in one run; IEND last; and
@@ -31,11 +34,13 @@ rows it lacks black, where opening the file refuses it.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from typing import Final, NamedTuple, cast
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from zlib_ng import zlib_ng
 
@@ -130,16 +135,19 @@ def decode(
     file: PngFile, alpha_only: Callable[[Image.Image], bool] | None = None
 ) -> Image.Image | None:
     """The file's pixels, as Pillow decodes them, in its mode; for a file with alpha, its alpha
-    channel alone (mode L) where `alpha_only` says of it that it is all the caller needs.
-    None where the data does not inflate to the rows the header promises."""
+    channel alone (mode L) where `alpha_only` says of it that it is all the caller needs (it is
+    not asked of an alpha that is 255 everywhere, which carries nothing: `_opaque`). None where
+    the data does not inflate to the rows the header promises."""
     rows = _inflate(file)
     if rows is None:
         return None
     try:
         if alpha_only is not None and file.mode in ("LA", "RGBA"):
-            alpha = _unfilter(_alpha_rows(rows, file), "L", file.size)
-            if alpha_only(alpha):
-                return alpha
+            filtered = _alpha_rows(rows, file)
+            if not _opaque(filtered):
+                alpha = _unfilter(filtered.data, "L", file.size)
+                if alpha_only(alpha):
+                    return alpha
         return _unfilter(rows, file.mode, file.size)
     except (ValueError, OSError):  # a filter type PNG does not have: Pillow's to say
         return None
@@ -204,7 +212,7 @@ def _inflate(file: PngFile) -> bytes | None:
     return rows if len(rows) == size and complete else None
 
 
-def _alpha_rows(rows: bytes, file: PngFile) -> memoryview:
+def _alpha_rows(rows: bytes, file: PngFile) -> npt.NDArray[np.uint8]:
     """The alpha channel's filtered rows: each row's filter byte, then its pixels' alpha."""
     width, height = file.size
     channels = _CHANNELS[file.mode]
@@ -212,7 +220,39 @@ def _alpha_rows(rows: bytes, file: PngFile) -> memoryview:
     alpha = np.empty((height, 1 + width), np.uint8)
     alpha[:, 0] = samples[:, 0]
     alpha[:, 1:] = samples[:, channels::channels]  # each pixel's last sample
-    return alpha.data
+    return alpha
+
+
+def _opaque(filtered: npt.NDArray[np.uint8]) -> bool:
+    """Whether filtered rows of one channel (each row's filter byte, then its samples) unfilter
+    to 255 everywhere: an opaque screenshot's or page's alpha, told without unfiltering it.
+    Below a row of 255s (or above the first row, zeros), each filter type leaves the row's
+    255s as one pattern of bytes (`_opaque_rows`)."""
+    types = filtered[:, 0]
+    if int(types.max()) > 4:
+        return False  # no PNG filter: Pillow's to refuse
+    below, first = _opaque_rows(filtered.shape[1] - 1)
+    if not np.array_equal(filtered[0, 1:], first[types[0]]):
+        return False
+    return bool(np.array_equal(filtered[1:, 1:], below[types[1:]]))
+
+
+@functools.lru_cache(maxsize=16)
+def _opaque_rows(width: int) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]:
+    """A row of `width` 255s, filtered by each of PNG's five filters (None, Sub, Up, Average,
+    Paeth), below a row of 255s and as the first row: [5, width] each."""
+    below = np.zeros((5, width), np.uint8)  # Up, and Paeth (its prediction is 255 throughout)
+    below[0] = 255  # None
+    below[1, 0] = 255  # Sub: the first sample has no left neighbour
+    below[3, 0] = 128  # Average: the first sample predicted as (0 + 255) // 2
+    first = np.zeros((5, width), np.uint8)  # Sub and Paeth: the left neighbour, from the second
+    first[:, 0] = 255
+    first[2] = 255  # Up: nothing above
+    first[0] = 255
+    first[3, 1:] = 128  # Average: (255 + 0) // 2 predicted
+    for table in (below, first):
+        table.flags.writeable = False
+    return below, first
 
 
 def _unfilter(rows: bytes | memoryview, mode: str, size: tuple[int, int]) -> Image.Image:
