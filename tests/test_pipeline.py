@@ -23,6 +23,7 @@ from mnist_service.errors import DeadlineExpiredError, OverloadedError
 
 from .test_batcher import RecordingClassifier
 from .test_service import raw_image
+from .waiting import eventually
 
 
 @pytest.fixture
@@ -302,3 +303,47 @@ def _drawn_large(digit: npt.NDArray[np.uint8]) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+async def test_a_redrawn_image_the_caller_gives_up_on_is_dropped_from_its_batch(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Cancelled while its own view waits for a batch: the view is dropped, not run; and so are
+    an unsure image's shifted views when the caller gives up while they wait. Nothing is left
+    behind: no slot, no error for the loop to log."""
+    digit = mnist_test_set[0][0].copy()
+    unsure_digit = digit.copy()
+    unsure_digit[12:17] = 0  # `SureOfInk` is unsure of every view of it
+    batcher = Batcher(SureOfInk(), max_batch_size=64, max_delay=0.05)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 22, executor=executor)
+
+    waiting = pipeline.start((255 - digit).tobytes())  # a redrawn image
+    await eventually(lambda: batcher.queued == 1, "its own view queued")
+    waiting.cancel()
+    sure = await pipeline.classify((255 - digit).tobytes())  # the next batch runs without it
+    assert sure.argmax() == 3
+    assert (batcher.stats.images, batcher.stats.dropped) == (1, 1)
+
+    rereading = pipeline.start((255 - unsure_digit).tobytes())
+    await eventually(lambda: batcher.queued == 4, "the unsure image's shifted views queued")
+    assert batcher.stats.images == 2  # its own view, read
+    rereading.cancel()
+    await eventually(lambda: batcher.stats.dropped == 5, "the shifted views dropped")
+    assert batcher.stats.images == 2
+    assert pipeline.pending == 0
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_redrawn_image_whose_deadline_passes_in_the_queue_gets_the_error(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+) -> None:
+    batcher = Batcher(SureOfInk(), max_batch_size=64, max_delay=0.05)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 22, executor=executor)
+    inverted = (255 - mnist_test_set[0][0]).tobytes()
+    with pytest.raises(DeadlineExpiredError):
+        await pipeline.start(inverted, expires_at=time.monotonic() + 0.01)
+    assert batcher.stats.dropped == 1
+    assert pipeline.pending == 0
