@@ -4,7 +4,8 @@
     mnist-png    28x28 grey PNG, white on black    MNIST format, as a file
     noisy-28     28x28 grey PNG, faint noise       not MNIST format (no pixel is 0)
     inverted-28  28x28 grey PNG, black on white    not MNIST format
-    canvas-280   280x280 RGBA PNG of a canvas      black strokes, ink only in the alpha channel
+    canvas-280   280x280 RGBA PNG of a canvas      black strokes, ink only in the alpha channel,
+                                                   encoded as Chromium's canvas export is
     photo-1024   1024x768 RGB JPEG "phone photo"   digit ~300 px on paper, uneven light, noise
 
 The first two are what MNIST clients send; the others are what users send (drawings, crops,
@@ -17,11 +18,14 @@ format would measure the wrong thing.
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from export.robustness import encode, lighting, noise, paint, pen, to_image
@@ -77,7 +81,33 @@ def _canvas(digit: Digit, rng: np.random.Generator) -> bytes:
     ink = pen(digit, CANVAS_SIDE, CANVAS_PEN)
     rgba = np.zeros((*ink.shape, 4), np.float32)
     rgba[..., 3] = ink * 255  # black strokes on a transparent canvas: only alpha carries them
-    return _png(to_image(rgba, "RGBA"))
+    return _browser_png(np.asarray(to_image(rgba, "RGBA")))
+
+
+def _browser_png(rgba: npt.NDArray[np.uint8]) -> bytes:
+    """An RGBA image as a browser's canvas export (`toDataURL("image/png")`) writes it:
+    Chromium's filter every row Up and deflate fast (level 1 comes within 5 % of its size),
+    where Pillow picks a filter per row and deflates harder. The difference matters: Pillow's
+    zlib inflates Pillow's own file of a canvas about three times slower."""
+    height, width, _ = rgba.shape
+    rows = rgba.reshape(height, width * 4)
+    filtered = np.empty((height, 1 + width * 4), np.uint8)
+    filtered[:, 0] = 2  # Up: each byte less the one above it
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # wraps, as PNG's filters do
+    header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1)),
+            _chunk(b"IEND", b""),
+        ]
+    )
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _photo(digit: Digit, rng: np.random.Generator) -> bytes:
@@ -115,7 +145,8 @@ KINDS: Final = {
              _28_GREY, mnist_format=False),
         Kind("inverted-28", "28x28 grey PNG, black digit on white", _inverted, _28_GREY,
              mnist_format=False),
-        Kind("canvas-280", "280x280 RGBA PNG: 18 px black strokes, transparent background",
+        Kind("canvas-280", "280x280 RGBA PNG as a browser exports it: 18 px black strokes,"
+             " transparent background",
              _canvas, ("PNG", "RGBA", (CANVAS_SIDE, CANVAS_SIDE)), mnist_format=False),
         Kind("photo-1024", "1024x768 JPEG q85: digit 300 px on paper, uneven light, noise",
              _photo, ("JPEG", "RGB", PHOTO_SIZE), mnist_format=False),
