@@ -29,6 +29,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from export.robustness import encode, lighting, noise, paint, pen, to_image
+from mnist_service.engine import png
 from mnist_service.engine.preprocess import is_mnist_format
 
 Digit = np.ndarray[Any, np.dtype[np.uint8]]
@@ -98,7 +99,7 @@ def _browser_png(rgba: npt.NDArray[np.uint8]) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
     return b"".join(
         [
-            b"\x89PNG\r\n\x1a\n",
+            png.SIGNATURE,
             _chunk(b"IHDR", header),
             _chunk(b"IDAT", zlib.compress(filtered.tobytes(), 1)),
             _chunk(b"IEND", b""),

@@ -301,7 +301,8 @@ def open_image(data: bytes, max_pixels: int) -> Opened:
         if file.mode == "L" and file.size == (IMAGE_SIZE, IMAGE_SIZE):
             pixels = png.decode(file)  # a few microseconds: no reason to wait
             if pixels is not None:
-                return np.frombuffer(pixels.tobytes(), np.uint8).reshape(IMAGE_SIZE, IMAGE_SIZE)
+                array: npt.NDArray[np.uint8] = _array(pixels)
+                return array
         return file
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)
@@ -359,7 +360,11 @@ def load(image: Undecoded) -> Image.Image:
     """Decode an image from `open_image` into an upright, working-size 8-bit L or LA image."""
     try:
         if isinstance(image, PngFile):
-            return _shrink(_load_png(image))
+            decoded = _load_png(image)
+            if decoded is not None:
+                return _shrink(decoded)
+            # Data that does not inflate as its header says: Pillow's to read, or refuse.
+            image = Image.open(io.BytesIO(image.data), formats=("PNG",))
         if image.format in ("JPEG", "MPO"):
             # Let libjpeg decode grey at 1/2..1/8 scale: a 4000x3000 photo costs ~1/64th.
             # (a scale that keeps the shorter side at least WORKING_SIDE).
@@ -379,18 +384,14 @@ def load(image: Undecoded) -> Image.Image:
         raise UndecodableImageError("image data is truncated or corrupt") from None
 
 
-def _load_png(file: PngFile) -> Image.Image:
+def _load_png(file: PngFile) -> Image.Image | None:
     """A plain PNG decoded (`png`) into its canonical L image (`_canonical`): a transparent
-    canvas's alpha channel alone, or the whole image converted; where its data does not
-    inflate as its header says, Pillow reads it, or refuses it, from the file."""
+    canvas's alpha channel alone, or the whole image converted; None where its data does not
+    inflate as its header says."""
     image = png.decode(file, alpha_only=_alpha_is_ink)
-    if image is None:
-        image = Image.open(io.BytesIO(file.data), formats=("PNG",))
-        image.load()
-        return _canonical(_upright(image))
-    # L: a grey image, or the alpha channel of a transparent canvas; else, as `_canonical`
-    # converts an image of that mode whose alpha (if any) is not its ink.
-    return image if image.mode == "L" else image.convert("L")
+    if image is None or image.mode == "L":
+        return image  # L: a grey image, or the alpha channel of a transparent canvas
+    return image.convert("L")  # as `_canonical` converts one whose alpha (if any) is no ink
 
 
 def _alpha_is_ink(alpha: Image.Image) -> bool:
