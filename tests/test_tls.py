@@ -321,7 +321,7 @@ def test_load_runs_against_a_mutual_tls_server(mtls_server: ServerProcess, pki: 
     )
 
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["requests"] > 0
     assert report["errors"] == {}
 
