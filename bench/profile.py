@@ -3,6 +3,7 @@
     python -m bench.profile [--root DIR] [--in-flight 64] [--payload mnist-png] [--seconds 5]
     python -m bench.profile --rpc batch --in-flight 4 --payload raw    # PredictBatch of 64
     python -m bench.profile --rpc infer --inclusive 40    # OIP ModelInfer, and time by function
+    python -m bench.profile --rpc stream --payload raw    # PredictStream, one stream
 
 Starts `python -m mnist_service serve --workers 1 --no-access-log` from DIR (default: this
 checkout; point it at a `git worktree` of an older commit to compare) pinned to core 1, drives
@@ -75,7 +76,11 @@ def main(
     payload: Annotated[str, typer.Option(help=f"One of {', '.join(KINDS)}.")] = "mnist-png",
     seconds: Annotated[int, typer.Option(help="Sampled seconds.")] = 5,
     rpc: Annotated[
-        str, typer.Option(help="predict, batch (PredictBatch of 64) or infer (OIP ModelInfer).")
+        str,
+        typer.Option(
+            help="predict, batch (PredictBatch of 64), infer (OIP ModelInfer) or stream "
+            "(PredictStream: one stream from bench.stream_client; --in-flight is ignored)."
+        ),
     ] = "predict",
     model: Annotated[Architecture, typer.Option(help="conv or mlp.")] = "conv",
     top: Annotated[int, typer.Option(help="How many of the hottest functions to list.")] = 15,
@@ -101,6 +106,8 @@ def main(
         raw = len(items[0]).to_bytes(4, "little") + items[0]
         body = _field(1, MODEL_NAMES[model].encode()) + _field(5, tensor) + _field(7, raw)
         service, method = "inference.GRPCInferenceService", "ModelInfer"
+    elif rpc == "stream":
+        body, method = b"", "PredictStream"
     else:
         body, method = _field(1, items[0]), "Predict"
     command = [sys.executable, "-m", "mnist_service", "serve", "--address", "[::1]:0",
@@ -126,13 +133,16 @@ def main(
             body_file = Path(tmp) / "body.bin"
             body_file.write_bytes(b"\0" + len(body).to_bytes(4, "big") + body)
             samples = Path(tmp) / "samples.txt"
+            stream = [sys.executable, "-m", "bench.stream_client", "--address",
+                      f"[::1]:{port}", "--payload", payload, "--seconds", str(seconds + 5)]
             load = subprocess.Popen(
+                pinned(0, stream) if rpc == "stream" else
                 pinned(0, [h2load_path(), "-D", str(seconds + 3), "-c", "1", "-m", str(in_flight),
                            "-d", str(body_file), "-H", "content-type: application/grpc",
                            "-H", "te: trailers", f"http://[::1]:{port}/{service}/{method}"]),
                 stdout=subprocess.PIPE, text=True,
             )  # fmt: skip
-            time.sleep(1.5)
+            time.sleep(3.5 if rpc == "stream" else 1.5)  # the stream client loads MNIST first
             cpu_before, wall_before = cpu_seconds(server.pid), time.monotonic()
             subprocess.run(
                 pinned(0, [py_spy, "record", "--pid", str(server.pid), "--duration", str(seconds),
@@ -143,7 +153,7 @@ def main(
             cpu = cpu_seconds(server.pid) - cpu_before
             wall = time.monotonic() - wall_before
             output, _ = load.communicate(timeout=seconds + 60)
-            rate = _rate(output)
+            rate = json.loads(output)["images_per_s"] if rpc == "stream" else _rate(output)
             counts, leaves, stacks = _categorise(samples)
     finally:
         server.terminate()
