@@ -166,8 +166,15 @@ async def test_classify_many_answers_each_item_as_classify_does(
     digits = mnist_test_set[0][:40]
     png = io.BytesIO()
     Image.fromarray(255 - digits[1]).save(png, "PNG")
+    mnist_pngs = [_png(digit) for digit in digits[5:25]]
+    blank_png = _png(np.zeros((28, 28), np.uint8))
     mixes = {  # items, and how many of them fail (blank, empty)
         "all raw": ([d.tobytes() for d in digits], 0),
+        "MNIST-format PNGs, one blank, one inverted": (
+            [*mnist_pngs[:10], blank_png, png.getvalue(), *mnist_pngs[10:]],
+            1,
+        ),
+        "PNGs and raw": ([*mnist_pngs[:3], digits[6].tobytes(), blank_png, bytes(784)], 2),
         "raw, inverted raw, png, blank and empty": (
             [
                 digits[2].tobytes(),
@@ -193,6 +200,12 @@ async def test_classify_many_answers_each_item_as_classify_does(
                 with pytest.raises(type(result), match=re.escape(str(result))):
                     await pipeline.classify(item)
         assert sum(isinstance(r, Exception) for r in results) == failures
+
+
+def _png(pixels: npt.NDArray[np.uint8]) -> bytes:
+    file = io.BytesIO()
+    Image.fromarray(pixels).save(file, "PNG")
+    return file.getvalue()
 
 
 class MiddleRow:

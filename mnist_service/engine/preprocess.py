@@ -76,6 +76,7 @@ __all__ = [
     "model_batch",
     "open_image",
     "pixel_count",
+    "pixels_batch",
     "prepare",
     "prepare_decoded",
     "preprocess",
@@ -262,10 +263,17 @@ def raw_batch(items: Sequence[bytes]) -> tuple[FloatImage, npt.NDArray[np.bool_]
     which rows are final: MNIST format (mostly black, with ink), as `prepare` would
     pass them through. The other rows (dark on light, blank...) go through `prepare`
     one by one. One vectorised pass instead of one small numpy round per image."""
-    pixels = np.frombuffer(b"".join(items), np.uint8).reshape(len(items), PIXELS)
-    mostly_black = np.count_nonzero(pixels, axis=1) * 2 < PIXELS
-    inked = pixels.max(axis=1) >= MIN_INK_CONTRAST * PIXEL_MAX
-    inputs = scale_pixels(pixels).reshape(len(items), 1, IMAGE_SIZE, IMAGE_SIZE)
+    return pixels_batch(np.frombuffer(b"".join(items), np.uint8))
+
+
+def pixels_batch(pixels: npt.NDArray[np.uint8]) -> tuple[FloatImage, npt.NDArray[np.bool_]]:
+    """Many 28x28 8-bit grey images at once (uint8, 784 a row in any shape: the pixels of
+    MNIST-format PNGs, say) -> model input float32 [N, 1, 28, 28], and which rows are final,
+    as in `raw_batch`."""
+    rows = pixels.reshape(-1, PIXELS)
+    mostly_black = np.count_nonzero(rows, axis=1) * 2 < PIXELS
+    inked = rows.max(axis=1) >= MIN_INK_CONTRAST * PIXEL_MAX
+    inputs = scale_pixels(rows).reshape(len(rows), 1, IMAGE_SIZE, IMAGE_SIZE)
     return inputs, mostly_black & inked
 
 
