@@ -202,6 +202,68 @@ async def test_classify_many_answers_each_item_as_classify_does(
         assert sum(isinstance(r, Exception) for r in results) == failures
 
 
+async def test_start_many_answers_each_item_as_start_does(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+) -> None:
+    digits = mnist_test_set[0][:30]
+    drawing = np.full((60, 90), 255, np.uint8)
+    drawing[15:45, 40:48] = 0  # a dark "1" on white paper: redrawn
+    items = [
+        *(_png(digit) for digit in digits[:12]),
+        _png(255 - digits[12]),  # inverted: redrawn
+        _png(np.zeros((28, 28), np.uint8)),  # blank
+        b"",
+        b"not an image",
+        _png(drawing),
+        bytes(784),  # blank raw pixels
+        *(digit.tobytes() for digit in digits[13:]),
+    ]
+    # A batch size under the number of MNIST-format items: their one submission is split.
+    batcher = Batcher(PixelEcho(), max_batch_size=8)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor)
+
+    futures = pipeline.start_many(items)
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+
+    assert pipeline.pending == 0
+    executions = batcher.stats.executions
+    for item, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, np.ndarray):
+            assert outcome.shape == (1, 10)
+            np.testing.assert_array_equal(outcome, await pipeline.start(item))
+        else:
+            assert isinstance(outcome, Exception)
+            with pytest.raises(type(outcome), match=re.escape(str(outcome))):
+                await pipeline.start(item)
+    assert sum(isinstance(outcome, Exception) for outcome in outcomes) == 4
+    # Together, the 29 MNIST-format items rode in 4 model runs of at most 8, and the 2
+    # redrawn ones took one or two runs each (their shifted views); one at a time, each item
+    # took its own.
+    assert executions <= 4 + 2 * 2
+    assert batcher.stats.executions - executions >= 29 + 2
+
+
+async def test_start_many_past_max_queue_refuses_the_images_that_do_not_fit(
+    executor: ThreadPoolExecutor,
+    mnist_test_set: tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]],
+) -> None:
+    gate = threading.Event()
+    batcher = Batcher(RecordingClassifier(gate=gate), max_batch_size=8, executor=executor)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor, max_queue=4)
+    held = [pipeline.start(raw_image(n)) for n in range(1, 3)]
+
+    refused = pipeline.start_many([_png(digit) for digit in mnist_test_set[0][:3]])
+
+    assert all(isinstance(future.exception(), OverloadedError) for future in refused)
+    assert pipeline.pending == 2
+    gate.set()
+    await asyncio.gather(*held)
+    assert pipeline.pending == 0
+    assert len(await asyncio.gather(*pipeline.start_many([raw_image(1)] * 4))) == 4
+    assert pipeline.pending == 0
+
+
 def _png(pixels: npt.NDArray[np.uint8]) -> bytes:
     file = io.BytesIO()
     Image.fromarray(pixels).save(file, "PNG")

@@ -176,6 +176,20 @@ class Pipeline:
             return _failed(exc)
         try:
             opened = open_image(data, self._max_image_pixels)
+        except Exception as exc:  # the caller gets it from the future, like any other error
+            self._release(1)
+            return _failed(exc)
+        return self._start_opened(opened, len(data), expires_at, on_batch)
+
+    def _start_opened(
+        self,
+        opened: Opened,
+        size: int,
+        expires_at: float | None,
+        on_batch: Callable[[int], None] | None,
+    ) -> asyncio.Future[FloatArray]:
+        """`start` from the opened image (of `size` bytes), admitted already."""
+        try:
             if not self._is_big(opened):
                 prepared = prepare(opened)
                 if not self._has_views(prepared):
@@ -187,18 +201,90 @@ class Pipeline:
                         self._predict_views(prepared, expires_at, on_batch)
                     )
             else:
-                self._admit_decode(len(data))
+                self._admit_decode(size)
                 future = asyncio.ensure_future(
-                    self._classify_big(opened, len(data), expires_at, on_batch)
+                    self._classify_big(opened, size, expires_at, on_batch)
                 )
         except Exception as exc:  # the caller gets it from the future, like any other error
             self._release(1)
-            return _failed(exc)
+            return _failed(_as_result(exc))
         if future.done():  # the lone-caller path: answered already
             self._release(1)
         else:
             future.add_done_callback(self._release_one)
         return future
+
+    def start_many(
+        self, items: Sequence[bytes], expires_at: float | None = None
+    ) -> list[asyncio.Future[FloatArray]]:
+        """`start` for several images at once: one future each, in order. Those in MNIST
+        format (raw pixels, MNIST-format PNGs) are checked and scaled in one vectorised pass
+        and go to the batcher together; the rest start one by one, as in `start`. Cancelling
+        one of the together's futures does not take its image out of the model run."""
+        if len(items) == 1:  # nothing to share: `start`, which may answer at once
+            return [self.start(items[0], expires_at)]
+        futures: list[asyncio.Future[FloatArray] | None] = [None] * len(items)
+        pixels: dict[int, npt.NDArray[np.uint8]] = {}
+        for index, data in enumerate(items):
+            try:
+                _check_deadline(expires_at)
+                opened = open_image(data, self._max_image_pixels)
+            except Exception as exc:  # the caller gets it from the future, as from start
+                futures[index] = _failed(_as_result(exc))
+                continue
+            if isinstance(opened, np.ndarray):
+                pixels[index] = opened
+            else:
+                futures[index] = self._admit_and_start(opened, len(data), expires_at)
+        if pixels:
+            inputs, ready = pixels_batch(np.stack(list(pixels.values())))
+            together = [index for row, index in enumerate(pixels) if ready[row]]
+            for row, (index, array) in enumerate(pixels.items()):
+                if not ready[row]:  # to be redrawn, or refused: as `start` does it
+                    futures[index] = self._admit_and_start(array, array.size, expires_at)
+            if together:
+                futures_together = self._submit_together(inputs[ready], expires_at)
+                for index, future in zip(together, futures_together, strict=True):
+                    futures[index] = future
+        return futures  # type: ignore[return-value]  # every item has its future by now
+
+    def _admit_and_start(
+        self, opened: Opened, size: int, expires_at: float | None
+    ) -> asyncio.Future[FloatArray]:
+        try:
+            self._admit(1)
+        except OverloadedError as exc:
+            return _failed(_as_result(exc))
+        return self._start_opened(opened, size, expires_at, None)
+
+    def _submit_together(
+        self, batch: FloatArray, expires_at: float | None
+    ) -> list[asyncio.Future[FloatArray]]:
+        """Model input [N, 1, 28, 28] of N images, admitted and submitted as one: a future
+        for each image's probabilities [1, 10]."""
+        try:
+            self._admit(len(batch))
+        except OverloadedError as exc:
+            return [_failed(_as_result(exc)) for _ in batch]
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[FloatArray]] = [loop.create_future() for _ in batch]
+
+        def answer(shared: asyncio.Future[FloatArray]) -> None:
+            self._release(len(batch))
+            error = None if shared.cancelled() else shared.exception()
+            for row, future in enumerate(futures):
+                if future.done():
+                    continue
+                if shared.cancelled():
+                    future.cancel()
+                elif error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(shared.result()[row : row + 1])
+
+        # `predict`, not `submit`: it splits what is over the batcher's batch size.
+        asyncio.ensure_future(self._predictor.predict(batch, expires_at)).add_done_callback(answer)
+        return futures
 
     async def _classify_big(
         self,
