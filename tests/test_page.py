@@ -133,6 +133,13 @@ def test_the_page_reads_drawn_and_uploaded_digits(
     one = [(0.5, 0.15 + 0.07 * i) for i in range(11)]
     draw(browser, one, "mouse")
     assert shown_label(browser, "1") == "1"
+    # The pad's paper is transparent, so the PNG it sends has its ink in the alpha channel
+    # (which the server decodes alone): a corner is clear, the stroke's middle opaque.
+    alpha = (
+        "return document.getElementById('pad').getContext('2d').getImageData(%d, %d, 1, 1).data[3]"
+    )
+    assert browser.execute_script(alpha % (0, 0)) == 0
+    assert browser.execute_script(alpha % (140, 140)) == 255
 
     clear(browser)
     zero = [
