@@ -133,17 +133,8 @@ def main(
             body_file = Path(tmp) / "body.bin"
             body_file.write_bytes(b"\0" + len(body).to_bytes(4, "big") + body)
             samples = Path(tmp) / "samples.txt"
-            stream = [
-                sys.executable,
-                "-m",
-                "bench.stream_client",
-                "--address",
-                f"[::1]:{port}",
-                "--payload",
-                payload,
-                "--seconds",
-                str(seconds + 5),
-            ]
+            stream = [sys.executable, "-m", "bench.stream_client", "--address", f"[::1]:{port}",
+                      "--payload", payload, "--seconds", str(seconds + 5)]  # fmt: skip
             load = subprocess.Popen(
                 pinned(0, stream) if rpc == "stream" else
                 pinned(0, [h2load_path(), "-D", str(seconds + 3), "-c", "1", "-m", str(in_flight),

@@ -220,7 +220,8 @@ class Pipeline:
         """`start` for several images at once: one future each, in order. Those in MNIST
         format (raw pixels, MNIST-format PNGs) are checked and scaled in one vectorised pass
         and go to the batcher together; the rest start one by one, as in `start`. Cancelling
-        one of the together's futures does not take its image out of the model run."""
+        the future of one of those that went together does not take its image out of their
+        model run."""
         if len(items) == 1:  # nothing to share: `start`, which may answer at once
             return [self.start(items[0], expires_at)]
         futures: list[asyncio.Future[FloatArray] | None] = [None] * len(items)
