@@ -264,6 +264,19 @@ async def test_start_many_past_max_queue_refuses_the_images_that_do_not_fit(
     assert pipeline.pending == 0
 
 
+async def test_a_failed_model_run_fails_every_image_that_went_together(
+    executor: ThreadPoolExecutor,
+) -> None:
+    batcher = Batcher(RecordingClassifier(fail_on=255), max_batch_size=8)
+    pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor)
+
+    futures = pipeline.start_many([raw_image(n) for n in range(1, 4)])
+
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    assert [str(outcome) for outcome in outcomes] == ["model run failed"] * 3
+    assert pipeline.pending == 0
+
+
 def _png(pixels: npt.NDArray[np.uint8]) -> bytes:
     file = io.BytesIO()
     Image.fromarray(pixels).save(file, "PNG")

@@ -272,16 +272,20 @@ class Pipeline:
 
         def answer(shared: asyncio.Future[FloatArray]) -> None:
             self._release(len(batch))
-            error = None if shared.cancelled() else shared.exception()
+            if shared.cancelled():
+                for future in futures:
+                    future.cancel()  # a no-op on those already done
+                return
+            error = shared.exception()
+            if error is not None:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+                return
+            probabilities = shared.result()
             for row, future in enumerate(futures):
-                if future.done():
-                    continue
-                if shared.cancelled():
-                    future.cancel()
-                elif error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(shared.result()[row : row + 1])
+                if not future.done():
+                    future.set_result(probabilities[row : row + 1])
 
         # `predict`, not `submit`: it splits what is over the batcher's batch size.
         asyncio.ensure_future(self._predictor.predict(batch, expires_at)).add_done_callback(answer)
