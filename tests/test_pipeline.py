@@ -19,7 +19,7 @@ from mnist_service.engine.batcher import Batcher
 from mnist_service.engine.pipeline import Admission, Pipeline
 from mnist_service.engine.preprocess import preprocess
 from mnist_service.engine.views import unsure
-from mnist_service.errors import DeadlineExpiredError, OverloadedError
+from mnist_service.errors import DeadlineExpiredError, EmptyImageError, OverloadedError
 
 from .test_batcher import RecordingClassifier
 from .test_service import raw_image
@@ -252,13 +252,21 @@ async def test_start_many_past_max_queue_refuses_the_images_that_do_not_fit(
     batcher = Batcher(RecordingClassifier(gate=gate), max_batch_size=8, executor=executor)
     pipeline = Pipeline(batcher, max_image_pixels=1 << 20, executor=executor, max_queue=4)
     held = [pipeline.start(raw_image(n)) for n in range(1, 3)]
+    digits = [_png(digit) for digit in mnist_test_set[0][:3]]
 
-    refused = pipeline.start_many([_png(digit) for digit in mnist_test_set[0][:3]])
+    futures = pipeline.start_many([digits[0], b"", digits[1], b"not an image", digits[2]])
 
-    assert all(isinstance(future.exception(), OverloadedError) for future in refused)
-    assert pipeline.pending == 2
+    # Item by item, as `start` would: the first PNG takes a place; the empty one takes one and
+    # gives it back as it fails; the second PNG takes the last place; the rest are refused
+    # before they are read (a file that is no image too).
+    assert not futures[0].done()
+    assert isinstance(futures[1].exception(), EmptyImageError)
+    assert not futures[2].done()
+    assert all(isinstance(future.exception(), OverloadedError) for future in futures[3:])
+    assert pipeline.pending == 4
     gate.set()
-    await asyncio.gather(*held)
+    answers = await asyncio.gather(*held, futures[0], futures[2])
+    assert [answer.shape for answer in answers] == [(1, 10)] * 4
     assert pipeline.pending == 0
     assert len(await asyncio.gather(*pipeline.start_many([raw_image(1)] * 4))) == 4
     assert pipeline.pending == 0

@@ -217,11 +217,12 @@ class Pipeline:
     def start_many(
         self, items: Sequence[bytes], expires_at: float | None = None
     ) -> list[asyncio.Future[FloatArray]]:
-        """`start` for several images at once: one future each, in order. Those in MNIST
-        format (raw pixels, MNIST-format PNGs) are checked and scaled in one vectorised pass
-        and go to the batcher together; the rest start one by one, as in `start`. Cancelling
-        the future of one of those that went together does not take its image out of their
-        model run."""
+        """`start` for several images at once: one future each, in order, and each image
+        admitted, refused or failed as `start` would (in order: the deadline, `max_queue`,
+        then the image itself). Those in MNIST format (raw pixels, MNIST-format PNGs) are
+        checked and scaled in one vectorised pass and go to the batcher together; the rest
+        start one by one, as in `start`. Cancelling the future of one of those that went
+        together does not take its image out of their model run."""
         if len(items) == 1:  # nothing to share: `start`, which may answer at once
             return [self.start(items[0], expires_at)]
         futures: list[asyncio.Future[FloatArray] | None] = [None] * len(items)
@@ -229,44 +230,37 @@ class Pipeline:
         for index, data in enumerate(items):
             try:
                 _check_deadline(expires_at)
+                self._admit(1)
+            except (DeadlineExpiredError, OverloadedError) as exc:
+                futures[index] = _failed(_as_result(exc))
+                continue
+            try:
                 opened = open_image(data, self._max_image_pixels)
             except Exception as exc:  # the caller gets it from the future, as from start
+                self._release(1)
                 futures[index] = _failed(_as_result(exc))
                 continue
             if isinstance(opened, np.ndarray):
                 pixels[index] = opened
             else:
-                futures[index] = self._admit_and_start(opened, len(data), expires_at)
+                futures[index] = self._start_opened(opened, len(data), expires_at, None)
         if pixels:
             inputs, ready = pixels_batch(np.stack(list(pixels.values())))
             together = [index for row, index in enumerate(pixels) if ready[row]]
             for row, (index, array) in enumerate(pixels.items()):
                 if not ready[row]:  # to be redrawn, or refused: as `start` does it
-                    futures[index] = self._admit_and_start(array, array.size, expires_at)
+                    futures[index] = self._start_opened(array, array.size, expires_at, None)
             if together:
                 futures_together = self._submit_together(inputs[ready], expires_at)
                 for index, future in zip(together, futures_together, strict=True):
                     futures[index] = future
         return futures  # type: ignore[return-value]  # every item has its future by now
 
-    def _admit_and_start(
-        self, opened: Opened, size: int, expires_at: float | None
-    ) -> asyncio.Future[FloatArray]:
-        try:
-            self._admit(1)
-        except OverloadedError as exc:
-            return _failed(_as_result(exc))
-        return self._start_opened(opened, size, expires_at, None)
-
     def _submit_together(
         self, batch: FloatArray, expires_at: float | None
     ) -> list[asyncio.Future[FloatArray]]:
-        """Model input [N, 1, 28, 28] of N images, admitted and submitted as one: a future
-        for each image's probabilities [1, 10]."""
-        try:
-            self._admit(len(batch))
-        except OverloadedError as exc:
-            return [_failed(_as_result(exc)) for _ in batch]
+        """Model input [N, 1, 28, 28] of N images, admitted already, submitted as one: a
+        future for each image's probabilities [1, 10]."""
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[FloatArray]] = [loop.create_future() for _ in batch]
 
