@@ -334,6 +334,33 @@ def _phone_photo(digit: Digit, rng: Rng) -> bytes:
     return encode(to_image(noise(soft, rng, 5.0)), "JPEG", quality=85)
 
 
+def shadow(canvas: tuple[int, int], rng: Rng) -> npt.NDArray[np.float32]:
+    """A shadow across part of a photo (a hand, a phone): light times 0.45-0.7 beyond an edge
+    in a random direction, soft over 1-6 % of the page's diagonal, covering 15-50 % of it."""
+    width, height = canvas
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    along = np.cos(angle) * (x - width / 2) + np.sin(angle) * (y - height / 2)
+    edge = float(np.quantile(along, 1 - rng.uniform(0.15, 0.5)))  # the shaded share beyond it
+    softness = float(np.hypot(width, height) * rng.uniform(0.01, 0.06))
+    depth = rng.uniform(0.3, 0.55)
+    shade: npt.NDArray[np.float32] = (
+        1 - depth / (1 + np.exp(np.clip(-(along - edge) / softness, -50, 50)))
+    ).astype(np.float32)
+    return shade[..., np.newaxis]
+
+
+def _shadowed_photo(digit: Digit, rng: Rng) -> bytes:
+    """A pen digit photographed on paper with a shadow across part of the page (which may
+    cross the digit): 640x480 to 1024x768, uneven light, noise, JPEG."""
+    canvas = ((640, 480), (800, 600), (1024, 768))[int(rng.integers(3))]
+    side = int(canvas[1] * rng.uniform(0.3, 0.6))
+    ink = pen(digit, side, max(2, round(side / 60)))
+    drawn = paint(ink, canvas, _place(rng, canvas, side), (240, 236, 228), (30, 30, 40))
+    photo = drawn * lighting(canvas, rng, 0.75) * shadow(canvas, rng)
+    return encode(to_image(noise(photo, rng, 4.0)), "JPEG", quality=85)
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of drawing the test digits."""
@@ -401,6 +428,11 @@ VARIANTS: Final[tuple[Variant, ...]] = (
         "phone-photo",
         "pen on paper, 1024x768 to 1600x1200 JPEG: light, soft lens, noise",
         _phone_photo,
+    ),
+    Variant(
+        "shadowed-photo",
+        "pen on paper, 640x480 to 1024x768 JPEG, a soft-edged shadow across a sixth to half of it",
+        _shadowed_photo,
     ),
 )
 

@@ -21,7 +21,10 @@ into that same form, so the pipeline is::
                  side of it holds more contrast, so dark-on-light and light-on-dark both work.
                  Under uneven light (a photo of paper) a quadratic surface of the paper's
                  level, fitted to the border's paper and only where the border is mostly
-                 paper on a smooth surface, is subtracted first. A soft noise floor, raised
+                 paper on a smooth surface, is subtracted first; where a shadow's edge
+                 crosses a photo, which no such surface follows, a running median over a
+                 coarse grid of the page is (`_shading`), used only where the shadow reaches
+                 the frame's edge and no stroke is taken for shade. A soft noise floor, raised
                  above the sensor noise measured along the border, keeps JPEG artefacts and
                  grain from growing the bounding box, and isolated specks are dropped. The
                  digit is found on a small copy and only its box is mapped, at ~FINE_SIDE px.
@@ -151,6 +154,47 @@ FLATTEN_MAX_MISFIT: Final = 0.02
 """The border's paper cells must lie this close to the fitted surface (robust deviation, as a
 fraction of full scale): box-averaged paper under smooth light does (photos: 0.2 %), a border
 half made of strokes does not."""
+
+SHADE_MIN_SIDE: Final = 192
+"""A photo whose quadratic surface (`_lighting`) fails, or leaves out more than
+`SHADE_UNEXPLAINED` of the page, is looked at for a shadow (`_shading`) where it is at least
+this size on its shorter side; smaller images (thumbnails, crops) are taken as lit smoothly or
+evenly."""
+
+SHADE_UNEXPLAINED: Final = 0.15
+"""A digit's strokes leave 1-5 % of the lighting grid's cells out of the quadratic surface on
+the report's photos; a shadow across a sixth of the page or more leaves out more than this."""
+
+SHADE_GRID: Final = 32
+"""A shadow is looked for on the image box-averaged to about this many cells a side."""
+
+SHADE_ARC: Final = 0.1
+"""A shadow crosses the frame's border: a run of at least this share of the border's cells,
+steady (`SHADE_STEADY`), a tenth or more darker than its lightest paper and no darker than a
+shadow (`SHADE_DEPTH`), where the level climbs or falls steeply (`SHADE_JUMP`) at two places at
+most, where the shadow's edges cross the border. Strokes that cross it do so at two places each."""
+
+SHADE_STEADY: Final = 0.04
+"""Along the shadow's run, neighbouring cells differ by at most this share of the lightest
+paper (the light's slope, sensor noise)."""
+
+SHADE_JUMP: Final = 0.05
+"""A climb or fall of more than this share of the lightest paper from one border cell to the
+next is steep: the edge of a shadow, or of a stroke."""
+
+SHADE_WINDOW: Final = 9
+"""The paper's level under a shadow is the running median of this many cells across, then
+down: a stroke fills few cells of a window and drops out; a shadow, wider than half the
+window, stays."""
+
+SHADE_DEPTH: Final = 0.3
+"""A shadow leaves paper at least this share of the light of the page's lightest paper; what
+is darker over half a window is a stroke (a pen's ink: 10-25 %), and no shading is used."""
+
+SHADE_FOLLOWED: Final = 0.04
+"""Where a quadratic surface fitted to the medians' border cells misses nine tenths of them by
+less than this share of the lightest paper, the light is smooth after all: that surface is
+used. (`_lighting` may have found none where its border's paper looked like ink.)"""
 
 STROKE_THIN: Final = 1.5
 """Strokes narrower than this (px at the 20 px scale, `stroke_width`) are thickened. MNIST's
@@ -515,7 +559,11 @@ def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None)
     else:
         # Light that varies less than the tolerance along the whole border is not fitted.
         uneven = lightest - darkest >= FLATTEN_TOLERANCE * 255
-        lighting = _lighting(picture) if uneven else None
+        lighting: Lighting | Shading | None = None
+        if uneven:
+            lighting = _lighting(picture)
+            if lighting is None or lighting.unexplained > SHADE_UNEXPLAINED:
+                lighting = _shading(picture, ring) or lighting
         paper = Paper(level, lighting, _noise_level(pixels, ring))
     top, bottom, left, right = _digit_box(picture, paper)
     step = max(1, max(bottom - top, right - left) // FINE_SIDE)
@@ -537,13 +585,18 @@ class Lighting(NamedTuple):
     """The grid's cells are cell x cell pixels."""
     rows: int
     columns: int
+    unexplained: float
+    """The share of the grid's cells whose level the surface does not explain: ink, or light
+    it cannot follow (`SHADE_UNEXPLAINED`)."""
 
     @classmethod
-    def of(cls, coefficients: _Basis, cell: int, rows: int, columns: int) -> Lighting:
+    def of(
+        cls, coefficients: _Basis, cell: int, rows: int, columns: int, unexplained: float
+    ) -> Lighting:
         """The surface of coefficients of 1, x, y, x², xy, y² (`_Cells.fit`)."""
         c0, c1, c2, c3, c4, c5 = coefficients.tolist()
         terms = np.array([[c0, c1, c3], [c2, c4, 0], [c5, 0, 0]], np.float32)
-        return cls(terms, cell, rows, columns)
+        return cls(terms, cell, rows, columns, unexplained)
 
     def at(self, top: int, left: int, shape: tuple[int, ...], step: int) -> FloatImage:
         """The surface over a `shape` of blocks of step x step pixels, the first at (top,
@@ -566,13 +619,47 @@ def _powers(values: FloatImage) -> FloatImage:
     return powers
 
 
+class Shading(NamedTuple):
+    """The paper's grey level over the image as a coarse grid (light with an edge: a shadow),
+    linear between the cells' centres and level beyond the outer ones."""
+
+    grid: FloatImage
+    """float32 [rows, columns], the level of each cell."""
+    cell: int
+    """The grid's cells are cell x cell pixels."""
+
+    def at(self, top: int, left: int, shape: tuple[int, ...], step: int) -> FloatImage:
+        """The level over a `shape` of blocks of step x step pixels, the first at (top, left):
+        each block's mean is compared with the level at its centre."""
+        first = (step - 1) / 2 - (self.cell - 1) / 2  # block centre less cell centre, in px
+        rows, columns = self.grid.shape
+        down = _between(shape[0], (top + first) / self.cell, step / self.cell, rows)
+        across = _between(shape[1], (left + first) / self.cell, step / self.cell, columns)
+        surface: FloatImage = np.asarray((down @ self.grid) @ across.T, np.float32)
+        return surface
+
+
+def _between(count: int, start: float, spacing: float, cells: int) -> FloatImage:
+    """Linear interpolation weights [count, cells] at `count` positions from `start`,
+    `spacing` apart, in cell units (cell j's centre at j), clamped to the outer cells."""
+    positions = np.clip(np.arange(count) * spacing + start, 0, cells - 1)
+    below = np.minimum(positions.astype(np.intp), max(cells - 2, 0))
+    above = np.minimum(below + 1, cells - 1)
+    weights = np.zeros((count, cells), np.float32)
+    points = np.arange(count)
+    weights[points, above] = positions - below
+    weights[points, below] += 1 - (positions - below)
+    return weights
+
+
 class Paper(NamedTuple):
     """What the image's paper is like, measured once for the whole image."""
 
     level: int
     """Its grey level (`_paper_level`), where the light is even."""
-    lighting: Lighting | None
-    """Its level under uneven light (a photo), or None."""
+    lighting: Lighting | Shading | None
+    """Its level under uneven light (a photo: a quadratic surface), or under a shadow (a grid),
+    or None."""
     noise: float
     """The sensor noise's standard deviation, in grey levels (`_noise_level`)."""
 
@@ -733,7 +820,96 @@ def _lighting(picture: Image.Image) -> Lighting | None:
     coefficients = grid.all.fit(values, everywhere)
     if _span((grid.all.cells @ coefficients)[everywhere]) < FLATTEN_TOLERANCE * 255:
         return None
-    return Lighting.of(coefficients, factor, rows, cols)
+    unexplained = 1 - np.count_nonzero(everywhere) / everywhere.size
+    return Lighting.of(coefficients, factor, rows, cols, unexplained)
+
+
+def _shading(picture: Image.Image, border: npt.NDArray[np.uint8]) -> Shading | Lighting | None:
+    """The level of light paper under a shadow across a photo (a hand, a phone), where the
+    quadratic surface of `_lighting` found none or left much of the page out; None where no
+    shadow crosses the frame's border (`_shadow_crosses`), where the paper is dark (the lightest
+    tenth of the image's `border` is: a board, whose ink is light, and whose shadows are on the
+    paper's side), or where a stroke would be taken for shade.
+
+    The image is box-averaged to about `SHADE_GRID` cells a side, and each cell takes the
+    median of the `SHADE_WINDOW` cells around it across, then of those down: a stroke fills
+    few of a window's cells and drops out, a shadow fills most and stays, and on a smooth slope
+    of light the median is the cell's own level. Where a quadratic surface follows those
+    medians along the border after all, that surface is the answer (`SHADE_FOLLOWED`). A shadow
+    comes from beyond the frame, so it is as deep at the frame's edge as inside: a dip only
+    inside, or one darker than a shadow (`SHADE_DEPTH`), is a stroke's ink the medians kept, and
+    no shading is used. Small images are never shaded (`SHADE_MIN_SIDE`).
+    """
+    if min(picture.size) < SHADE_MIN_SIDE or _upper_tenth(border) < 128:
+        return None
+    cell = min(picture.size) // SHADE_GRID
+    grid = _array(picture.reduce(cell)).astype(np.float32)
+    if not _shadow_crosses(_border(grid)):
+        return None
+    for axis in (1, 0):
+        grid = _running_median(grid, axis)
+    darkest, lightest = float(grid.min()), float(grid.max())
+    if lightest - darkest < FLATTEN_TOLERANCE * 255 or darkest < SHADE_DEPTH * lightest:
+        return None
+    # Light that a quadratic surface follows along the border is no shadow's: that surface.
+    rows, columns = grid.shape
+    basis = _grid(rows, columns)
+    ring = grid.ravel()[basis.ring].astype(np.float64)
+    coefficients = basis.on_ring.fit(ring, np.ones(ring.size, bool))
+    misfit = np.abs(ring - basis.on_ring.cells @ coefficients)
+    tenth = misfit.size - 1 - misfit.size // 10
+    if float(np.partition(misfit, tenth)[tenth]) < SHADE_FOLLOWED * lightest:
+        return Lighting.of(coefficients, cell, rows, columns, 0.0)
+    # A shadow comes from beyond the frame: it is as deep at the frame's edge as anywhere. A
+    # dip only inside is a stroke's ink the medians kept, and then no shading is used.
+    below = grid - (basis.all.cells @ coefficients).reshape(rows, columns).astype(np.float32)
+    if float(_border(below).min()) > 0.5 * float(below.min()):
+        return None
+    return Shading(grid, cell)
+
+
+def _shadow_crosses(ring: npt.NDArray[Any]) -> bool:
+    """Whether the cells around the border (`_border`, in order) show a shadow crossing it: a
+    run of `SHADE_ARC` of them or more, steady, darker than the lightest paper by a tenth or
+    more and no darker than `SHADE_DEPTH` of it, and steep climbs or falls (`SHADE_JUMP`) at
+    two places at most."""
+    lightest = _upper_tenth(ring)
+    rises = np.diff(ring, append=ring[:1])  # to the next cell, around the ring
+    steps = np.abs(rises)
+    # Where the level climbs or falls steeply over one cell or more, around the ring: a
+    # shadow crosses the border twice, strokes that cross it twice each.
+    steep = np.sign(rises) * (steps > SHADE_JUMP * lightest)
+    if np.count_nonzero((steep != 0) & (steep != np.roll(steep, 1))) > 2:
+        return False
+    steady = (steps <= SHADE_STEADY * lightest) & (np.roll(steps, 1) <= SHADE_STEADY * lightest)
+    shaded = steady & (ring <= 0.9 * lightest) & (ring >= SHADE_DEPTH * lightest)
+    if shaded.all():
+        return False  # the whole border alike: no edge of a shadow
+    # The longest run of shaded cells, around the ring: started just after an unshaded one.
+    start = int(np.argmin(shaded))
+    around = np.concatenate([np.roll(shaded, -start), [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], around])))
+    longest = int((edges[1::2] - edges[::2]).max()) if edges.size else 0
+    return longest >= SHADE_ARC * ring.size
+
+
+def _upper_tenth(values: npt.NDArray[Any]) -> float:
+    """The level a tenth of `values` reach or pass."""
+    tenth = values.size - 1 - values.size // 10
+    return float(np.partition(values, tenth)[tenth])
+
+
+def _running_median(values: FloatImage, axis: int) -> FloatImage:
+    """The median of the `SHADE_WINDOW` cells around each along `axis`, the outer cells
+    repeated past the edges."""
+    half = SHADE_WINDOW // 2
+    width = [(0, 0), (0, 0)]
+    width[axis] = (half, half)
+    windows = np.lib.stride_tricks.sliding_window_view(
+        np.pad(values, width, mode="edge"), SHADE_WINDOW, axis=axis
+    )
+    median: FloatImage = np.partition(windows, half, axis=-1)[..., half]
+    return median
 
 
 _Basis = npt.NDArray[np.float64]
@@ -798,7 +974,7 @@ def _centre_spread(values: npt.NDArray[np.float64]) -> tuple[float, float]:
     return centre, _middle(np.abs(values - centre)) * _MAD_SCALE
 
 
-def _span(values: _Basis) -> float:
+def _span(values: npt.NDArray[np.floating[Any]]) -> float:
     """The largest value less the smallest (`np.ptp`, a third cheaper on these few cells)."""
     return float(values.max() - values.min())
 
