@@ -169,17 +169,26 @@ class Pipeline:
         `expires_at` (a `time.monotonic()` value) is the caller's deadline: an image still
         waiting for preprocessing or for a batch then is dropped with `DeadlineExpiredError`.
         """
+        opened = self._admit_and_open(data, expires_at)
+        if isinstance(opened, asyncio.Future):
+            return opened
+        return self._start_opened(opened, len(data), expires_at, on_batch)
+
+    def _admit_and_open(
+        self, data: bytes, expires_at: float | None
+    ) -> Opened | asyncio.Future[FloatArray]:
+        """One image past the deadline's check and admission, its header read (`open_image`),
+        in that order; or the failed future of its answer, with its place given back."""
         try:
             _check_deadline(expires_at)
             self._admit(1)
         except (DeadlineExpiredError, OverloadedError) as exc:
-            return _failed(exc)
+            return _failed(_as_result(exc))
         try:
-            opened = open_image(data, self._max_image_pixels)
+            return open_image(data, self._max_image_pixels)
         except Exception as exc:  # the caller gets it from the future, like any other error
             self._release(1)
-            return _failed(exc)
-        return self._start_opened(opened, len(data), expires_at, on_batch)
+            return _failed(_as_result(exc))
 
     def _start_opened(
         self,
@@ -228,19 +237,10 @@ class Pipeline:
         futures: list[asyncio.Future[FloatArray] | None] = [None] * len(items)
         pixels: dict[int, npt.NDArray[np.uint8]] = {}
         for index, data in enumerate(items):
-            try:
-                _check_deadline(expires_at)
-                self._admit(1)
-            except (DeadlineExpiredError, OverloadedError) as exc:
-                futures[index] = _failed(_as_result(exc))
-                continue
-            try:
-                opened = open_image(data, self._max_image_pixels)
-            except Exception as exc:  # the caller gets it from the future, as from start
-                self._release(1)
-                futures[index] = _failed(_as_result(exc))
-                continue
-            if isinstance(opened, np.ndarray):
+            opened = self._admit_and_open(data, expires_at)
+            if isinstance(opened, asyncio.Future):
+                futures[index] = opened
+            elif isinstance(opened, np.ndarray):
                 pixels[index] = opened
             else:
                 futures[index] = self._start_opened(opened, len(data), expires_at, None)
