@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from mnist_service.constants import IMAGE_SIZE
 from mnist_service.engine.preprocess import Prepared, open_image, prepare, scale_pixels
@@ -361,6 +361,63 @@ def _shadowed_photo(digit: Digit, rng: Rng) -> bytes:
     return encode(to_image(noise(photo, rng, 4.0)), "JPEG", quality=85)
 
 
+_FIELD_SIDES: Final = (
+    ("top", "bottom", "left", "right"),
+    ("bottom", "left", "right"),
+    ("top", "bottom"),
+    ("left", "right"),
+    ("bottom", "left"),
+)
+"""Which lines of a form's field a crop shows: a box, a box open at the top, a line above
+and one below, one on each side, a corner of a table."""
+
+_FIELD_LINES: Final = ((0, 0, 0), (70, 70, 70), (40, 60, 150), (120, 120, 120))
+_FIELD_PENS: Final = ((10, 10, 10), (20, 30, 110), (30, 30, 30))
+
+
+def _form_field(digit: Digit, rng: Rng) -> bytes:
+    """A digit written in a form's field, cropped with the field's lines: a box half of the
+    time, else two or three of its sides (`_FIELD_SIDES`), lines 1-5 px wide in black, grey or
+    blue, running across the crop, 1-8 % of it in from its edges; the crop 80-200 px tall and
+    up to 1.4 times as wide, the digit 55-80 % of the field clear of its lines, then turned
+    by up to 2 degrees, noise, PNG or JPEG."""
+    height = int(rng.integers(80, 201))
+    width = int(height * rng.uniform(0.9, 1.4))
+    line = max(1, round(height * rng.uniform(0.008, 0.025)))
+    top, bottom, left, right = (round(height * rng.uniform(0.0, 0.08)) + 1 for _ in range(4))
+    bottom, right = height - 1 - bottom, width - 1 - right
+    paper = (int(rng.integers(235, 256)),) * 3
+    field = Image.new("RGB", (width, height), paper)
+    draw_lines = ImageDraw.Draw(field)
+    colour = _FIELD_LINES[int(rng.integers(len(_FIELD_LINES)))]
+    sides = _FIELD_SIDES[0] if rng.random() < 0.5 else _FIELD_SIDES[int(rng.integers(1, 5))]
+    lines = {
+        "top": (0, top, width - 1, top + line - 1),
+        "bottom": (0, bottom - line + 1, width - 1, bottom),
+        "left": (left, 0, left + line - 1, height - 1),
+        "right": (right - line + 1, 0, right, height - 1),
+    }
+    for name in sides:
+        draw_lines.rectangle(lines[name], fill=colour)
+    clear_height, clear_width = bottom - top - 2 * line, right - left - 2 * line
+    side = int(min(clear_height, clear_width) * rng.uniform(0.55, 0.8))
+    ink = pen(digit, side, max(2, round(side / rng.uniform(18, 40))))
+    spare_height, spare_width = clear_height - side, clear_width - side
+    at = (
+        top + line + int(rng.integers(spare_height // 4, spare_height - spare_height // 4 + 1)),
+        left + line + int(rng.integers(spare_width // 4, spare_width - spare_width // 4 + 1)),
+    )
+    ink_colour = _FIELD_PENS[int(rng.integers(len(_FIELD_PENS)))]
+    drawn = paint(ink, (width, height), at, np.asarray(field, np.float32), ink_colour)
+    photo = to_image(noise(drawn, rng, float(rng.uniform(0, 4))))
+    turned = photo.rotate(
+        float(rng.uniform(-2, 2)), resample=Image.Resampling.BICUBIC, fillcolor=paper
+    )
+    if rng.random() < 0.5:
+        return encode(turned, "JPEG", quality=int(rng.integers(80, 95)))
+    return encode(turned, "PNG")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One way of drawing the test digits."""
@@ -433,6 +490,11 @@ VARIANTS: Final[tuple[Variant, ...]] = (
         "shadowed-photo",
         "pen on paper, 640x480 to 1024x768 JPEG, a soft-edged shadow across a sixth to half of it",
         _shadowed_photo,
+    ),
+    Variant(
+        "form-field",
+        "pen in a form's box (or 2-3 of its lines), 80-200 px crop, turned up to 2 degrees",
+        _form_field,
     ),
 )
 

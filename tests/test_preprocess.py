@@ -17,6 +17,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile, ImageFilter, ImageOps, PngImagePlugin
 
 from mnist_service.constants import DIGIT_BOX, IMAGE_SIZE, PIXELS
+from mnist_service.engine import frames
 from mnist_service.engine import preprocess as preprocess_module
 from mnist_service.engine.preprocess import (
     RESAMPLE,
@@ -825,6 +826,91 @@ def test_pages_without_a_shadow_are_read_as_before(
     unshaded = [run(page) for page in pages]
     same = sum(float(np.abs(a - b).mean()) <= 0.01 for a, b in zip(shaded, unshaded, strict=True))
     assert same >= 96
+
+
+def _in_a_field(
+    digit: Bytes, side: int, lines: tuple[str, ...], *, touching: bool = False
+) -> tuple[Image.Image, Image.Image]:
+    """A pen digit written in a form's field `side` px tall (and 1.2 times as wide), with the
+    field's `lines` (of top, bottom, left, right) drawn 2 % of the side wide across the image,
+    and the same page without them. `touching`: the digit's lower end reaches the bottom line."""
+    from export.robustness import pen
+
+    width, line = round(side * 1.2), max(1, round(side * 0.02))
+    drawn = round(side * 0.6)
+    page = np.full((side, width), 0.95, np.float32)
+    top, left = (side - drawn) // 2, (width - drawn) // 2
+    if touching:
+        top = side - round(side * 0.08) - drawn + line  # onto the bottom line
+    page[top : top + drawn, left : left + drawn] -= 0.85 * pen(digit, drawn, max(2, side // 60))
+    plain = grey(page)
+    inset = round(side * 0.08)
+    boxes = {
+        "top": (0, inset, width - 1, inset + line - 1),
+        "bottom": (0, side - inset - line, width - 1, side - inset - 1),
+        "left": (inset, 0, inset + line - 1, side - 1),
+        "right": (width - inset - line, 0, width - inset - 1, side - 1),
+    }
+    field = plain.copy()
+    for name in lines:
+        ImageDraw.Draw(field).rectangle(boxes[name], fill=20)
+    return field, plain
+
+
+BOXED = ("top", "bottom", "left", "right")
+
+
+@pytest.mark.parametrize("side", [100, 300], ids=["small crop", "large crop"])
+@pytest.mark.parametrize(
+    "lines",
+    [BOXED, ("bottom", "left"), ("top", "bottom")],
+    ids=["a box", "a line below and one left", "lines above and below"],
+)
+def test_a_digit_in_a_forms_field_is_read_without_the_fields_lines(
+    digits: Bytes, side: int, lines: tuple[str, ...]
+) -> None:
+    """A digit cropped out of a form with its box, or with the lines of a ruled field, reads
+    as the digit alone: the lines are not ink. (Small crops are looked at whole, large ones
+    on a smaller copy first.)"""
+    field, plain = _in_a_field(digits[TWO], side, lines)
+    framed, alone = run(encode(field, "PNG")), run(encode(plain, "PNG"))
+    assert bbox_size(framed) == bbox_size(alone)
+    assert np.abs(framed - alone).mean() < 0.02
+    assert_mnist_like(framed, digits[TWO], min_similarity=0.75)
+
+
+def test_a_digit_written_across_its_boxs_line_keeps_the_line(
+    digits: Bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the digit touches its box, the line might be the digit's own stroke: nothing is
+    taken out (the same digit clear of the line is read without the box)."""
+    across, _ = _in_a_field(digits[SEVEN], 100, BOXED, touching=True)
+    clear, _ = _in_a_field(digits[SEVEN], 100, BOXED)
+    read = [run(encode(field, "PNG")) for field in (across, clear)]
+    monkeypatch.setattr(frames, "inside", lambda inked, box: None)
+    switched_off = [run(encode(field, "PNG")) for field in (across, clear)]
+    assert np.array_equal(read[0], switched_off[0])
+    assert bbox_size(read[1]) != bbox_size(switched_off[1])
+
+
+def test_pages_without_lines_are_read_as_with_the_frames_step_switched_off(
+    mnist_test_set: tuple[Bytes, Bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The frames step stays out of the way of digits with no lines around them: 100 MNIST
+    digits cropped to their ink (where a 7's bar or a 4's stem spans the crop), dark on light,
+    32-300 px, come out exactly as they do with the step switched off."""
+    rng = np.random.default_rng(30)
+    pages = []
+    for digit in mnist_test_set[0][:100]:
+        rows, cols = np.nonzero(digit.any(axis=1))[0], np.nonzero(digit.any(axis=0))[0]
+        crop = Image.fromarray(255 - digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        scale = int(rng.integers(32, 301)) / max(crop.size)
+        size = (max(1, round(crop.width * scale)), max(1, round(crop.height * scale)))
+        pages.append(encode(crop.resize(size, Image.Resampling.BICUBIC), "PNG"))
+    framed = [run(page) for page in pages]
+    monkeypatch.setattr(frames, "inside", lambda inked, box: None)
+    unframed = [run(page) for page in pages]
+    assert all(np.array_equal(a, b) for a, b in zip(framed, unframed, strict=True))
 
 
 def test_sensor_noise_and_speckle_are_not_ink(digits: Bytes) -> None:

@@ -63,7 +63,7 @@ from mnist_service.errors import (
     UndecodableImageError,
 )
 
-from . import png
+from . import frames, png
 from .png import PngFile
 
 __all__ = [
@@ -195,6 +195,11 @@ SHADE_FOLLOWED: Final = 0.04
 """Where a quadratic surface fitted to the medians' border cells misses nine tenths of them by
 less than this share of the lightest paper, the light is smooth after all: that surface is
 used. (`_lighting` may have found none where its border's paper looked like ink.)"""
+
+FRAME_INK: Final = 0.15
+"""Lines drawn around the digit (a form's box: `frames`) are looked for on the digit's ink map
+among pixels of at least this ink: fainter edges of lines and strokes, and JPEG's ringing,
+would join the digit to its box."""
 
 STROKE_THIN: Final = 1.5
 """Strokes narrower than this (px at the 20 px scale, `stroke_width`) are thickened. MNIST's
@@ -551,7 +556,7 @@ def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None)
     level = darkest if flat else _paper_level(ring)
     if max(pixels.shape) < FLATTEN_MIN_SIDE:
         # A thumbnail: taken as evenly lit and noiseless, and mapped whole.
-        return _box_ink(pixels, Paper(level, None, 0.0), 0, 0, 1)
+        return _unframed(_box_ink(pixels, Paper(level, None, 0.0), 0, 0, 1))
     if picture is None:
         picture = _image(pixels)  # the same pixels, for Pillow's reductions
     if flat:
@@ -571,7 +576,22 @@ def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None)
         box = _array(picture.reduce(step, (left, top, right, bottom)))
     else:
         box = pixels[top:bottom, left:right]
-    return _box_ink(box, paper, top, left, step)
+    ink = _box_ink(box, paper, top, left, step)
+    # `_digit_box` has left a frame out where it looked at a smaller copy.
+    return ink if max(pixels.shape) >= 2 * FIND_SIDE else _unframed(ink)
+
+
+def _unframed(ink: FloatImage) -> FloatImage:
+    """The ink map without the lines drawn around the digit, where there are such lines
+    (`frames.inside`), in place."""
+    if min(ink.shape) < frames.MIN_SIDE:
+        return ink
+    inked = ink >= FRAME_INK
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    if rows.size == 0:
+        return ink
+    part = frames.inside(inked, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    return ink if part is None else np.multiply(ink, part, out=ink)
 
 
 class Lighting(NamedTuple):
@@ -718,8 +738,9 @@ def _ink_side(deviation: FloatImage, paper: Paper) -> int:
 
 def _digit_box(picture: Image.Image, paper: Paper) -> tuple[int, int, int, int]:
     """Where the digit is: (top, bottom, left, right), found on a copy about `FIND_SIDE` px
-    on its longer side, grown by one of its pixels on each side; the whole image when it is
-    that small already, or when the copy shows no clear ink (a faint, thin pen)."""
+    on its longer side, grown by one of its pixels on each side, and within the lines drawn
+    around it where there are such lines (a form's box: `frames.inside`); the whole image when
+    it is that small already, or when the copy shows no clear ink (a faint, thin pen)."""
     width, height = picture.size
     step = max(height, width) // FIND_SIDE
     if step < 2:
@@ -733,6 +754,10 @@ def _digit_box(picture: Image.Image, paper: Paper) -> tuple[int, int, int, int]:
     rows, cols = np.nonzero(inked.any(axis=1))[0], np.nonzero(inked.any(axis=0))[0]
     if strongest < MIN_INK_CONTRAST * 255 or rows.size == 0:
         return 0, height, 0, width
+    part = frames.inside(inked, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    if part is not None:
+        inked &= part
+        rows, cols = np.nonzero(inked.any(axis=1))[0], np.nonzero(inked.any(axis=0))[0]
     return (
         max((int(rows[0]) - 1) * step, 0),
         min((int(rows[-1]) + 2) * step, height),
