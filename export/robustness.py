@@ -375,16 +375,19 @@ _FIELD_LINES: Final = ((0, 0, 0), (70, 70, 70), (40, 60, 150), (120, 120, 120))
 _FIELD_PENS: Final = ((10, 10, 10), (20, 30, 110), (30, 30, 30))
 
 
-def _form_field(digit: Digit, rng: Rng) -> bytes:
+def _form_field(digit: Digit, rng: Rng, *, at_edge: bool = False) -> bytes:
     """A digit written in a form's field, cropped with the field's lines: a box half of the
     time, else two or three of its sides (`_FIELD_SIDES`), lines 1-5 px wide in black, grey or
     blue, running across the crop, 1-8 % of it in from its edges; the crop 80-200 px tall and
     up to 1.4 times as wide, the digit 55-80 % of the field clear of its lines, then turned
-    by up to 2 degrees, noise, PNG or JPEG."""
+    by up to 2 degrees, noise, PNG or JPEG. `at_edge`: cropped along the lines, so they are the
+    image's edges, and not turned (a form on a screen, or a PDF's)."""
     height = int(rng.integers(80, 201))
     width = int(height * rng.uniform(0.9, 1.4))
     line = max(1, round(height * rng.uniform(0.008, 0.025)))
-    top, bottom, left, right = (round(height * rng.uniform(0.0, 0.08)) + 1 for _ in range(4))
+    top, bottom, left, right = (
+        0 if at_edge else round(height * rng.uniform(0.0, 0.08)) + 1 for _ in range(4)
+    )
     bottom, right = height - 1 - bottom, width - 1 - right
     paper = (int(rng.integers(235, 256)),) * 3
     field = Image.new("RGB", (width, height), paper)
@@ -410,9 +413,8 @@ def _form_field(digit: Digit, rng: Rng) -> bytes:
     ink_colour = _FIELD_PENS[int(rng.integers(len(_FIELD_PENS)))]
     drawn = paint(ink, (width, height), at, np.asarray(field, np.float32), ink_colour)
     photo = to_image(noise(drawn, rng, float(rng.uniform(0, 4))))
-    turned = photo.rotate(
-        float(rng.uniform(-2, 2)), resample=Image.Resampling.BICUBIC, fillcolor=paper
-    )
+    angle = float(rng.uniform(-2, 2))
+    turned = photo if at_edge else photo.rotate(angle, Image.Resampling.BICUBIC, fillcolor=paper)
     if rng.random() < 0.5:
         return encode(turned, "JPEG", quality=int(rng.integers(80, 95)))
     return encode(turned, "PNG")
@@ -495,6 +497,11 @@ VARIANTS: Final[tuple[Variant, ...]] = (
         "form-field",
         "pen in a form's box (or 2-3 of its lines), 80-200 px crop, turned up to 2 degrees",
         _form_field,
+    ),
+    Variant(
+        "form-field-edge",
+        "the same cropped along the lines, not turned: the box is the image's border",
+        functools.partial(_form_field, at_edge=True),
     ),
 )
 

@@ -829,14 +829,21 @@ def test_pages_without_a_shadow_are_read_as_before(
 
 
 def _in_a_field(
-    digit: Bytes, side: int, lines: tuple[str, ...], *, touching: bool = False
+    digit: Bytes,
+    side: int,
+    lines: tuple[str, ...],
+    *,
+    touching: bool = False,
+    inset: float = 0.08,
+    line_width: float = 0.02,
 ) -> tuple[Image.Image, Image.Image]:
     """A pen digit written in a form's field `side` px tall (and 1.2 times as wide), with the
-    field's `lines` (of top, bottom, left, right) drawn 2 % of the side wide across the image,
-    and the same page without them. `touching`: the digit's lower end reaches the bottom line."""
+    field's `lines` (of top, bottom, left, right) drawn `line_width` of the side wide across the
+    image, `inset` of it in from the edges, and the same page without them. `touching`: the
+    digit's lower end reaches the bottom line."""
     from export.robustness import pen
 
-    width, line = round(side * 1.2), max(1, round(side * 0.02))
+    width, line = round(side * 1.2), max(1, round(side * line_width))
     drawn = round(side * 0.6)
     page = np.full((side, width), 0.95, np.float32)
     top, left = (side - drawn) // 2, (width - drawn) // 2
@@ -844,12 +851,12 @@ def _in_a_field(
         top = side - round(side * 0.08) - drawn + line  # onto the bottom line
     page[top : top + drawn, left : left + drawn] -= 0.85 * pen(digit, drawn, max(2, side // 60))
     plain = grey(page)
-    inset = round(side * 0.08)
+    edge = round(side * inset)
     boxes = {
-        "top": (0, inset, width - 1, inset + line - 1),
-        "bottom": (0, side - inset - line, width - 1, side - inset - 1),
-        "left": (inset, 0, inset + line - 1, side - 1),
-        "right": (width - inset - line, 0, width - inset - 1, side - 1),
+        "top": (0, edge, width - 1, edge + line - 1),
+        "bottom": (0, side - edge - line, width - 1, side - edge - 1),
+        "left": (edge, 0, edge + line - 1, side - 1),
+        "right": (width - edge - line, 0, width - edge - 1, side - 1),
     }
     field = plain.copy()
     for name in lines:
@@ -877,6 +884,84 @@ def test_a_digit_in_a_forms_field_is_read_without_the_fields_lines(
     assert bbox_size(framed) == bbox_size(alone)
     assert np.abs(framed - alone).mean() < 0.02
     assert_mnist_like(framed, digits[TWO], min_similarity=0.75)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+@pytest.mark.parametrize(
+    "lines",
+    [BOXED, ("top", "left", "right"), ("top", "left")],
+    ids=["a box", "three sides", "a corner"],
+)
+def test_a_field_cropped_at_its_lines_is_read_without_them(
+    digits: Bytes, lines: tuple[str, ...], fmt: str
+) -> None:
+    """Cropped along the box's lines, the image's border is the box, not paper: the paper is
+    found inside it, and the lines are left out all the same."""
+    field, plain = _in_a_field(digits[TWO], 120, lines, inset=0.0, line_width=0.04)
+    framed = run(encode(field, fmt, **({"quality": 85} if fmt == "JPEG" else {})))
+    alone = run(encode(plain, "PNG"))
+    assert bbox_size(framed) == bbox_size(alone)
+    assert np.abs(framed - alone).mean() < 0.03
+    assert_mnist_like(framed, digits[TWO], min_similarity=0.75)
+
+
+@pytest.mark.parametrize("gap", [1, 3])
+def test_a_double_line_along_the_edges_is_cut_off_too(digits: Bytes, gap: int) -> None:
+    """A box of two lines `gap` px apart, cropped at the outer one: read as the digit alone."""
+    box = Image.new("L", (140, 120), 250)
+    draw = ImageDraw.Draw(box)
+    draw.rectangle((0, 0, 139, 119), outline=0, width=2)
+    draw.rectangle((2 + gap, 2 + gap, 137 - gap, 117 - gap), outline=0, width=2)
+    ink = np.zeros((120, 140), np.float32)
+    ink[30:90, 40:100] = np.asarray(Image.fromarray(digits[TWO]).resize((60, 60)), np.float32)
+    ink /= 255
+    paper = np.asarray(box, np.float32) / 255
+    framed = run(encode(grey(np.minimum(paper, 1 - ink)), "PNG"))
+    alone = run(encode(grey(0.98 - 0.98 * ink), "PNG"))
+    assert np.abs(framed - alone).mean() < 0.01
+
+
+def test_a_frame_of_many_lines_is_cut_off_a_few_times_at_most(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Lines upon lines along the edges (a hostile image) take `EDGE_PEELS` cuts at most: an
+    answer, and no deep recursion."""
+    side = 150  # decoded as it is: not shrunk, which would blur the lines to grey
+    y, x = np.mgrid[0:side, 0:side]
+    depth = np.minimum(np.minimum(y, side - 1 - y), np.minimum(x, side - 1 - x))
+    page = np.where((depth < 12) & (depth % 3 < 2), 0, 250).astype(np.uint8)  # 4 lines a side
+    page[60:90, 70:80] = 0  # and a stroke inside
+    cuts = []
+    peeled = preprocess_module._peeled
+
+    def counted(pixels: Bytes, level: int) -> Bytes | None:
+        cut = peeled(pixels, level)
+        cuts.append(cut is not None)
+        return cut
+
+    monkeypatch.setattr(preprocess_module, "_peeled", counted)
+    run(encode(Image.fromarray(page), "PNG"))
+    assert sum(cuts) == preprocess_module.EDGE_PEELS
+
+
+def test_light_digits_on_dark_that_touch_the_edge_are_not_peeled(
+    mnist_test_set: tuple[Bytes, Bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dark border is looked at as a possible frame on the edge; a light-on-dark digit cropped
+    to its ink (a fat stroke can fill the rows inside) is not one: 200 of them, 32-200 px, come
+    out exactly as with that step switched off."""
+    rng = np.random.default_rng(31)
+    pages = []
+    for digit in mnist_test_set[0][:200]:
+        rows, cols = np.nonzero(digit.any(axis=1))[0], np.nonzero(digit.any(axis=0))[0]
+        crop = Image.fromarray(digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+        crop = crop.filter(ImageFilter.MaxFilter(3)) if rng.random() < 0.5 else crop
+        scale = int(rng.integers(32, 201)) / min(crop.size)
+        size = (round(crop.width * scale), round(crop.height * scale))
+        pages.append(encode(crop.resize(size, Image.Resampling.BICUBIC), "PNG"))
+    read = [run(page) for page in pages]
+    monkeypatch.setattr(preprocess_module, "_peeled", lambda pixels, level: None)
+    assert all(np.array_equal(a, run(page)) for a, page in zip(read, pages, strict=True))
 
 
 def test_a_digit_written_across_its_boxs_line_keeps_the_line(

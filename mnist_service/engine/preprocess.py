@@ -201,6 +201,27 @@ FRAME_INK: Final = 0.15
 among pixels of at least this ink: fainter edges of lines and strokes, and JPEG's ringing,
 would join the digit to its box."""
 
+EDGE_DARK: Final = 128
+"""A border darker than this may be a dark frame drawn along the image's edges (`_peeled`)."""
+
+EDGE_DEPTH: Final = 0.08
+"""...at most this share of the image's shorter side thick;"""
+
+EDGE_CONTRAST: Final = 0.3
+"""...and then the inside, that deep in, is mostly lighter than it by this share of full scale
+or more (the paper)."""
+
+EDGE_PEELS: Final = 3
+"""A frame of up to this many lines along the edges is cut off, a line at a time (a double
+line: each cut stops past the first row of paper, where the second line may begin)."""
+
+EDGE_SPREAD: Final = 24
+"""A line's pixels lie within this many grey levels of the border's level (JPEG's ringing)."""
+
+EDGE_UNIFORM: Final = 0.95
+"""A side's outermost row is a frame's line where this share of it or more is at the border's
+level; past the line, a row of which less than the rest is at that level is paper."""
+
 STROKE_THIN: Final = 1.5
 """Strokes narrower than this (px at the 20 px scale, `stroke_width`) are thickened. MNIST's
 training digits: 5th percentile 1.30, median 1.92, 90th 2.67; pens of 1-4 px on drawings of
@@ -547,13 +568,20 @@ def ink_map(image: Image.Image) -> FloatImage:
     return _grey_ink(_array(grey), grey)
 
 
-def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None) -> FloatImage:
+def _grey_ink(
+    pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None, *, peels: int = EDGE_PEELS
+) -> FloatImage:
     """`ink_map` of 8-bit grey pixels; `picture` is the same pixels as a Pillow image, where
-    the caller has one (else one is made when needed)."""
+    the caller has one (else one is made when needed). A dark frame's line along the edges is
+    cut off (`_peeled`) up to `peels` times."""
     ring = _border(pixels)
     darkest, lightest = int(ring.min()), int(ring.max())
     flat = darkest == lightest  # a drawing's background: no noise, no lighting, one level
     level = darkest if flat else _paper_level(ring)
+    if peels and level < EDGE_DARK and min(pixels.shape) >= frames.MIN_SIDE:
+        peeled = _peeled(pixels, level)
+        if peeled is not None:  # the border was a frame's line: the paper is inside it
+            return _grey_ink(peeled, peels=peels - 1)
     if max(pixels.shape) < FLATTEN_MIN_SIDE:
         # A thumbnail: taken as evenly lit and noiseless, and mapped whole.
         return _unframed(_box_ink(pixels, Paper(level, None, 0.0), 0, 0, 1))
@@ -579,6 +607,34 @@ def _grey_ink(pixels: npt.NDArray[np.uint8], picture: Image.Image | None = None)
     ink = _box_ink(box, paper, top, left, step)
     # `_digit_box` has left a frame out where it looked at a smaller copy.
     return ink if max(pixels.shape) >= 2 * FIND_SIDE else _unframed(ink)
+
+
+def _peeled(pixels: npt.NDArray[np.uint8], level: int) -> npt.NDArray[np.uint8] | None:
+    """The image without the lines of a dark frame drawn along its edges (a form's box cropped
+    at its lines, where the border is the box and no paper), or None where there is none.
+
+    Only where the rows `EDGE_DEPTH` in, top and bottom, are mostly much lighter than the
+    border (`EDGE_CONTRAST`); then each side whose outermost row is one line at the border's
+    level (`EDGE_UNIFORM` of it, within `EDGE_SPREAD`) is cut past the first row that is mostly
+    not (a light-on-dark digit that touches the edge leaves dark rows within: it is not cut)."""
+    height, width = pixels.shape
+    depth = max(2, int(EDGE_DEPTH * min(height, width)))
+    # The rows that deep in, top and bottom (a frame's paper; a quick test, on two rows).
+    inside = np.concatenate((pixels[depth], pixels[-1 - depth]))
+    if _middle(inside) - level < EDGE_CONTRAST * 255:
+        return None
+    cuts = []
+    for side in (pixels, pixels[::-1], pixels.T, pixels.T[::-1]):  # rows from each edge in
+        # Each row but its ends, where the frame's other lines cross it.
+        rows = side[: depth + 1, depth:-depth].astype(np.int16)
+        share = (np.abs(rows - level) <= EDGE_SPREAD).mean(axis=1)
+        clear = np.flatnonzero(share < 1 - EDGE_UNIFORM)
+        # Past the line, and the row of its anti-aliased edge.
+        cuts.append(int(clear[0]) + 1 if share[0] >= EDGE_UNIFORM and clear.size else 0)
+    if not any(cuts):
+        return None
+    top, bottom, left, right = cuts
+    return np.ascontiguousarray(pixels[top : height - bottom, left : width - right])
 
 
 def _unframed(ink: FloatImage) -> FloatImage:
