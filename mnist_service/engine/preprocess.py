@@ -28,6 +28,9 @@ into that same form, so the pipeline is::
                  above the sensor noise measured along the border, keeps JPEG artefacts and
                  grain from growing the bounding box, and isolated specks are dropped. The
                  digit is found on a small copy and only its box is mapped, at ~FINE_SIDE px.
+                 The lines of a form's box drawn around the digit (`frames`) are left out
+                 where the digit is clear of them; where the crop runs along them, so the
+                 border is the box and no paper, they are cut off first (`_peeled`).
     centre_like_mnist
                  -> float32 28x28: crop to the ink, anti-aliased resize of the longer side to
                  20 px, strokes brought to MNIST's (the ink's median made full ink, a
@@ -646,8 +649,13 @@ def _unframed(ink: FloatImage) -> FloatImage:
     rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
     if rows.size == 0:
         return ink
-    part = frames.inside(inked, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    part = frames.inside(inked, _bounds(rows, cols))
     return ink if part is None else np.multiply(ink, part, out=ink)
+
+
+def _bounds(rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp]) -> frames.Box:
+    """The box (top, bottom, left, right) of the inked `rows` and `cols` (in order, not empty)."""
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
 class Lighting(NamedTuple):
@@ -810,7 +818,7 @@ def _digit_box(picture: Image.Image, paper: Paper) -> tuple[int, int, int, int]:
     rows, cols = np.nonzero(inked.any(axis=1))[0], np.nonzero(inked.any(axis=0))[0]
     if strongest < MIN_INK_CONTRAST * 255 or rows.size == 0:
         return 0, height, 0, width
-    part = frames.inside(inked, (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    part = frames.inside(inked, _bounds(rows, cols))
     if part is not None:
         inked &= part
         rows, cols = np.nonzero(inked.any(axis=1))[0], np.nonzero(inked.any(axis=0))[0]
