@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from mnist_service.engine.frames import Box, inside
+from mnist_service.engine.frames import Box, inside, ruled
 
 Mask = npt.NDArray[np.bool_]
 Bytes = npt.NDArray[np.uint8]
@@ -124,6 +124,61 @@ def test_no_mnist_digit_is_taken_for_a_frame(
             assert inside(mask, box_of(mask)) is None
 
 
+# --- ruled lines --------------------------------------------------------------------------
+
+
+def test_a_line_under_the_digit_that_runs_past_it_is_ruled_out() -> None:
+    mask = drawn(SIZE, [(0, 85, 119, 85)], 2)
+    lines = ruled(mask, box_of(mask))
+    assert lines is not None
+    assert not (mask & ~lines)[80:90].any()  # the whole line
+    assert np.array_equal(box_of(mask & ~lines), blob_box(SIZE))  # and nothing of the blob
+
+
+def test_where_a_stroke_crosses_a_rule_the_stroke_is_kept() -> None:
+    # A rule through the blob's middle, and a stroke down across it.
+    mask = drawn(SIZE, [(0, 50, 119, 50), (60, 30, 60, 75)], 2)
+    lines = ruled(mask, box_of(mask))
+    assert lines is not None
+    kept = mask & ~lines
+    stroke = np.flatnonzero(mask[40])  # the stroke's columns, above the rule
+    rule = np.flatnonzero(mask[:, 5])  # the rule's rows, left of the blob
+    assert kept[rule[0] : rule[-1] + 1, stroke].all()  # the crossing
+    assert not kept[rule[0] : rule[-1] + 1, :30].any()  # the rule beside the blob
+
+
+def test_a_line_that_ends_where_the_digit_does_is_no_rule() -> None:
+    """A 7's bar or a 2's base: as long as the digit is wide, at one end at least."""
+    blob = blob_box(SIZE)
+    mask = drawn(SIZE, [(blob[2], 85, 119, 85)], 2)  # from the blob's left edge on
+    assert ruled(mask, box_of(mask)) is None
+
+
+def test_upright_lines_are_no_rules() -> None:
+    """A 4's stem runs past its other strokes above and below: upright lines are left to the
+    frames step (two of them or more, clear of the digit)."""
+    mask = drawn(SIZE, [(10, 0, 10, 99)], 2)
+    assert ruled(mask, box_of(mask)) is None
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+@pytest.mark.parametrize("margin", [0, 2])
+def test_no_mnist_digit_has_a_stroke_taken_for_a_rule(
+    mnist_test_set: tuple[Bytes, Bytes], scale: int, margin: int
+) -> None:
+    """1,000 MNIST test digits, as in the frames' test above: no stroke is ruled out."""
+    for digit in mnist_test_set[0][:1000]:
+        rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+        crop = np.pad(digit, margin)[
+            rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin
+        ]
+        size = (crop.shape[1] * scale, crop.shape[0] * scale)
+        big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
+        for level in (40, 128):
+            mask = big >= level
+            assert ruled(mask, box_of(mask)) is None
+
+
 PROPERTIES = settings(derandomize=True, database=None, deadline=None, max_examples=300)
 
 
@@ -156,10 +211,16 @@ def masks(draw: st.DrawFn) -> Mask:
 @PROPERTIES
 @given(masks())
 def test_any_mask_gives_a_part_with_ink_in_it_or_none(mask: Mask) -> None:
-    """Whatever the lines: no error, and a part (where one is found) is a box of the mask that
-    holds ink and leaves ink out (the lines)."""
+    """Whatever the lines: no error; rules (where found) are inked pixels, not all of them; and
+    a part (where one is found) is a box of the mask that holds ink and leaves ink out (the
+    lines)."""
     if not mask.any():
         return
+    lines = ruled(mask, box_of(mask))
+    if lines is not None:
+        assert lines.shape == mask.shape
+        assert not (lines & ~mask).any()  # only inked pixels are ruled out
+        assert (mask & ~lines).any()  # and never all of them
     part = inside(mask, box_of(mask))
     if part is None:
         return

@@ -964,6 +964,36 @@ def test_light_digits_on_dark_that_touch_the_edge_are_not_peeled(
     assert all(np.array_equal(a, run(page)) for a, page in zip(read, pages, strict=True))
 
 
+def _on_rules(digit: Bytes, rules: list[int], top: int) -> tuple[bytes, bytes]:
+    """A pen digit 70 px tall at `top` on a 100x110 crop of paper with 2 px rules at `rules`
+    (rows), and the same without them."""
+    from export.robustness import pen
+
+    page = np.full((110, 100), 0.96, np.float32)
+    page[top : top + 70, 15:85] -= 0.9 * pen(digit, 70, 3)
+    ruled = page.copy()
+    for row in rules:
+        ruled[row : row + 2] = np.minimum(ruled[row : row + 2], 0.45)
+    return encode(grey(ruled), "PNG"), encode(grey(page), "PNG")
+
+
+@pytest.mark.parametrize(
+    ("rules", "top"),
+    [([95], 10), ([78], 10), ([8, 45, 82], 12)],
+    ids=["a rule under it", "its foot on a rule", "rules across it"],
+)
+def test_a_digit_on_ruled_paper_is_read_without_the_rules(
+    digits: Bytes, rules: list[int], top: int
+) -> None:
+    """A small crop of a digit written on ruled paper: the rules, which run past the digit at
+    both ends, are left out, and strokes that cross them are kept."""
+    ruled, plain = _on_rules(digits[TWO], rules, top)
+    read, alone = run(ruled), run(plain)
+    assert bbox_size(read) == bbox_size(alone)
+    assert np.abs(read - alone).mean() < 0.03
+    assert_mnist_like(read, digits[TWO], min_similarity=0.75)
+
+
 def test_a_digit_written_across_its_boxs_line_keeps_the_line(
     digits: Bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -981,9 +1011,9 @@ def test_a_digit_written_across_its_boxs_line_keeps_the_line(
 def test_pages_without_lines_are_read_as_with_the_frames_step_switched_off(
     mnist_test_set: tuple[Bytes, Bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The frames step stays out of the way of digits with no lines around them: 100 MNIST
-    digits cropped to their ink (where a 7's bar or a 4's stem spans the crop), dark on light,
-    32-300 px, come out exactly as they do with the step switched off."""
+    """The frames and rules steps stay out of the way of digits with no lines around them: 100
+    MNIST digits cropped to their ink (where a 7's bar or a 4's stem spans the crop), dark on
+    light, 32-300 px, come out exactly as they do with both steps switched off."""
     rng = np.random.default_rng(30)
     pages = []
     for digit in mnist_test_set[0][:100]:
@@ -994,6 +1024,7 @@ def test_pages_without_lines_are_read_as_with_the_frames_step_switched_off(
         pages.append(encode(crop.resize(size, Image.Resampling.BICUBIC), "PNG"))
     framed = [run(page) for page in pages]
     monkeypatch.setattr(frames, "inside", lambda inked, box: None)
+    monkeypatch.setattr(frames, "ruled", lambda inked, box: None)
     unframed = [run(page) for page in pages]
     assert all(np.array_equal(a, b) for a, b in zip(framed, unframed, strict=True))
 

@@ -89,13 +89,20 @@ def test_pens_range_from_hairline_to_broad(mnist_test_set: Split) -> None:
     assert inked("felt-tip") > 4 * inked("hairline-pen") > 0
 
 
+WEAK_ROWS = {"ruled-paper": 0.5}
+"""Rows the preprocessing is known to read worse, with their own bound (about three standard
+errors of a 60-digit sample under the 1,000-digit figure in docs/accuracy.md): dark rules
+across a small crop, some of which stay (`ruled-paper`, 68 %)."""
+
+
 def test_report_on_a_subset_meets_the_bound_for_every_variant(mnist_test_set: Split) -> None:
     images, labels = mnist_test_set[0][:SUBSET], mnist_test_set[1][:SUBSET]
     rows = run_report([predict_locally(open_session(CONVNET))], images, labels)
     assert [row.variant for row in rows] == list(VARIANTS)
     for row in rows:
         assert row.total == SUBSET
-        assert row.accuracy[0] >= MIN_SUBSET_ACCURACY, row.variant.name
+        least = WEAK_ROWS.get(row.variant.name, MIN_SUBSET_ACCURACY)
+        assert row.accuracy[0] >= least, row.variant.name
     table = format_table(["convnet"], rows)
     assert table.count("\n") == len(VARIANTS) + 1
     assert "| `mnist` |" in table

@@ -1,5 +1,6 @@
-"""Lines drawn around a digit, and the part of the image they enclose. Pure numpy on masks
-of ink; knows nothing of files, Pillow or the model.
+"""Lines drawn around a digit or under it, and the part of the image they enclose. Pure numpy
+on masks of ink; knows nothing of files, Pillow or the model. (Ruled lines, which need not
+enclose anything, are `ruled`'s: see there.)
 
 A digit written in a form's box comes with the box: four long straight lines, or two or three
 where the crop cut the others (a field ruled above and below, a corner of a table). Read as
@@ -25,7 +26,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["inside"]
+__all__ = ["inside", "ruled"]
 
 Mask = npt.NDArray[np.bool_]
 Spans = list[tuple[int, int]]
@@ -48,6 +49,10 @@ be a dozen pixels tall)."""
 
 MIN_INK: Final = 8
 """The part the lines enclose must hold at least this many inked pixels: a digit."""
+
+OVERHANG: Final = 0.15
+"""A ruled line runs past the rest of the ink at both ends by at least this share of its
+length (`ruled`); a digit's own bar ends where its other strokes do, at one end at least."""
 
 
 Box = tuple[int, int, int, int]
@@ -104,6 +109,55 @@ def inside(inked: Mask, box: Box) -> Mask | None:
     part = np.zeros_like(inked)
     part[rows, columns] = True
     return part
+
+
+def ruled(inked: Mask, box: Box) -> Mask | None:
+    """The pixels of ruled lines to leave out (a line under the digit, a notebook's rules
+    across it): level lines (`_lines`) that run past the rest of the ink at both ends
+    (`OVERHANG`) and are `THIN` on average, less where a stroke crosses them (ink next to the
+    line on both sides, within the line's own thickness across); None where there are none.
+    `box` bounds the ink.
+
+    Level lines only: a digit's long level strokes end where its other strokes do (a 7's bar,
+    a 2's base, a 5's and a 4's bar), but an upright one need not (a 4's stem runs past its
+    other strokes above and below). A stroke that ends on a line (a digit written on it) loses
+    the line under its end; one that runs along a line is lost with it where nothing crosses."""
+    height, width = inked.shape
+    _, _, left, right = box
+    if min(height, width) < MIN_SIDE or right - left < SPAN * width:
+        return None
+    spans = _lines(inked)
+    if not spans:
+        return None
+    rest = inked.copy()
+    for start, stop in spans:
+        rest[start:stop] = False
+    columns = np.flatnonzero(rest.any(axis=0))
+    if columns.size == 0:
+        return None  # nothing but lines: no digit to leave them out of
+    first, last = int(columns[0]), int(columns[-1])
+    out = np.zeros_like(inked)
+    for start, stop in spans:
+        along = np.flatnonzero(inked[start:stop].any(axis=0))
+        begin, end = int(along[0]), int(along[-1])
+        if min(first - begin, end - last) < OVERHANG * (end - begin):
+            continue  # the line ends where the digit does: it may be a stroke of it
+        if np.count_nonzero(inked[start:stop]) > THIN * height * along.size:
+            continue  # thicker on average than a line: a bar, blurred or broad
+        above = inked[start - 1] if start > 0 else np.zeros(width, bool)
+        below = inked[stop] if stop < height else np.zeros(width, bool)
+        crossed = _spread(above, stop - start) & _spread(below, stop - start)
+        out[start:stop] |= inked[start:stop] & ~crossed
+    return out if out.any() else None
+
+
+def _spread(flags: npt.NDArray[np.bool_], reach: int) -> npt.NDArray[np.bool_]:
+    """`flags` widened by `reach` each way."""
+    spread = flags.copy()
+    for shift in range(1, reach + 1):
+        spread[shift:] |= flags[:-shift]
+        spread[:-shift] |= flags[shift:]
+    return spread
 
 
 def _outermost(inked: Mask, box: Box) -> bool:

@@ -30,7 +30,9 @@ into that same form, so the pipeline is::
                  digit is found on a small copy and only its box is mapped, at ~FINE_SIDE px.
                  The lines of a form's box drawn around the digit (`frames`) are left out
                  where the digit is clear of them; where the crop runs along them, so the
-                 border is the box and no paper, they are cut off first (`_peeled`).
+                 border is the box and no paper, they are cut off first (`_peeled`). In a
+                 small image, ruled lines that run past the digit at both ends are left out
+                 but where strokes cross them.
     centre_like_mnist
                  -> float32 28x28: crop to the ink, anti-aliased resize of the longer side to
                  20 px, strokes brought to MNIST's (the ink's median made full ink, a
@@ -642,15 +644,22 @@ def _peeled(pixels: npt.NDArray[np.uint8], level: int) -> npt.NDArray[np.uint8] 
 
 def _unframed(ink: FloatImage) -> FloatImage:
     """The ink map without the lines drawn around the digit, where there are such lines
-    (`frames.inside`), in place."""
+    (`frames.inside`), or else without the ruled lines that run past it (`frames.ruled`), in
+    place."""
     if min(ink.shape) < frames.MIN_SIDE:
         return ink
     inked = ink >= FRAME_INK
     rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
     if rows.size == 0:
         return ink
-    part = frames.inside(inked, _bounds(rows, cols))
-    return ink if part is None else np.multiply(ink, part, out=ink)
+    box = _bounds(rows, cols)
+    part = frames.inside(inked, box)
+    if part is not None:
+        return np.multiply(ink, part, out=ink)
+    ruled = frames.ruled(inked, box)
+    if ruled is not None:
+        ink[ruled] = 0
+    return ink
 
 
 def _bounds(rows: npt.NDArray[np.intp], cols: npt.NDArray[np.intp]) -> frames.Box:
