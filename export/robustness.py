@@ -423,8 +423,8 @@ def _form_field(digit: Digit, rng: Rng, *, at_edge: bool = False) -> bytes:
 def _on_ruled_paper(digit: Digit, rng: Rng) -> bytes:
     """A pen digit written on ruled paper and cropped around it with the rules: a crop 64-127 px
     wide, rules 1-3 px wide at grey 90-180 every 20-45 % of the crop, running across it; the
-    digit 55-75 % of the crop, its foot on a rule half of the time (else anywhere), noise, PNG
-    or JPEG."""
+    digit 55-75 % of the crop, its lowest ink on a rule half of the time (else anywhere),
+    noise, PNG or JPEG."""
     width = int(rng.integers(64, 128))
     height = int(width * rng.uniform(0.9, 1.3))
     side = int(min(width, height) * rng.uniform(0.55, 0.75))
@@ -433,15 +433,17 @@ def _on_ruled_paper(digit: Digit, rng: Rng) -> bytes:
     paper = np.full((height, width, 3), float(rng.integers(235, 256)), np.float32)
     first = int(rng.integers(0, spacing))
     rules = list(range(first, height, spacing))
+    ink = pen(digit, side, max(2, round(side / rng.uniform(18, 30))))
+    rows = np.flatnonzero(ink.max(axis=1) >= 0.5)
     top = int(rng.integers(0, height - side + 1))
-    on_rule = [y for y in rules if side <= y <= height - line]
+    # Written on a rule: the foot (the lowest half-inked row) on it, the drawing in the crop.
+    on_rule = [y - int(rows[-1]) for y in rules if 0 <= y - int(rows[-1]) <= height - side]
     if on_rule and rng.random() < 0.5:
-        top = on_rule[int(rng.integers(len(on_rule)))] - side + line  # its foot on the rule
+        top = on_rule[int(rng.integers(len(on_rule)))]
     shade = float(rng.integers(90, 181))
     for y in rules:
         paper[y : y + line] = shade
     left = int(rng.integers(0, width - side + 1))
-    ink = pen(digit, side, max(2, round(side / rng.uniform(18, 30))))
     drawn = paint(ink, (width, height), (top, left), paper, (15, 15, 60))
     photo = to_image(noise(drawn, rng, float(rng.uniform(0, 3))))
     if rng.random() < 0.5:

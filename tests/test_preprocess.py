@@ -965,32 +965,35 @@ def test_light_digits_on_dark_that_touch_the_edge_are_not_peeled(
 
 
 def _on_rules(digit: Bytes, rules: list[int], top: int) -> tuple[bytes, bytes]:
-    """A pen digit 70 px tall at `top` on a 100x110 crop of paper with 2 px rules at `rules`
-    (rows), and the same without them."""
+    """A pen digit drawn 70 px tall at `top` on a 100x110 crop of paper with 2 px rules at
+    `rules` (rows; -1: on the digit's lowest half-inked row), and the same without them."""
     from export.robustness import pen
 
+    ink = pen(digit, 70, 3)
+    foot = top + int(np.flatnonzero(ink.max(axis=1) >= 0.5)[-1])
     page = np.full((110, 100), 0.96, np.float32)
-    page[top : top + 70, 15:85] -= 0.9 * pen(digit, 70, 3)
+    page[top : top + 70, 15:85] -= 0.9 * ink
     ruled = page.copy()
-    for row in rules:
+    for row in (foot if row < 0 else row for row in rules):
         ruled[row : row + 2] = np.minimum(ruled[row : row + 2], 0.45)
     return encode(grey(ruled), "PNG"), encode(grey(page), "PNG")
 
 
 @pytest.mark.parametrize(
     ("rules", "top"),
-    [([95], 10), ([78], 10), ([8, 45, 82], 12)],
+    [([95], 10), ([-1], 10), ([8, 45, 82], 12)],
     ids=["a rule under it", "its foot on a rule", "rules across it"],
 )
 def test_a_digit_on_ruled_paper_is_read_without_the_rules(
     digits: Bytes, rules: list[int], top: int
 ) -> None:
     """A small crop of a digit written on ruled paper: the rules, which run past the digit at
-    both ends, are left out, and strokes that cross them are kept."""
+    both ends, are left out, and strokes that cross them or run along them (the 2's base on a
+    rule) are kept (with a stub of the rule, a pixel of the 20 px box at most)."""
     ruled, plain = _on_rules(digits[TWO], rules, top)
     read, alone = run(ruled), run(plain)
-    assert bbox_size(read) == bbox_size(alone)
-    assert np.abs(read - alone).mean() < 0.03
+    assert np.abs(np.subtract(bbox_size(read), bbox_size(alone))).max() <= 1
+    assert similarity(read, alone) >= 0.9
     assert_mnist_like(read, digits[TWO], min_similarity=0.75)
 
 

@@ -89,10 +89,10 @@ def test_pens_range_from_hairline_to_broad(mnist_test_set: Split) -> None:
     assert inked("felt-tip") > 4 * inked("hairline-pen") > 0
 
 
-WEAK_ROWS = {"ruled-paper": 0.5}
+WEAK_ROWS = {"ruled-paper": 0.6}
 """Rows the preprocessing is known to read worse, with their own bound (about three standard
 errors of a 60-digit sample under the 1,000-digit figure in docs/accuracy.md): dark rules
-across a small crop, some of which stay (`ruled-paper`, 68 %)."""
+across a small crop, some of which stay (`ruled-paper`, 80 %)."""
 
 
 def test_report_on_a_subset_meets_the_bound_for_every_variant(mnist_test_set: Split) -> None:

@@ -115,13 +115,14 @@ def ruled(inked: Mask, box: Box) -> Mask | None:
     """The pixels of ruled lines to leave out (a line under the digit, a notebook's rules
     across it): level lines (`_lines`) that run past the rest of the ink at both ends
     (`OVERHANG`) and are `THIN` on average, less where a stroke crosses them (ink next to the
-    line on both sides, within the line's own thickness across); None where there are none.
-    `box` bounds the ink.
+    line on both sides, within the line's own thickness across) or runs along them (where the
+    line is thicker than along most of its length); None where there are none. `box` bounds
+    the ink.
 
     Level lines only: a digit's long level strokes end where its other strokes do (a 7's bar,
     a 2's base, a 5's and a 4's bar), but an upright one need not (a 4's stem runs past its
     other strokes above and below). A stroke that ends on a line (a digit written on it) loses
-    the line under its end; one that runs along a line is lost with it where nothing crosses."""
+    the line under its end; one that runs along it keeps the line under it."""
     height, width = inked.shape
     _, _, left, right = box
     if min(height, width) < MIN_SIDE or right - left < SPAN * width:
@@ -147,7 +148,10 @@ def ruled(inked: Mask, box: Box) -> Mask | None:
         above = inked[start - 1] if start > 0 else np.zeros(width, bool)
         below = inked[stop] if stop < height else np.zeros(width, bool)
         crossed = _spread(above, stop - start) & _spread(below, stop - start)
-        out[start:stop] |= inked[start:stop] & ~crossed
+        # A stroke along the line (a 2's base on it) makes it thicker there than elsewhere.
+        thickness = np.count_nonzero(inked[start:stop], axis=0)
+        along_it = thickness > int(np.median(thickness[begin : end + 1])) + 1
+        out[start:stop] |= inked[start:stop] & ~(crossed | along_it)
     return out if out.any() else None
 
 
