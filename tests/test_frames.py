@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -105,6 +107,20 @@ def test_small_masks_and_ink_that_spans_little_are_let_go_at_once() -> None:
     assert inside(short, box_of(short)) is None
 
 
+def mnist_masks(digits: Bytes, scale: int, margin: int) -> Iterator[Mask]:
+    """Each digit cropped to its ink plus `margin` px, enlarged `scale` times (bilinear), as
+    masks of faint ink and of strong ink."""
+    for digit in digits:
+        rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
+        crop = np.pad(digit, margin)[
+            rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin
+        ]
+        size = (crop.shape[1] * scale, crop.shape[0] * scale)
+        big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
+        yield big >= 40
+        yield big >= 128
+
+
 @pytest.mark.parametrize("scale", [2, 4])
 @pytest.mark.parametrize("margin", [0, 2])
 def test_no_mnist_digit_is_taken_for_a_frame(
@@ -112,16 +128,8 @@ def test_no_mnist_digit_is_taken_for_a_frame(
 ) -> None:
     """1,000 MNIST test digits cropped to their ink (or with a margin) and enlarged: their own
     strokes (a 7's bar, a 4's bar and stem, a 0's sides) are never a frame."""
-    for digit in mnist_test_set[0][:1000]:
-        rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
-        crop = np.pad(digit, margin)[
-            rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin
-        ]
-        size = (crop.shape[1] * scale, crop.shape[0] * scale)
-        big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
-        for level in (40, 128):
-            mask = big >= level
-            assert inside(mask, box_of(mask)) is None
+    for mask in mnist_masks(mnist_test_set[0][:1000], scale, margin):
+        assert inside(mask, box_of(mask)) is None
 
 
 # --- ruled lines --------------------------------------------------------------------------
@@ -167,16 +175,8 @@ def test_no_mnist_digit_has_a_stroke_taken_for_a_rule(
     mnist_test_set: tuple[Bytes, Bytes], scale: int, margin: int
 ) -> None:
     """1,000 MNIST test digits, as in the frames' test above: no stroke is ruled out."""
-    for digit in mnist_test_set[0][:1000]:
-        rows, cols = np.flatnonzero(digit.any(axis=1)), np.flatnonzero(digit.any(axis=0))
-        crop = np.pad(digit, margin)[
-            rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin
-        ]
-        size = (crop.shape[1] * scale, crop.shape[0] * scale)
-        big = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR))
-        for level in (40, 128):
-            mask = big >= level
-            assert ruled(mask, box_of(mask)) is None
+    for mask in mnist_masks(mnist_test_set[0][:1000], scale, margin):
+        assert ruled(mask, box_of(mask)) is None
 
 
 PROPERTIES = settings(derandomize=True, database=None, deadline=None, max_examples=300)
