@@ -12,7 +12,8 @@ PredictBatch through nginx for the whole run while the phases go by:
     warmup, steady     all three replicas serve
     sigterm            replica 0 gets SIGTERM: it drains and exits 0; no call may fail
     sigkill            replica 1 gets SIGKILL: only calls in flight on it may fail
-    restarting         both start again on their old ports (nginx's upstream list stays valid)
+    restarting         both start again on their old ports (nginx's upstream list stays valid),
+                       and nginx's fail_timeout passes (it tries them again only then)
     recovered          all three serve again: traffic must reach the restarted ones
 
 Per phase it reports calls, failures by status (with samples of their details), calls/s,
@@ -536,6 +537,9 @@ def scaleout(
         started = time.monotonic()
         run.restart([DRAINED, KILLED])
         timeline["restart_to_serving_s"] = round(time.monotonic() - started, 2)
+        # nginx tries a replica it marked failed again only after fail_timeout: until then the
+        # restarted ones serve nothing, and "recovered" is meant to measure what comes after.
+        time.sleep(NGINX_FAIL_TIMEOUT_S)
 
         run.begin("recovered")
         time.sleep(recovered)
